@@ -1,0 +1,3 @@
+from worldlm.cli import main
+
+raise SystemExit(main())

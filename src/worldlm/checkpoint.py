@@ -1,0 +1,87 @@
+"""Atomic checkpoints of the whole run state, in the wire format.
+
+A checkpoint is written to a temporary file, fsynced, and renamed into place, so a crash leaves
+either the previous checkpoint or the new one, never a torn file; a torn or altered file fails its
+digest and is skipped on load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worldlm import wire
+from worldlm.errors import CheckpointError, WireError
+
+_NAME = re.compile(r"^round-(\d{6})\.wlm$")
+
+
+def checkpoint_name(round_index: int) -> str:
+    return f"round-{round_index:06d}.wlm"
+
+
+def save_checkpoint(
+    directory: Path,
+    round_index: int,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    keep: int,
+) -> Path:
+    """Write `round-NNNNNN.wlm` atomically and keep only the newest `keep` checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = wire.encode(tensors, {**meta, "round": round_index})
+    final = directory / checkpoint_name(round_index)
+    tmp = directory / f".{final.name}.tmp"
+    with tmp.open("wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint files in round order (temporary files are ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of one checkpoint; CheckpointError if it is torn or altered."""
+    try:
+        return wire.decode(path.read_bytes())
+    except (OSError, WireError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint that loads; older ones are tried when a newer one is damaged."""
+    problems = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        return path, tensors, meta
+    detail = ("; " + "; ".join(problems)) if problems else ""
+    raise CheckpointError(f"no usable checkpoint in {directory}{detail}")

@@ -1,0 +1,150 @@
+"""The `worldlm` command line: parse, load the config, call the library, report errors plainly."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from worldlm import __version__
+from worldlm.errors import WorldLMError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", nargs="?", type=Path, help="run config (TOML); default: the embedded demo"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldlm", description="Federated training of language models across federations."
+    )
+    parser.add_argument("--version", action="version", version=f"worldlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated training job")
+    _add_config_args(run)
+    run.add_argument("--out", type=Path, help="run directory (default: run.out_dir/run.name)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    check = sub.add_parser("check", help="validate a config and print its federation tree")
+    _add_config_args(check)
+
+    gen = sub.add_parser("generate", help="sample text from a node's final model")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("prompt")
+    gen.add_argument("--node", help="node path (default: the global model)")
+    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("presets", help="list model size presets")
+    sub.add_parser("corpora", help="list the named corpora a leaf can use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except WorldLMError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "run":
+        return _run(args, console)
+    if args.command == "check":
+        from worldlm.config import load_config
+        from worldlm.tree import build_tree, render
+
+        config = load_config(args.config, args.overrides)
+        console.print(f"config OK (method {config.run.method})", highlight=False)
+        console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
+        return 0
+    if args.command == "generate":
+        from worldlm.generate import final_model_dir, generate_text
+
+        model_dir = final_model_dir(args.run_dir, args.node)
+        text = generate_text(
+            model_dir,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        print(text)
+        return 0
+    if args.command == "presets":
+        from worldlm.model.presets import PRESETS
+
+        for name, p in PRESETS.items():
+            console.print(
+                f"{name:6} hidden={p.hidden} layers={p.layers} heads={p.heads} "
+                f"ffn={p.intermediate}  {p.description}",
+                highlight=False,
+            )
+        return 0
+    if args.command == "corpora":
+        from worldlm.data.corpora import CORPORA
+
+        for name, spec in CORPORA.items():
+            source = f"{spec.package}=={spec.version}" if spec.package else "this Python"
+            console.print(f"{name:14} {source:32} {spec.description}", highlight=False)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from worldlm.config import load_config
+    from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.report_table import perplexity_table
+    from worldlm.run import run
+    from worldlm.tree import build_tree, render
+
+    config = load_config(args.config, args.overrides)
+    console.print(
+        f"[bold]worldlm[/bold] run {config.run.name!r}: method {config.run.method}, "
+        f"model {config.model.path or config.model.preset}, {config.stop.rounds} rounds",
+        highlight=False,
+    )
+    console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
+    if args.quiet:
+        result = run(config, QuietProgress(), out=args.out)
+    else:
+        with RichProgress() as progress:
+            result = run(config, progress, out=args.out)
+    console.print(
+        perplexity_table(
+            result.before,
+            result.after,
+            f"validation perplexity per leaf ({result.rounds} rounds, "
+            f"{result.tokens:,.0f} tokens, {result.parameters / 1e6:.1f}M parameters)",
+        )
+    )
+    console.print(
+        f"run directory: {result.run_dir}  (stopped by {result.stop_reason})", highlight=False
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

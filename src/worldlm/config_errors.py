@@ -1,0 +1,65 @@
+"""Turn pydantic validation errors into one message that names each bad key.
+
+Unknown keys get a "did you mean" suggestion drawn from the fields of the section they sit in.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
+    """One line per problem: `key.path: what is wrong`."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(root, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], fields, n=1)
+            known = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(fields)}"
+            lines.append(f"{key}: unknown key ({known})")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {_clean(err['msg'])} (got {err.get('input')!r})")
+    count = len(lines)
+    head = "invalid config" + (f" ({count} problems)" if count > 1 else "")
+    return head + ":\n  " + "\n  ".join(lines)
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names of the section found by walking `loc` from the root model."""
+    current: Any = model
+    for part in loc:
+        section = _as_model(current)
+        if section is not None and part in section.model_fields:
+            current = section.model_fields[part].annotation
+            continue
+        # a dict value (nodes."world/x") or an optional: step into the value type
+        args = [a for a in get_args(current) if a is not type(None)]
+        if get_origin(current) is dict and len(args) == 2:
+            current = args[1]
+        elif args:
+            current = args[0]
+            section = _as_model(current)
+            if section is not None and part in section.model_fields:
+                current = section.model_fields[part].annotation
+    found = _as_model(current)
+    return sorted(found.model_fields) if found is not None else []
+
+
+def _as_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None

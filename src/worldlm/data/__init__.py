@@ -1,0 +1,1 @@
+"""Leaf data: read documents, split train/validation, tokenize, pack token blocks."""

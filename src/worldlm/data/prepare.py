@@ -1,0 +1,101 @@
+"""Turn every leaf's files into token blocks: read, split, tokenize, pack.
+
+In simulation the tokenizer is trained on the union of the leaves' training splits (never their
+validation splits), or loaded from a file or the model's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from worldlm.config import DataConfig, ModelConfig, TokenizerConfig
+from worldlm.data.blocks import encode_documents, pack_blocks
+from worldlm.data.corpora import load_corpus
+from worldlm.data.sources import read_documents
+from worldlm.data.split import split_documents
+from worldlm.data.tokenizer import load_tokenizer, train_tokenizer
+from worldlm.federation.leaf import LeafData
+from worldlm.tree import FederationNode
+
+Status = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokenizer: Tokenizer
+    leaves: dict[str, LeafData]  # by leaf name
+    digests: dict[str, str]  # by leaf name: SHA-256 of its documents (provenance, not data)
+
+
+def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[str]:
+    """A leaf's documents from its files or its named corpus."""
+    spec = leaf.data
+    limit = cfg.max_chars if spec.max_chars is None else spec.max_chars
+    max_chars = limit or None  # 0 means no cap
+    if spec.corpus is not None:
+        return load_corpus(spec.corpus, cache_dir, max_chars=max_chars)
+    assert spec.paths is not None
+    return read_documents(
+        [Path(p) for p in spec.paths], text_field=cfg.text_field, max_chars=max_chars
+    )
+
+
+def documents_digest(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for doc in docs:
+        raw = doc.encode("utf-8")
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.hexdigest()
+
+
+def choose_tokenizer(
+    cfg: TokenizerConfig, model: ModelConfig, train_texts: list[str], cache_dir: Path
+) -> Tokenizer:
+    """tokenizer.path if set, else the model directory's, else one trained on `train_texts`."""
+    if cfg.path is not None:
+        return load_tokenizer(Path(cfg.path))
+    if model.path is not None:
+        return load_tokenizer(Path(model.path))
+    return train_tokenizer(train_texts, vocab_size=cfg.vocab_size, cache_dir=cache_dir)
+
+
+def prepare_data(
+    tree: FederationNode,
+    *,
+    data_cfg: DataConfig,
+    tokenizer_cfg: TokenizerConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    cache_dir: Path,
+    status: Status = lambda _msg: None,
+) -> PreparedData:
+    """Blocks for every leaf of the configured tree (leaf names are unique)."""
+    splits: dict[str, tuple[list[str], list[str]]] = {}
+    digests: dict[str, str] = {}
+    for leaf in tree.leaves():
+        status(f"reading {leaf.path}")
+        docs = read_leaf(leaf, data_cfg, cache_dir)
+        digests[leaf.name] = documents_digest(docs)
+        splits[leaf.name] = split_documents(
+            docs,
+            val_fraction=data_cfg.val_fraction,
+            seed=seed,
+            leaf=leaf.name,
+            chunk_chars=data_cfg.chunk_chars,
+        )
+    status("preparing the tokenizer")
+    union = [doc for name in sorted(splits) for doc in splits[name][0]]
+    tokenizer = choose_tokenizer(tokenizer_cfg, model_cfg, union, cache_dir)
+    leaves: dict[str, LeafData] = {}
+    for name, (train_docs, val_docs) in splits.items():
+        status(f"tokenizing {name}")
+        train = pack_blocks(encode_documents(tokenizer, train_docs), model_cfg.block_size)
+        val = pack_blocks(encode_documents(tokenizer, val_docs), model_cfg.block_size)
+        leaves[name] = LeafData(name, train, {name: val})
+    return PreparedData(tokenizer, leaves, digests)

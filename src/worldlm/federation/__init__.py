@@ -1,0 +1,1 @@
+"""The round engine: select children, dispatch tasks, collect and aggregate updates."""

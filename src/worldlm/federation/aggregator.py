@@ -1,0 +1,186 @@
+"""An aggregator: the root or a sub-federation. The same code runs at every level of the tree.
+
+Asked to train by its parent, it runs `inner_rounds` rounds over its own children and replies
+with its aggregate; the root's run loop calls `run_round` directly.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from worldlm.config import NodeConfig
+from worldlm.errors import UpdateRejected
+from worldlm.federation.context import RunContext
+from worldlm.federation.messages import (
+    EvalReport,
+    EvalTask,
+    Record,
+    State,
+    TrainTask,
+    Update,
+)
+from worldlm.federation.selection import select_children
+from worldlm.model.state import cast_like
+from worldlm.strategies.registry import Strategy
+from worldlm.train.evaluate import EvalResult
+from worldlm.transport.base import ChildInfo, Transport
+
+
+@dataclass
+class RoundOutcome:
+    state: State  # the new model, in the model's dtypes
+    exact: State  # the strategy's result before casting: the model times `scale`, sent upward
+    scale: float
+    weight: float  # tokens trained by the children that took part
+    records: list[Record]
+
+
+class Aggregator:
+    def __init__(
+        self,
+        path: str,
+        settings: NodeConfig,
+        *,
+        transport: Transport,
+        strategy: Strategy,
+        ctx: RunContext,
+    ) -> None:
+        self.path = path
+        self.settings = settings
+        self.transport = transport
+        self.strategy = strategy
+        self.ctx = ctx
+        self.rounds_done = 0  # this node's own round counter (seeds its selection)
+        self.state: State = {}
+
+    def info(self) -> ChildInfo:
+        tokens = sum(c.train_tokens for c in self.transport.children(self.path))
+        return ChildInfo(self.path, tokens)
+
+    def handle_train(self, task: TrainTask) -> Update:
+        state, exact, scale, weight, records = task.state, task.state, 1.0, 0.0, []
+        for _ in range(self.settings.inner_rounds):
+            outcome = self.run_round(state, task.global_round)
+            state, exact, scale = outcome.state, outcome.exact, outcome.scale
+            weight += outcome.weight
+            records.extend(outcome.records)
+        # Forward the exact float64 weighted sum, not a rounded mean, so that a hierarchy with
+        # one inner round equals flat FedAvg over the same leaves (DESIGN §4).
+        return Update(self.path, task.round, task.nonce, exact, weight, records, scale)
+
+    def run_round(self, state: State, global_round: int) -> RoundOutcome:
+        """One round over this node's children: select, send, fold replies in, finalize."""
+        started = time.perf_counter()
+        r = self.rounds_done
+        infos = self.transport.children(self.path)
+        chosen = select_children(
+            [c.path for c in infos],
+            [c.train_tokens for c in infos],
+            self.settings.sample,
+            seed=self.ctx.seed,
+            path=self.path,
+            round_index=r,
+        )
+        tasks = {
+            child: TrainTask(
+                self.ctx.run_id, r, global_round, self.path, child, secrets.token_hex(8), state
+            )
+            for child in chosen
+        }
+        aggregation = self.strategy.start_round(state)
+        records: list[Record] = []
+        weight = 0.0
+        answered: set[str] = set()
+        for update in self.transport.train(list(tasks.values())):
+            try:
+                check_reply(update, tasks, answered, state)
+            except UpdateRejected as exc:
+                records.append(_rejection(global_round, self.path, exc))
+                continue
+            answered.add(update.sender)
+            records.extend(update.records)
+            aggregation.add(update)
+            weight += update.weight
+        exact, scale = aggregation.result()
+        model = exact if scale == 1.0 else {k: v / scale for k, v in exact.items()}
+        new_state = cast_like(model, state)
+        records.append(
+            {
+                "round": global_round,
+                "node": self.path,
+                "kind": "aggregate",
+                "local_round": r,
+                "selected": chosen,
+                "participants": sorted(answered),
+                "tokens": weight,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        self.rounds_done += 1
+        self.state = new_state
+        return RoundOutcome(new_state, exact, scale, weight, records)
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        """Every child (not a sample) evaluates the model it would deploy."""
+        tasks = [
+            EvalTask(
+                self.ctx.run_id,
+                task.global_round,
+                self.path,
+                c.path,
+                secrets.token_hex(8),
+                task.state,
+            )
+            for c in self.transport.children(self.path)
+        ]
+        results: dict[str, EvalResult] = {}
+        for report in self.transport.evaluate(tasks):
+            results.update(report.results)
+        return EvalReport(self.path, task.nonce, results)
+
+    # --- checkpointing -------------------------------------------------------------------
+    def snapshot(self) -> tuple[State, dict[str, Any]]:
+        tensors = {f"model/{k}": v for k, v in self.state.items()}
+        tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
+        return tensors, {"rounds_done": self.rounds_done}
+
+    def restore(self, tensors: State, meta: dict[str, Any]) -> None:
+        self.rounds_done = int(meta["rounds_done"])
+        self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
+        self.strategy.load_state_dict(
+            {k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")}
+        )
+
+
+def check_reply(
+    update: Update, tasks: dict[str, TrainTask], answered: set[str], state: State
+) -> None:
+    """Refuse a reply that is not an answer to this round's task for its sender, or whose
+    tensors do not match the model (the privacy layer adds norm and value checks)."""
+    task = tasks.get(update.sender)
+    if task is None:
+        raise UpdateRejected(update.sender, "not selected this round")
+    if update.sender in answered:
+        raise UpdateRejected(update.sender, "duplicate reply")
+    if update.round != task.round or update.nonce != task.nonce:
+        raise UpdateRejected(update.sender, "reply to another round or task")
+    if not update.weight > 0 or update.weight != update.weight:
+        raise UpdateRejected(update.sender, f"weight {update.weight} is not positive")
+    if update.state.keys() != state.keys():
+        raise UpdateRejected(update.sender, "parameter names differ from the model's")
+    for key, value in update.state.items():
+        if value.shape != state[key].shape:
+            raise UpdateRejected(update.sender, f"{key}: shape {tuple(value.shape)} is wrong")
+
+
+def _rejection(global_round: int, path: str, exc: UpdateRejected) -> Record:
+    return {
+        "round": global_round,
+        "node": path,
+        "kind": "rejected",
+        "sender": exc.sender,
+        "reason": exc.reason,
+    }

@@ -1,0 +1,92 @@
+"""Wire a method's tree into live in-process nodes: aggregators, leaves and a transport."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from worldlm.config import EvalConfig, StopConfig, TrainConfig
+from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.context import RunContext
+from worldlm.federation.leaf import Leaf, LeafData
+from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
+from worldlm.strategies.registry import build_strategy
+from worldlm.transport.inprocess import InProcessTransport
+from worldlm.tree import FederationNode
+
+
+@dataclass
+class Federation:
+    root: Aggregator
+    aggregators: dict[str, Aggregator]
+    leaves: dict[str, Leaf]
+    transport: InProcessTransport
+
+    def nodes(self) -> dict[str, Aggregator | Leaf]:
+        return {**self.aggregators, **self.leaves}
+
+
+def pooled_data(leaf_data: Mapping[str, LeafData]) -> LeafData:
+    """One dataset holding every leaf's training blocks; still evaluated per original leaf."""
+    names = sorted(leaf_data)
+    train = torch.cat([leaf_data[n].train_blocks for n in names])
+    evals = {k: v for n in names for k, v in leaf_data[n].eval_sets.items()}
+    return LeafData(CENTRAL_LEAF, train, evals)
+
+
+def build_federation(
+    plan: MethodPlan,
+    leaf_data: Mapping[str, LeafData],
+    *,
+    workspace: torch.nn.Module,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    stop_cfg: StopConfig,
+    ctx: RunContext,
+) -> Federation:
+    """Live nodes for every node of `plan.tree`, registered on one in-process transport."""
+    tree = plan.tree
+    transport = InProcessTransport({n.path: [c.path for c in n.children] for n in tree.walk()})
+    aggregators: dict[str, Aggregator] = {}
+    leaves: dict[str, Leaf] = {}
+    all_keys = frozenset(name for name, _ in workspace.named_parameters())
+    for node in tree.walk():
+        if not node.is_leaf:
+            aggregators[node.path] = Aggregator(
+                node.path,
+                node.settings,
+                transport=transport,
+                strategy=build_strategy(node.settings.strategy),
+                ctx=ctx,
+            )
+            transport.register(aggregators[node.path])
+            continue
+        data = pooled_data(leaf_data) if plan.pooled else leaf_data[node.name]
+        leaves[node.path] = Leaf(
+            node.path,
+            data,
+            workspace=workspace,
+            train_cfg=train_cfg,
+            eval_cfg=eval_cfg,
+            total_steps=planned_steps(tree, node, stop_cfg, train_cfg),
+            personal_keys=all_keys if plan.personal_all else frozenset(),
+            ctx=ctx,
+        )
+        transport.register(leaves[node.path])
+    return Federation(aggregators[tree.path], aggregators, leaves, transport)
+
+
+def planned_steps(
+    tree: FederationNode, leaf: FederationNode, stop: StopConfig, train: TrainConfig
+) -> int:
+    """The leaf's schedule horizon: root rounds x inner rounds of its ancestors x local steps
+    (an upper bound when children are sampled)."""
+    inner = math.prod(
+        node.settings.inner_rounds
+        for node in tree.walk()
+        if not node.is_leaf and leaf.path.startswith(node.path + "/") and node.path != tree.path
+    )
+    return stop.rounds * inner * train.local_steps

@@ -1,0 +1,149 @@
+"""A leaf: a data owner that trains on its own blocks and never sends data, only weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Set
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worldlm.config import EvalConfig, TrainConfig
+from worldlm.federation.context import RunContext
+from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.model.state import get_state, set_state
+from worldlm.seeding import generator
+from worldlm.train.evaluate import evaluate
+from worldlm.train.local import local_train, make_optimizer
+from worldlm.transport.base import ChildInfo
+
+
+@dataclass(frozen=True)
+class LeafData:
+    """A leaf's private blocks: one training set and the validation sets it reports on."""
+
+    name: str
+    train_blocks: torch.Tensor  # (N, T)
+    eval_sets: dict[str, torch.Tensor]  # name -> (M, T); normally {leaf name: its val blocks}
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.train_blocks.numel())
+
+
+class Leaf:
+    """Trains the model it is sent; keeps `personal_keys` of its own between rounds (all of
+    them for the `local` baseline, none for FedAvg)."""
+
+    def __init__(
+        self,
+        path: str,
+        data: LeafData,
+        *,
+        workspace: torch.nn.Module,
+        train_cfg: TrainConfig,
+        eval_cfg: EvalConfig,
+        total_steps: int,
+        personal_keys: Set[str],
+        ctx: RunContext,
+    ) -> None:
+        self.path = path
+        self.data = data
+        self.workspace = workspace  # a model shared by every in-process leaf; trained in turn
+        self.train_cfg = train_cfg
+        self.eval_cfg = eval_cfg
+        self.total_steps = total_steps
+        self.personal_keys = frozenset(personal_keys)
+        self.ctx = ctx
+        self.sessions = 0  # training sessions so far; seeds this leaf's data order
+        self.steps_done = 0  # optimizer steps so far; drives the learning-rate schedule
+        self.own_state: State = {}
+        self.optimizer_state: dict[str, Any] | None = None
+
+    def info(self) -> ChildInfo:
+        return ChildInfo(self.path, self.data.train_tokens)
+
+    def deployed_state(self, incoming: State) -> State:
+        """What this leaf would deploy: the incoming model with its personal weights on top."""
+        return {**incoming, **self.own_state}
+
+    def handle_train(self, task: TrainTask) -> Update:
+        model, device = self.workspace, self.ctx.device
+        set_state(model, self.deployed_state(task.state))
+        optimizer = make_optimizer(model, self.train_cfg)
+        if self.train_cfg.keep_optimizer_state and self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        # Seeded by the leaf's name, not its path: the same data owner trains identically in a
+        # flat and in a hierarchical tree, which is what makes hierarchy-equals-flat testable.
+        gen = generator(self.ctx.seed, self.data.name, "train", self.sessions)
+        started = time.perf_counter()
+        self.ctx.observer.leaf_started(self.path, self.train_cfg.local_steps)
+        result = local_train(
+            model,
+            optimizer,
+            self.data.train_blocks,
+            self.train_cfg,
+            start_step=self.steps_done,
+            total_steps=self.total_steps,
+            gen=gen,
+            device=device,
+            on_step=lambda step, loss: self.ctx.observer.leaf_step(self.path, step, loss),
+        )
+        self.optimizer_state = (
+            optimizer.state_dict() if self.train_cfg.keep_optimizer_state else None
+        )
+        new_state = get_state(model)
+        self.own_state = {k: new_state[k] for k in self.personal_keys}
+        self.sessions += 1
+        self.steps_done += result.steps
+        record = {
+            "round": task.global_round,
+            "node": self.path,
+            "kind": "train",
+            "loss": result.mean_loss,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "seconds": time.perf_counter() - started,
+        }
+        return Update(self.path, task.round, task.nonce, new_state, float(result.tokens), [record])
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        model = self.workspace
+        set_state(model, self.deployed_state(task.state))
+        limit = self.eval_cfg.max_blocks
+        results = {
+            name: evaluate(
+                model,
+                blocks[:limit] if limit else blocks,
+                batch_size=self.eval_cfg.batch_size,
+                device=self.ctx.device,
+            )
+            for name, blocks in self.data.eval_sets.items()
+        }
+        return EvalReport(self.path, task.nonce, results)
+
+    # --- checkpointing -------------------------------------------------------------------
+    def snapshot(self) -> tuple[State, dict[str, Any]]:
+        tensors: State = {f"own/{k}": v for k, v in self.own_state.items()}
+        meta: dict[str, Any] = {"sessions": self.sessions, "steps_done": self.steps_done}
+        if self.optimizer_state is not None:
+            for index, slots in self.optimizer_state["state"].items():
+                for slot, value in slots.items():
+                    tensors[f"opt/{index}/{slot}"] = value
+            meta["param_groups"] = self.optimizer_state["param_groups"]
+        return tensors, meta
+
+    def restore(self, tensors: State, meta: dict[str, Any]) -> None:
+        self.sessions = int(meta["sessions"])
+        self.steps_done = int(meta["steps_done"])
+        self.own_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("own/")}
+        if "param_groups" not in meta:
+            self.optimizer_state = None
+            return
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt/"):
+                _, index, slot = key.split("/", 2)
+                state.setdefault(int(index), {})[slot] = value.clone()
+        self.optimizer_state = {"state": state, "param_groups": meta["param_groups"]}

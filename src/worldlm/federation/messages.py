@@ -1,0 +1,69 @@
+"""The closed set of messages between a parent and its children: tasks down, replies up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worldlm.model.state import State
+from worldlm.train.evaluate import EvalResult
+
+__all__ = ["EvalReport", "EvalTask", "Record", "State", "TrainTask", "Update"]
+Record = dict[str, Any]  # one metrics row: {"round", "node", "kind", ...}
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Train on (or, for an aggregator, federate over) `state` for one parent round."""
+
+    run_id: str
+    round: int  # the parent's own round index
+    global_round: int  # the root's round index, for metrics
+    sender: str  # parent path
+    recipient: str  # child path
+    nonce: str
+    state: State
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Evaluate the model each leaf would deploy, starting from `state`."""
+
+    run_id: str
+    global_round: int
+    sender: str
+    recipient: str
+    nonce: str
+    state: State
+
+
+@dataclass
+class Update:
+    """A child's reply to a TrainTask: new weights, their weight (tokens), and metrics rows.
+
+    `state` holds the model times `scale`: a leaf sends its weights (scale 1); a FedAvg
+    aggregator forwards its exact weighted sum with scale = the sum's total weight, so its parent
+    adds sums instead of re-weighting a rounded mean (DESIGN §4)."""
+
+    sender: str
+    round: int
+    nonce: str
+    state: State
+    weight: float
+    records: list[Record] = field(default_factory=list)
+    scale: float = 1.0
+
+    def model(self) -> State:
+        """The child's model itself (`state / scale`)."""
+        if self.scale == 1.0:
+            return self.state
+        return {k: v / self.scale for k, v in self.state.items()}
+
+
+@dataclass
+class EvalReport:
+    """A child's reply to an EvalTask: results per evaluation set (named after its leaf)."""
+
+    sender: str
+    nonce: str
+    results: dict[str, EvalResult]

@@ -1,0 +1,1 @@
+"""Metrics rows, written as JSON lines."""

@@ -1,0 +1,1 @@
+"""Causal language models: size presets built with Hugging Face transformers, or local HF dirs."""

@@ -1,0 +1,28 @@
+"""Size presets of Llama-style causal LMs, built from random initialization.
+
+Parameter counts depend on the vocabulary; the comments give them at the default 4096 tokens
+(for the paper-sized presets, at a 32k vocabulary as in the paper's setting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(128, 4, 4, 352, "~1M parameters; for tests"),
+    "mini": Preset(192, 6, 6, 512, "~3M parameters; quick experiments"),
+    "small": Preset(288, 8, 6, 768, "~9M parameters; the embedded demo"),
+    "75m": Preset(640, 11, 10, 1792, "~75M parameters at 32k vocab (paper size)"),
+    "125m": Preset(768, 14, 12, 2048, "~125M parameters at 32k vocab (paper size)"),
+    "250m": Preset(1024, 17, 16, 2816, "~250M parameters at 32k vocab (paper size)"),
+}

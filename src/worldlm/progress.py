@@ -1,0 +1,78 @@
+"""Live terminal progress for a run: a bar over root rounds and a line for the current leaf."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+
+class RichProgress:
+    """Draws rounds, the node being trained and its local steps; implements RunObserver."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.rounds: TaskID | None = None
+        self.leaf: TaskID | None = None
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def status(self, message: str) -> None:
+        self.console.print(f"[dim]{message}[/dim]")
+
+    def round_started(self, round_index: int, total: int) -> None:
+        if self.rounds is None:
+            self.rounds = self.progress.add_task("rounds", total=total, info="")
+            self.leaf = self.progress.add_task("  leaf", total=1, info="")
+
+    def round_finished(self, round_index: int, mean_ppl: float | None) -> None:
+        assert self.rounds is not None
+        info = f"mean val ppl {mean_ppl:.1f}" if mean_ppl is not None else ""
+        self.progress.update(self.rounds, completed=round_index, info=info)
+
+    def leaf_started(self, path: str, steps: int) -> None:
+        if self.leaf is not None:
+            self.progress.update(self.leaf, description=f"  {path}", total=steps, completed=0)
+
+    def leaf_step(self, path: str, step: int, loss: float) -> None:
+        if self.leaf is not None:
+            self.progress.update(self.leaf, completed=step, info=f"loss {loss:.3f}")
+
+
+class QuietProgress:
+    """No output (for --quiet and for tests)."""
+
+    def status(self, message: str) -> None:
+        del message
+
+    def round_started(self, round_index: int, total: int) -> None:
+        del round_index, total
+
+    def round_finished(self, round_index: int, mean_ppl: float | None) -> None:
+        del round_index, mean_ppl
+
+    def leaf_started(self, path: str, steps: int) -> None:
+        del path, steps
+
+    def leaf_step(self, path: str, step: int, loss: float) -> None:
+        del path, step, loss

@@ -1,0 +1,249 @@
+"""One run from a config: prepare data, build the federation, loop over root rounds, save.
+
+The loop is explicit: each root round trains the whole tree once, then evaluates, checkpoints
+and checks the stop conditions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from worldlm import __version__
+from worldlm.checkpoint import save_checkpoint
+from worldlm.config import RunConfig, dump_config
+from worldlm.data.corpora import default_cache_dir
+from worldlm.data.prepare import prepare_data
+from worldlm.errors import ConfigError, ModelError
+from worldlm.federation.build import Federation, build_federation
+from worldlm.federation.context import Observer, RunContext
+from worldlm.federation.messages import EvalTask, Record, State
+from worldlm.federation.methods import plan_method
+from worldlm.metrics.jsonl import MetricsWriter
+from worldlm.model.build import build_model, count_parameters
+from worldlm.model.io import save_hf_model
+from worldlm.model.state import get_state
+from worldlm.seeding import derive_seed
+from worldlm.train.device import pick_device
+from worldlm.train.evaluate import EvalResult, merge_results
+from worldlm.tree import FederationNode, build_tree
+
+
+class RunObserver(Observer, Protocol):
+    def status(self, message: str) -> None: ...
+
+    def round_started(self, round_index: int, total: int) -> None: ...
+
+    def round_finished(self, round_index: int, mean_ppl: float | None) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds: int
+    stop_reason: str
+    before: dict[str, EvalResult]  # by leaf path, before training
+    after: dict[str, EvalResult]  # by leaf path, the deployed models after training
+    tokens: float
+    parameters: int
+    final_dirs: dict[str, Path] = field(default_factory=dict)
+
+
+def config_digest(config: RunConfig) -> str:
+    return hashlib.sha256(dump_config(config).encode("utf-8")).hexdigest()
+
+
+def make_run_dir(config: RunConfig, out: Path | None) -> Path:
+    """`out` if given (it must be new or empty), else out_dir/name with a free numeric suffix."""
+    if out is not None:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out {out} already holds files; choose a new directory")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path(config.run.out_dir) / config.run.name
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) -> RunResult:
+    """Execute a whole run and leave its directory behind (see DESIGN §7)."""
+    started = time.monotonic()
+    tree = build_tree(config.nodes)
+    plan = plan_method(config.run.method, tree)
+    run_dir = make_run_dir(config, out)
+    (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
+    device = pick_device(config.run.device)
+    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
+    data = prepare_data(
+        tree,
+        data_cfg=config.data,
+        tokenizer_cfg=config.tokenizer,
+        model_cfg=config.model,
+        seed=config.run.seed,
+        cache_dir=cache_dir,
+        status=observer.status,
+    )
+    observer.status("building the model")
+    model = build_model(
+        config.model, data.tokenizer.get_vocab_size(), seed=derive_seed(config.run.seed, "init")
+    )
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
+    if int(model.config.vocab_size) < data.tokenizer.get_vocab_size():
+        raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
+    ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
+    fed = build_federation(
+        plan,
+        data.leaves,
+        workspace=model,
+        train_cfg=config.train,
+        eval_cfg=config.eval,
+        stop_cfg=config.stop,
+        ctx=ctx,
+    )
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    state = get_state(model)
+    fed.root.state = state
+    observer.status("evaluating the initial model")
+    before = evaluate_tree(fed, tree, state, 0, metrics)
+    after, tokens, stop_reason, r = before, 0.0, "rounds", 0
+    for r in range(1, config.stop.rounds + 1):
+        observer.round_started(r, config.stop.rounds)
+        outcome = fed.root.run_round(state, r)
+        state = outcome.state
+        tokens += outcome.weight
+        metrics.write(outcome.records)
+        last = r == config.stop.rounds
+        stop_reason = _stop_reason(config, tokens, time.monotonic() - started)
+        evaluated = r % config.eval.every == 0 or last or stop_reason != ""
+        if evaluated:
+            after = evaluate_tree(fed, tree, state, r, metrics)
+            if config.stop.target_ppl is not None and mean_ppl(after) <= config.stop.target_ppl:
+                stop_reason = "target_ppl"
+        observer.round_finished(r, mean_ppl(after) if evaluated else None)
+        if r % config.checkpoint.every == 0 or last or stop_reason:
+            save_checkpoint(
+                run_dir / "checkpoints",
+                r,
+                *snapshot(fed, r, tokens, ctx.run_id),
+                keep=config.checkpoint.keep,
+            )
+        if stop_reason:
+            break
+    observer.status("saving final models")
+    final_dirs = save_final_models(fed, tree, model, data.tokenizer, run_dir, config)
+    result = RunResult(
+        run_dir,
+        r,
+        stop_reason or "rounds",
+        before,
+        after,
+        tokens,
+        count_parameters(model),
+        final_dirs,
+    )
+    write_summary(result, run_dir, data.digests)
+    return result
+
+
+def _stop_reason(config: RunConfig, tokens: float, elapsed: float) -> str:
+    if config.stop.max_tokens is not None and tokens >= config.stop.max_tokens:
+        return "max_tokens"
+    if config.stop.max_seconds is not None and elapsed >= config.stop.max_seconds:
+        return "max_seconds"
+    return ""
+
+
+def evaluate_tree(
+    fed: Federation, tree: FederationNode, state: State, round_index: int, metrics: MetricsWriter
+) -> dict[str, EvalResult]:
+    """Each leaf of the configured tree on its own validation split, with the model it would
+    deploy; rows for every node of the configured tree go to the metrics."""
+    task = EvalTask(fed.root.ctx.run_id, round_index, "", fed.root.path, "eval", state)
+    by_name = fed.root.handle_eval(task).results
+    per_leaf = {leaf.path: by_name[leaf.name] for leaf in tree.leaves()}
+    rows: list[Record] = []
+    for node in tree.walk():
+        merged = merge_results([per_leaf[leaf.path] for leaf in node.leaves()])
+        rows.append(
+            {
+                "round": round_index,
+                "node": node.path,
+                "kind": "eval",
+                "loss": merged.loss,
+                "ppl": merged.ppl,
+                "tokens": merged.tokens,
+            }
+        )
+    metrics.write(rows)
+    return per_leaf
+
+
+def mean_ppl(results: dict[str, EvalResult]) -> float:
+    """Perplexity of the token-weighted mean validation loss over the leaves."""
+    return merge_results(list(results.values())).ppl
+
+
+def snapshot(
+    fed: Federation, round_index: int, tokens: float, run_id: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every node's state in one tensor dict; counters and optimizer settings in the metadata.
+
+    All randomness is derived from (seed, path, round), so no RNG state needs saving."""
+    tensors: dict[str, torch.Tensor] = {}
+    nodes_meta: dict[str, Any] = {}
+    for path, node in sorted(fed.nodes().items()):
+        node_tensors, node_meta = node.snapshot()
+        tensors.update({f"node/{path}/{k}": v for k, v in node_tensors.items()})
+        nodes_meta[path] = node_meta
+    meta = {"run_id": run_id, "global_round": round_index, "tokens": tokens, "nodes": nodes_meta}
+    return tensors, meta
+
+
+def save_final_models(
+    fed: Federation,
+    tree: FederationNode,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    run_dir: Path,
+    config: RunConfig,
+) -> dict[str, Path]:
+    """The global model under final/<root>, and every leaf that deploys something else."""
+    final = run_dir / "final"
+    dirs = {tree.path: save_hf_model(model, fed.root.state, tokenizer, final / tree.path)}
+    for leaf in fed.leaves.values():
+        if leaf.own_state:
+            target = f"{tree.path}/{leaf.data.name}" if config.run.method == "local" else leaf.path
+            dirs[target] = save_hf_model(
+                model, leaf.deployed_state(fed.root.state), tokenizer, final / target
+            )
+    return dirs
+
+
+def write_summary(result: RunResult, run_dir: Path, digests: dict[str, str]) -> None:
+    summary = {
+        "worldlm": __version__,
+        "rounds": result.rounds,
+        "stop_reason": result.stop_reason,
+        "tokens": result.tokens,
+        "parameters": result.parameters,
+        "leaves": {
+            path: {
+                "ppl_before": result.before[path].ppl,
+                "ppl_after": result.after[path].ppl,
+                "data_sha256": digests.get(path.rsplit("/", 1)[-1]),
+            }
+            for path in result.after
+        },
+        "final_models": {k: str(v.relative_to(run_dir)) for k, v in result.final_dirs.items()},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

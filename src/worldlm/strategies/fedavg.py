@@ -1,0 +1,83 @@
+"""FedAvg (McMahan et al. 2017): the token-weighted mean of the children's weights.
+
+Updates are folded one at a time into a float64 running sum, so memory holds one accumulator
+whatever the number of children, and the float32 result does not depend on summation order
+beyond float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from worldlm.federation.messages import State, Update
+from worldlm.strategies.registry import register_strategy
+
+
+def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
+    """Reference: sum_i w_i s_i / sum_i w_i in float64 (all states held at once)."""
+    total = float(sum(weights))
+    result: State = {}
+    for key in states[0]:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for state, weight in zip(states, weights, strict=True):
+            acc += weight * state[key].double()
+        result[key] = acc / total
+    return result
+
+
+class WeightedSum:
+    """Streaming weighted sum: `add` folds a state in, `mean` divides by the total weight."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: State, weight: float, *, alpha: float | None = None) -> None:
+        """Fold in `alpha * state` (alpha defaults to `weight`) and count `weight`."""
+        alpha = weight if alpha is None else alpha
+        if not self.sums:
+            self.sums = {k: v.double() * alpha for k, v in state.items()}
+        else:
+            for key, acc in self.sums.items():
+                acc.add_(state[key].double(), alpha=alpha)
+        self.total += weight
+        self.count += 1
+
+    def mean(self) -> State:
+        return {k: v / self.total for k, v in self.sums.items()}
+
+
+class FedAvgRound:
+    def __init__(self, current: State) -> None:
+        self.current = current
+        self.acc = WeightedSum()
+
+    def add(self, update: Update) -> None:
+        # A forwarded sum already carries its weight: alpha is exactly 1 when weight == scale.
+        self.acc.add(update.state, update.weight, alpha=update.weight / update.scale)
+
+    @property
+    def count(self) -> int:
+        return self.acc.count
+
+    def result(self) -> tuple[State, float]:
+        if not self.acc.count:
+            return self.current, 1.0
+        return self.acc.sums, self.acc.total
+
+
+@register_strategy("fedavg")
+class FedAvg:
+    """Stateless FedAvg at one aggregator."""
+
+    def start_round(self, current: State) -> FedAvgRound:
+        return FedAvgRound(current)
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        del state

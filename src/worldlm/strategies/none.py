@@ -1,0 +1,31 @@
+"""No aggregation: the aggregator's model stays as it was (the `local` baseline)."""
+
+from __future__ import annotations
+
+from worldlm.federation.messages import State, Update
+from worldlm.strategies.registry import register_strategy
+
+
+class KeepRound:
+    def __init__(self, current: State) -> None:
+        self.current = current
+        self.count = 0
+
+    def add(self, update: Update) -> None:
+        del update  # children keep their own models; nothing is combined
+        self.count += 1
+
+    def result(self) -> tuple[State, float]:
+        return self.current, 1.0
+
+
+@register_strategy("none")
+class NoAggregation:
+    def start_round(self, current: State) -> KeepRound:
+        return KeepRound(current)
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        del state

@@ -1,0 +1,47 @@
+"""Validation loss and perplexity of a model on a leaf's held-out blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from worldlm.train.device import autocast
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean next-token cross-entropy (nats)
+    tokens: int  # predicted tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int, device: torch.device
+) -> EvalResult:
+    """Mean loss over every predicted token of `blocks` (N, T)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, blocks.shape[0], batch_size):
+        x = blocks[start : start + batch_size].to(device)  # (B, T)
+        with autocast(device):
+            loss = model(input_ids=x, labels=x).loss  # mean over B * (T - 1) targets
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return EvalResult(float(total) / max(count, 1), count)
+
+
+def merge_results(results: list[EvalResult]) -> EvalResult:
+    """Token-weighted mean of several evaluations (an aggregator's view of its leaves)."""
+    tokens = sum(r.tokens for r in results)
+    loss = sum(r.loss * r.tokens for r in results) / max(tokens, 1)
+    return EvalResult(loss, tokens)

@@ -1,0 +1,1 @@
+"""How a parent reaches its children: the protocol, and the in-process reference."""

@@ -1,0 +1,47 @@
+"""The narrow protocol between the round engine and its children.
+
+The engine only asks who its children are and sends them tasks; replies come back one at a time
+as they arrive, so an aggregator never holds more than one child's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+
+
+@dataclass(frozen=True)
+class ChildInfo:
+    """What a child tells its parent about itself."""
+
+    path: str
+    train_tokens: int  # training tokens in its subtree, for data-size weighted sampling
+
+
+class NodeHandler(Protocol):
+    """A node as seen by the transport: it answers tasks addressed to it."""
+
+    path: str
+
+    def info(self) -> ChildInfo: ...
+
+    def handle_train(self, task: TrainTask) -> Update: ...
+
+    def handle_eval(self, task: EvalTask) -> EvalReport: ...
+
+
+class Transport(Protocol):
+    def children(self, parent: str) -> list[ChildInfo]:
+        """The children of `parent`, in path order."""
+        ...
+
+    def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
+        """Send each task to its recipient; yield replies as they arrive."""
+        ...
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
+        """Send each evaluation task; yield reports as they arrive."""
+        ...

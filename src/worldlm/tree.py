@@ -1,0 +1,147 @@
+"""The federation tree: nodes with paths (`world/medical/hpo`), children and per-node settings.
+
+Built from the config's `nodes` table and checked for an impossible shape before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from worldlm.config import LeafDataConfig, NodeConfig
+from worldlm.errors import ConfigError
+from worldlm.strategies.registry import strategy_names
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class FederationNode:
+    """One node of the tree; a leaf holds data, an aggregator holds children."""
+
+    path: str
+    settings: NodeConfig
+    children: tuple[FederationNode, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    @property
+    def data(self) -> LeafDataConfig:
+        """A leaf's data settings (the tree guarantees every leaf has them)."""
+        assert self.settings.data is not None, f"{self.path} is not a leaf"
+        return self.settings.data
+
+    def leaves(self) -> Iterator[FederationNode]:
+        """Every leaf under this node, in path order."""
+        if self.is_leaf:
+            yield self
+        for child in self.children:
+            yield from child.leaves()
+
+    def walk(self) -> Iterator[FederationNode]:
+        """This node and every node below it, parents before children."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def find(self, path: str) -> FederationNode:
+        for node in self.walk():
+            if node.path == path:
+                return node
+        raise KeyError(path)
+
+
+def build_tree(nodes: Mapping[str, NodeConfig]) -> FederationNode:
+    """Assemble and check the tree from `nodes` keyed by path; ConfigError names the bad key."""
+    if not nodes:
+        raise ConfigError("nodes: the federation tree is empty (add at least [nodes.world] ...)")
+    for path in nodes:
+        parts = path.split("/")
+        if not all(_NAME.match(p) for p in parts):
+            raise ConfigError(
+                f"nodes.{path}: node paths are names of letters, digits, '_' or '-' joined by '/'"
+            )
+    roots = [p for p in nodes if "/" not in p]
+    if len(roots) != 1:
+        raise ConfigError(f"nodes: exactly one root path without '/' is needed, found {roots}")
+    for path in nodes:
+        parent = path.rsplit("/", 1)[0] if "/" in path else None
+        if parent is not None and parent not in nodes:
+            raise ConfigError(f"nodes.{path}: its parent {parent!r} is not a node")
+    tree = _assemble(roots[0], nodes)
+    _check(tree)
+    return tree
+
+
+def _assemble(path: str, nodes: Mapping[str, NodeConfig]) -> FederationNode:
+    kids = sorted(p for p in nodes if p.rsplit("/", 1)[0] == path and "/" in p)
+    return FederationNode(path, nodes[path], tuple(_assemble(k, nodes) for k in kids))
+
+
+def _check(tree: FederationNode) -> None:
+    if tree.settings.inner_rounds != 1:
+        raise ConfigError(
+            f"nodes.{tree.path}.inner_rounds: the root has no parent; set stop.rounds instead"
+        )
+    seen: dict[str, str] = {}
+    for node in tree.walk():
+        key = f"nodes.{node.path}"
+        set_fields = node.settings.model_fields_set
+        if node.is_leaf:
+            if node.settings.data is None:
+                raise ConfigError(f"{key}.data: a leaf needs data (paths = [...] or corpus = ...)")
+            extra = set_fields & {"strategy", "inner_rounds", "sample"}
+            if extra:
+                raise ConfigError(f"{key}.{sorted(extra)[0]}: only aggregators have this setting")
+            if node.name in seen:
+                raise ConfigError(
+                    f"{key}: leaf name {node.name!r} is also used by {seen[node.name]}; leaf names "
+                    "identify data owners and must be unique"
+                )
+            seen[node.name] = node.path
+            continue
+        if node.settings.data is not None:
+            raise ConfigError(f"{key}.data: only leaves hold data ({node.path} has children)")
+        names = strategy_names()
+        if node.settings.strategy not in names:
+            raise ConfigError(
+                f"{key}.strategy: unknown strategy {node.settings.strategy!r}; "
+                f"choose one of {', '.join(names)}"
+            )
+        n = len(node.children)
+        if node.settings.sample.min > n:
+            raise ConfigError(
+                f"{key}.sample.min: {node.settings.sample.min} is above the number of children "
+                f"of {node.path} ({n})"
+            )
+
+
+def flatten(tree: FederationNode) -> FederationNode:
+    """The root with every leaf as a direct child (flat FedAvg over the same leaves)."""
+    leaves = tuple(replace(leaf, path=f"{tree.path}/{leaf.name}") for leaf in tree.leaves())
+    settings = tree.settings
+    if settings.sample.min > len(leaves):
+        raise ConfigError(f"nodes.{tree.path}.sample.min: above the number of leaves")
+    return FederationNode(tree.path, settings, leaves)
+
+
+def render(tree: FederationNode) -> str:
+    """The tree drawn as indented text, one node per line."""
+    lines = []
+    for node in tree.walk():
+        depth = node.path.count("/")
+        label = node.name
+        if node.is_leaf:
+            source = node.data.corpus or ", ".join(node.data.paths or [])
+            label += f"  [{source}]"
+        else:
+            label += f"  (inner_rounds={node.settings.inner_rounds})"
+        lines.append("  " * depth + ("- " if depth else "") + label)
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The round engine end to end on a tiny model: hierarchy equals flat, methods run, ppl drops."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from worldlm.checkpoint import list_checkpoints, load_latest
+from worldlm.data.prepare import prepare_data
+from worldlm.federation.build import build_federation
+from worldlm.federation.context import RunContext
+from worldlm.federation.methods import plan_method
+from worldlm.metrics.jsonl import read_metrics
+from worldlm.model.build import build_model
+from worldlm.model.state import get_state
+from worldlm.progress import QuietProgress
+from worldlm.run import run
+from worldlm.tree import build_tree
+
+from .conftest import TWO_LEVEL, tiny_config
+
+# TESTPLAN A3: root -> 3 aggregators -> 12 leaves, one aggregator with 1 leaf and one with 8.
+TWELVE = {
+    **{"world/solo/s0": "med"},
+    **{f"world/trio/t{i}": "law" for i in range(3)},
+    **{f"world/eight/e{i}": ("code" if i % 2 else "med") for i in range(8)},
+}
+
+
+def _final_root_state(config, method: str, rounds: int) -> dict[str, torch.Tensor]:
+    tree = build_tree(config.nodes)
+    data = prepare_data(
+        tree,
+        data_cfg=config.data,
+        tokenizer_cfg=config.tokenizer,
+        model_cfg=config.model,
+        seed=config.run.seed,
+        cache_dir=Path(config.run.cache_dir),
+    )
+    model = build_model(config.model, data.tokenizer.get_vocab_size(), seed=1)
+    fed = build_federation(
+        plan_method(method, tree),
+        data.leaves,
+        workspace=model,
+        train_cfg=config.train,
+        eval_cfg=config.eval,
+        stop_cfg=config.stop,
+        ctx=RunContext("test", config.run.seed, torch.device("cpu")),
+    )
+    state = get_state(model)
+    for r in range(1, rounds + 1):
+        state = fed.root.run_round(state, r).state
+    return state
+
+
+def test_hierarchy_with_one_inner_round_equals_flat_fedavg(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWELVE, ["train.local_steps=2"], n_docs=30)
+    hier = _final_root_state(config, "hierfavg", rounds=2)
+    flat = _final_root_state(config, "fedavg", rounds=2)
+    start = get_state(build_model(config.model, 320, seed=1))
+    moved = max(
+        (hier[k] - start[k]).abs().max().item()
+        for k in hier
+        if k in start and hier[k].shape == start[k].shape
+    )
+    assert moved > 1e-3  # training really happened
+    for key in flat:
+        assert torch.equal(hier[key], flat[key]), key
+
+
+def test_inner_rounds_change_the_result(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWO_LEVEL, ["nodes.world/med.inner_rounds=2"])
+    base = tiny_config(tmp_path / "b", TWO_LEVEL)
+    a = _final_root_state(config, "hierfavg", rounds=1)
+    b = _final_root_state(base, "hierfavg", rounds=1)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_tree_trains_and_every_leaf_improves(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWO_LEVEL, ["stop.rounds=3", "train.local_steps=8"])
+    result = run(config, QuietProgress())
+    assert set(result.after) == set(TWO_LEVEL)
+    for leaf in TWO_LEVEL:
+        assert result.after[leaf].ppl < 0.7 * result.before[leaf].ppl, leaf
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    evals = {(r["round"], r["node"]) for r in rows if r["kind"] == "eval"}
+    for node in ["world", "world/med", "world/soft", *TWO_LEVEL]:
+        assert {(r, node) for r in range(4)} <= evals
+    trains = [r for r in rows if r["kind"] == "train"]
+    assert len(trains) == 3 * 4 and all(r["tokens"] == 8 * 4 * 32 for r in trains)
+    assert (result.run_dir / "config.toml").is_file()
+    assert len(list_checkpoints(result.run_dir / "checkpoints")) == 3
+
+
+def test_two_runs_give_identical_checkpoints(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWO_LEVEL)
+    digests = []
+    for name in ("one", "two"):
+        result = run(config, QuietProgress(), out=tmp_path / name)
+        newest = list_checkpoints(result.run_dir / "checkpoints")[-1]
+        digests.append(hashlib.sha256(newest.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    _, tensors, meta = load_latest(tmp_path / "one" / "checkpoints")
+    assert meta["global_round"] == 2
+    assert any(k.startswith("node/world/med/a/opt/") for k in tensors)
+
+
+def test_final_model_loads_with_from_pretrained(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run(tiny_config(tmp_path, TWO_LEVEL, ["stop.rounds=1"]), QuietProgress())
+    directory = result.run_dir / "final" / "world"
+    assert (directory / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    ids = tokenizer("The fever of the patient is", return_tensors="pt")
+    logits = model(**ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_local_and_centralized_run_on_the_same_engine(tmp_path: Path) -> None:
+    local = run(
+        tiny_config(tmp_path, TWO_LEVEL, ["run.method='local'", "run.name='l'"]), QuietProgress()
+    )
+    assert sorted(p.name for p in (local.run_dir / "final" / "world").iterdir() if p.is_dir()) == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]
+    central = run(
+        tiny_config(tmp_path, TWO_LEVEL, ["run.method='centralized'", "run.name='c'"]),
+        QuietProgress(),
+    )
+    assert set(central.after) == set(TWO_LEVEL)
+    for leaf in TWO_LEVEL:
+        assert central.after[leaf].ppl < central.before[leaf].ppl
+        assert local.after[leaf].ppl < local.before[leaf].ppl
+    rows = read_metrics(central.run_dir / "metrics.jsonl")
+    assert {r["node"] for r in rows if r["kind"] == "train"} == {"world/centralized"}

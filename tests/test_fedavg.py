@@ -1,0 +1,110 @@
+"""FedAvg against a float64 reference, folded one update at a time through a live aggregator."""
+
+from __future__ import annotations
+
+import torch
+
+from worldlm.config import NodeConfig
+from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.context import RunContext
+from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.strategies.fedavg import WeightedSum, fedavg
+from worldlm.strategies.registry import build_strategy
+from worldlm.transport.base import ChildInfo
+from worldlm.transport.inprocess import InProcessTransport
+
+
+class FixedChild:
+    """A child that answers each round with a fixed state and weight (the data under test)."""
+
+    def __init__(self, path: str, states: list[State], weights: list[float]) -> None:
+        self.path, self.states, self.weights = path, states, weights
+
+    def info(self) -> ChildInfo:
+        return ChildInfo(self.path, 100)
+
+    def handle_train(self, task: TrainTask) -> Update:
+        r = task.round
+        return Update(self.path, r, task.nonce, self.states[r], self.weights[r])
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        raise AssertionError("not used")
+
+
+def _states(seed: int, rounds: int) -> list[State]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"w": torch.randn(7, 5, generator=gen), "b": torch.randn(5, generator=gen) * 1e3}
+        for _ in range(rounds)
+    ]
+
+
+def test_fedavg_golden_five_updates_three_rounds() -> None:
+    rounds, n = 3, 5
+    children = [f"root/c{i}" for i in range(n)]
+    states = {c: _states(i, rounds) for i, c in enumerate(children)}
+    weights = {
+        c: [float(17 * (i + 1) + 3 * r) for r in range(rounds)] for i, c in enumerate(children)
+    }
+    transport = InProcessTransport({"root": children})
+    for c in children:
+        transport.register(FixedChild(c, states[c], weights[c]))
+    root = Aggregator(
+        "root",
+        NodeConfig.model_validate({}),
+        transport=transport,
+        strategy=build_strategy("fedavg"),
+        ctx=RunContext("r", 0, torch.device("cpu")),
+    )
+    current: State = {"w": torch.zeros(7, 5), "b": torch.zeros(5)}
+    for r in range(rounds):
+        outcome = root.run_round(current, r)
+        for key in current:
+            num = sum(weights[c][r] * states[c][r][key].double() for c in children)
+            expected = num / sum(weights[c][r] for c in children)
+            mean = outcome.exact[key] / outcome.scale
+            torch.testing.assert_close(mean, expected, rtol=1e-15, atol=1e-12)
+            assert outcome.state[key].dtype == torch.float32
+            assert torch.equal(outcome.state[key], expected.float())
+        assert outcome.weight == sum(weights[c][r] for c in children)
+        current = outcome.state
+
+
+def test_streaming_sum_matches_the_reference_in_any_order() -> None:
+    states = [s[0] for s in (_states(i, 1) for i in range(6))]
+    weights = [1.0, 2.5, 100.0, 3.0, 0.25, 7.0]
+    expected = fedavg(states, weights)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
+        acc = WeightedSum()
+        for i in order:
+            acc.add(states[i], weights[i])
+        for key, value in acc.mean().items():
+            assert torch.equal(value.float(), expected[key].float())
+
+
+def test_rejected_replies_are_recorded_and_skipped() -> None:
+    children = ["root/a", "root/b"]
+    transport = InProcessTransport({"root": children})
+    good = FixedChild("root/a", [{"w": torch.ones(3)}], [1.0])
+    bad_shape = FixedChild("root/b", [{"w": torch.ones(4)}], [1.0])
+    transport.register(good)
+    transport.register(bad_shape)
+    root = Aggregator(
+        "root",
+        NodeConfig.model_validate({}),
+        transport=transport,
+        strategy=build_strategy("fedavg"),
+        ctx=RunContext("r", 0, torch.device("cpu")),
+    )
+    outcome = root.run_round({"w": torch.zeros(3)}, 0)
+    assert torch.equal(outcome.state["w"], torch.ones(3))
+    rejected = [r for r in outcome.records if r["kind"] == "rejected"]
+    assert rejected == [
+        {
+            "round": 0,
+            "node": "root",
+            "kind": "rejected",
+            "sender": "root/b",
+            "reason": "w: shape (4,) is wrong",
+        }
+    ]

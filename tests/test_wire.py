@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worldlm import wire
+from worldlm.errors import WireError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 4, generator=gen),
+        "b": torch.randn(5, generator=gen).to(torch.bfloat16),
+        "c": torch.randn(2, 2, generator=gen).to(torch.float16),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+
+
+def test_round_trip_keeps_values_and_dtypes() -> None:
+    original = _tensors()
+    payload = wire.encode(original, {"round": 3, "who": "w/a"})
+    decoded, meta = wire.decode(payload)
+    assert meta == {"round": 3, "who": "w/a"}
+    assert list(decoded) == list(original)
+    for key, value in original.items():
+        assert decoded[key].dtype == value.dtype and torch.equal(decoded[key], value)
+
+
+def test_bf16_travels_as_bf16() -> None:
+    t = torch.randn(1000).to(torch.bfloat16)
+    assert len(wire.encode({"t": t})) < 1000 * 2 + 1024
+
+
+def test_corruption_truncation_and_oversize_are_refused() -> None:
+    payload = bytearray(wire.encode(_tensors()))
+    flipped = bytearray(payload)
+    flipped[-5] ^= 0xFF
+    with pytest.raises(WireError, match="digest"):
+        wire.decode(flipped)
+    with pytest.raises(WireError, match="declares"):
+        wire.decode(payload[:-10])
+    with pytest.raises(WireError, match="above the limit"):
+        wire.decode(payload, max_bytes=16)
+    with pytest.raises(WireError, match="magic"):
+        wire.decode(b"NOPE" + bytes(payload[4:]))
+
+
+def test_encoding_is_deterministic() -> None:
+    assert wire.encode(_tensors(), {"x": 1}) == wire.encode(_tensors(), {"x": 1})
