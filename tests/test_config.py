@@ -139,3 +139,10 @@ def test_every_shipped_config_loads_and_builds(path: Path) -> None:
 
 def test_configs_directory_is_not_empty() -> None:
     assert len(CONFIGS) >= 4
+
+
+def test_docs_reference_every_key_and_is_current() -> None:
+    from worldlm.config_docs import config_reference
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text("utf-8")
+    assert doc == config_reference(), "regenerate: python -m worldlm.config_docs > docs/config.md"

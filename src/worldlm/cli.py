@@ -73,9 +73,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _run(args, console)
     if args.command == "check":
         from worldlm.config import load_config
+        from worldlm.data.prepare import check_sources
         from worldlm.tree import build_tree, render
 
         config = load_config(args.config, args.overrides)
+        check_sources(build_tree(config.nodes))
         console.print(f"config OK (method {config.run.method})", highlight=False)
         console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
         return 0

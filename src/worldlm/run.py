@@ -19,7 +19,7 @@ from worldlm import __version__
 from worldlm.checkpoint import save_checkpoint
 from worldlm.config import RunConfig, dump_config
 from worldlm.data.corpora import default_cache_dir
-from worldlm.data.prepare import prepare_data
+from worldlm.data.prepare import check_sources, prepare_data
 from worldlm.errors import ConfigError, ModelError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
@@ -80,6 +80,7 @@ def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) ->
     started = time.monotonic()
     tree = build_tree(config.nodes)
     plan = plan_method(config.run.method, tree)
+    check_sources(tree)
     run_dir = make_run_dir(config, out)
     (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
     device = pick_device(config.run.device)

@@ -15,10 +15,11 @@ from tokenizers import Tokenizer
 
 from worldlm.config import DataConfig, ModelConfig, TokenizerConfig
 from worldlm.data.blocks import encode_documents, pack_blocks
-from worldlm.data.corpora import load_corpus
+from worldlm.data.corpora import CORPORA, load_corpus
 from worldlm.data.sources import read_documents
 from worldlm.data.split import split_documents
 from worldlm.data.tokenizer import load_tokenizer, train_tokenizer
+from worldlm.errors import DataError
 from worldlm.federation.leaf import LeafData
 from worldlm.tree import FederationNode
 
@@ -30,6 +31,22 @@ class PreparedData:
     tokenizer: Tokenizer
     leaves: dict[str, LeafData]  # by leaf name
     digests: dict[str, str]  # by leaf name: SHA-256 of its documents (provenance, not data)
+
+
+def check_sources(tree: FederationNode) -> None:
+    """Fail fast, before a run starts, when a leaf's file or directory does not exist."""
+    for leaf in tree.leaves():
+        for raw in leaf.data.paths or []:
+            if not Path(raw).exists():
+                raise DataError(
+                    f"nodes.{leaf.path}.data.paths: {raw} does not exist (check the path; "
+                    "relative paths are read from the config file's directory)"
+                )
+        if leaf.data.corpus is not None and leaf.data.corpus not in CORPORA:
+            raise DataError(
+                f"nodes.{leaf.path}.data.corpus: unknown corpus {leaf.data.corpus!r}; "
+                f"choose one of {', '.join(CORPORA)}"
+            )
 
 
 def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[str]:
@@ -95,7 +112,10 @@ def prepare_data(
     leaves: dict[str, LeafData] = {}
     for name, (train_docs, val_docs) in splits.items():
         status(f"tokenizing {name}")
-        train = pack_blocks(encode_documents(tokenizer, train_docs), model_cfg.block_size)
-        val = pack_blocks(encode_documents(tokenizer, val_docs), model_cfg.block_size)
+        try:
+            train = pack_blocks(encode_documents(tokenizer, train_docs), model_cfg.block_size)
+            val = pack_blocks(encode_documents(tokenizer, val_docs), model_cfg.block_size)
+        except DataError as exc:
+            raise DataError(f"leaf {name}: {exc}") from None
         leaves[name] = LeafData(name, train, {name: val})
     return PreparedData(tokenizer, leaves, digests)

@@ -1,0 +1,284 @@
+"""Tokens/s of a leaf's local training in worldlm against a plain PyTorch loop, in one process.
+
+Three variants train the same model class on the same random blocks with the same batch size
+and step count, interleaved repetition by repetition after a warm-up:
+
+- `worldlm leaf`: `Leaf.handle_train(TrainTask)`, the path a leaf takes in a round (load the
+  incoming state, build AdamW and restore its moments, the local loop, copy the new state out);
+- `worldlm local_train`: only `local_train` with an optimizer made once, i.e. the loop itself;
+- `plain PyTorch`: a hand-written AdamW loop with gradient clipping.
+
+    python benchmarks/local_training.py --preset small --json runs/bench.json
+
+Results and how to read them: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+from worldlm.config import EvalConfig, ModelConfig, TrainConfig
+from worldlm.federation.context import RunContext
+from worldlm.federation.leaf import Leaf, LeafData
+from worldlm.federation.messages import State, TrainTask
+from worldlm.model.build import build_model, count_parameters
+from worldlm.model.state import get_state, set_state
+from worldlm.seeding import generator
+from worldlm.train.local import local_train, make_optimizer
+
+LEAF, LOOP, PLAIN = "worldlm leaf", "worldlm local_train", "plain PyTorch"
+CPU = torch.device("cpu")
+Runner = Callable[[], object]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--preset", default="small", help="model size preset (tiny, mini, small, ...)")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per step")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per repetition")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per variant first")
+    p.add_argument("--blocks", type=int, default=256, help="training blocks the leaf holds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p.parse_args()
+
+
+def plain_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    blocks: torch.Tensor,  # (N, T)
+    *,
+    batch_size: int,
+    steps: int,
+    grad_clip: float,
+    gen: torch.Generator,
+) -> None:
+    """The reference: the loop one would write by hand, with no federation around it."""
+    model.train()
+    for _ in range(steps):
+        x = blocks[torch.randint(blocks.shape[0], (batch_size,), generator=gen)]  # (B, T)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def make_variants(
+    args: argparse.Namespace, blocks: torch.Tensor
+) -> tuple[dict[str, Runner], Leaf, State]:
+    """One runner per variant, each over its own copy of the same initial model; also the leaf
+    and the state its parent sends, for the overhead breakdown."""
+    model_cfg = ModelConfig(preset=args.preset, block_size=args.block_size)
+    cfg = TrainConfig(local_steps=args.steps, batch_size=args.batch_size)
+    horizon = 100 * args.steps * (args.reps + args.warmup)  # keeps the schedule off its floor
+    leaf_model, loop_model, plain_model = (
+        build_model(model_cfg, args.vocab, seed=args.seed) for _ in range(3)
+    )
+
+    leaf = Leaf(
+        "root/leaf",
+        LeafData("leaf", blocks, {}),
+        workspace=leaf_model,
+        train_cfg=cfg,
+        eval_cfg=EvalConfig(),
+        total_steps=horizon,
+        personal_keys=frozenset(),
+        ctx=RunContext(run_id="bench", seed=args.seed, device=CPU),
+    )
+    incoming = get_state(leaf_model)  # the same parent state every round
+
+    def run_leaf() -> object:
+        r = leaf.sessions
+        return leaf.handle_train(TrainTask("bench", r, r, "root", leaf.path, f"n{r}", incoming))
+
+    loop_opt = make_optimizer(loop_model, cfg)
+    loop_sessions = [0]
+
+    def run_local_train() -> object:
+        s = loop_sessions[0]
+        loop_sessions[0] += 1
+        gen = generator(args.seed, "loop", s)
+        start = s * args.steps
+        return local_train(
+            loop_model, loop_opt, blocks, cfg, start_step=start, total_steps=horizon, gen=gen,
+            device=CPU,
+        )  # fmt: skip
+
+    plain_opt = torch.optim.AdamW(
+        plain_model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+    )
+    plain_gen = generator(args.seed, "plain")
+
+    def run_plain() -> object:
+        return plain_loop(
+            plain_model, plain_opt, blocks, batch_size=args.batch_size, steps=args.steps,
+            grad_clip=cfg.grad_clip, gen=plain_gen,
+        )  # fmt: skip
+
+    return {LEAF: run_leaf, LOOP: run_local_train, PLAIN: run_plain}, leaf, incoming
+
+
+def timed(fn: Runner) -> float:
+    gc.collect()  # outside the clock, so that a collection never lands inside one variant only
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(variants: dict[str, Runner], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per repetition of each variant. All variants run once per repetition; the order
+    rotates so that no variant always follows the same neighbour."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            seconds[name].append(timed(variants[name]))
+    return seconds
+
+
+def overhead_parts(leaf: Leaf, incoming: State, reps: int) -> dict[str, list[float]]:
+    """Seconds of each per-round step that `Leaf.handle_train` adds around `local_train`."""
+    model, cfg = leaf.workspace, leaf.train_cfg
+    saved = leaf.optimizer_state
+    assert saved is not None, "run the leaf at least once first"
+    restored = make_optimizer(model, cfg)
+    restored.load_state_dict(saved)
+    parts: dict[str, Runner] = {
+        "set_state (state in)": lambda: set_state(model, leaf.deployed_state(incoming)),
+        "make_optimizer": lambda: make_optimizer(model, cfg),
+        "optimizer.load_state_dict": lambda: restored.load_state_dict(saved),
+        "optimizer.state_dict": restored.state_dict,
+        "get_state (state out)": lambda: get_state(model),
+    }
+    return {name: [timed(fn) for _ in range(reps)] for name, fn in parts.items()}
+
+
+def machine(args: argparse.Namespace, params: int) -> dict[str, Any]:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "parameters": params,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def summarize(seconds: dict[str, list[float]], tokens: int) -> dict[str, dict[str, float]]:
+    best_plain, median_plain = min(seconds[PLAIN]), statistics.median(seconds[PLAIN])
+    rows = {}
+    for name, xs in seconds.items():
+        best, median = min(xs), statistics.median(xs)
+        rows[name] = {
+            "min_s": best,
+            "median_s": median,
+            "tokens_per_s_best": tokens / best,
+            "tokens_per_s_median": tokens / median,
+            # worldlm/plain in tokens/s, i.e. plain seconds over this variant's seconds
+            "ratio_min": best_plain / best,
+            "ratio_median": median_plain / median,
+        }
+    return rows
+
+
+def print_results(
+    console: Console,
+    info: dict[str, Any],
+    rows: dict[str, dict[str, float]],
+    parts: dict[str, list[float]],
+    tokens: int,
+) -> None:
+    s = info["settings"]
+    console.print(
+        f"[bold]machine[/]: {info['processor']}, {info['cpu_count']} CPUs "
+        f"({info['cpus_usable']} usable), torch {info['torch']} with {info['torch_threads']} "
+        f"threads, transformers {info['transformers']}, Python {info['python']}"
+    )
+    console.print(
+        f"[bold]workload[/]: preset {s['preset']} ({info['parameters']:,} parameters), vocab "
+        f"{s['vocab']}, block {s['block_size']}, batch {s['batch_size']}, {s['steps']} steps = "
+        f"{tokens:,} tokens per repetition; {s['warmup']} warm-up + {s['reps']} timed reps"
+    )
+    table = Table(title="Local training, seconds per repetition (interleaved)")
+    for col in ("variant", "min s", "median s", "tokens/s (best)", "ratio (min)", "ratio (median)"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, r in rows.items():
+        table.add_row(
+            name,
+            f"{r['min_s']:.3f}",
+            f"{r['median_s']:.3f}",
+            f"{r['tokens_per_s_best']:,.0f}",
+            f"{r['ratio_min']:.3f}",
+            f"{r['ratio_median']:.3f}",
+        )
+    console.print(table)
+    extra = Table(title="Per-round steps of Leaf.handle_train around local_train (ms)")
+    for col in ("step", "min ms", "median ms"):
+        extra.add_column(col, justify="left" if col == "step" else "right")
+    for name, xs in parts.items():
+        extra.add_row(name, f"{1e3 * min(xs):.2f}", f"{1e3 * statistics.median(xs):.2f}")
+    gap_min = rows[LEAF]["min_s"] - rows[LOOP]["min_s"]
+    gap_median = rows[LEAF]["median_s"] - rows[LOOP]["median_s"]
+    extra.add_row(
+        "leaf - local_train (from the table above)",
+        f"{1e3 * gap_min:.1f}",
+        f"{1e3 * gap_median:.1f}",
+    )
+    console.print(extra)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    blocks = torch.randint(args.vocab, (args.blocks, args.block_size))  # (N, T) token ids
+    variants, leaf, incoming = make_variants(args, blocks)
+    tokens = args.steps * args.batch_size * args.block_size
+    info = machine(args, count_parameters(leaf.workspace))
+
+    seconds = interleaved(variants, args.reps, args.warmup)
+    parts = overhead_parts(leaf, incoming, reps=max(10, args.reps))
+    rows = summarize(seconds, tokens)
+    print_results(Console(), info, rows, parts, tokens)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = {**info, "tokens_per_rep": tokens, "variants": rows, "seconds": seconds}
+        result["overhead_parts_s"] = parts
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
