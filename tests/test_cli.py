@@ -46,9 +46,7 @@ def test_missing_data_file_fails_naming_it(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "runs").exists()
 
 
-def test_malformed_data_file_fails_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_malformed_data_file_fails_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tiny_config_dict(tmp_path, TWO_LEVEL)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "no text field here"}\n', encoding="utf-8")
@@ -72,8 +70,20 @@ def test_run_prints_the_table_then_generate_samples(
     assert "validation perplexity per leaf" in out
     for leaf in TWO_LEVEL:
         assert leaf in out
-    assert main(["generate", str(tmp_path / "r"), "The fever of", "--node", "world/med/a",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "r"),
+                "The fever of",
+                "--node",
+                "world/med/a",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("The fever of") and len(text.strip()) > len("The fever of")
     assert main(["generate", str(tmp_path / "r"), "x", "--node", "elsewhere"]) == 2

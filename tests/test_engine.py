@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from worldlm.checkpoint import list_checkpoints, load_latest
+from worldlm.config import apply_overrides, validate_config
 from worldlm.data.prepare import prepare_data
+from worldlm.errors import CheckpointError
 from worldlm.federation.build import build_federation
 from worldlm.federation.context import RunContext
 from worldlm.federation.methods import plan_method
@@ -16,10 +19,10 @@ from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.build import build_model
 from worldlm.model.state import get_state
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.run import resume, run
 from worldlm.tree import build_tree
 
-from .conftest import TWO_LEVEL, tiny_config
+from .conftest import TWO_LEVEL, tiny_config, tiny_config_dict
 
 # TESTPLAN A3: root -> 3 aggregators -> 12 leaves, one aggregator with 1 leaf and one with 8.
 TWELVE = {
@@ -124,12 +127,8 @@ def test_local_and_centralized_run_on_the_same_engine(tmp_path: Path) -> None:
     local = run(
         tiny_config(tmp_path, TWO_LEVEL, ["run.method='local'", "run.name='l'"]), QuietProgress()
     )
-    assert sorted(p.name for p in (local.run_dir / "final" / "world").iterdir() if p.is_dir()) == [
-        "a",
-        "b",
-        "c",
-        "d",
-    ]
+    for leaf in TWO_LEVEL:  # each leaf deploys its own model, saved under its own path
+        assert (local.run_dir / "final" / leaf / "model.safetensors").is_file()
     central = run(
         tiny_config(tmp_path, TWO_LEVEL, ["run.method='centralized'", "run.name='c'"]),
         QuietProgress(),
@@ -140,3 +139,69 @@ def test_local_and_centralized_run_on_the_same_engine(tmp_path: Path) -> None:
         assert local.after[leaf].ppl < local.before[leaf].ppl
     rows = read_metrics(central.run_dir / "metrics.jsonl")
     assert {r["node"] for r in rows if r["kind"] == "train"} == {"world/centralized"}
+
+
+def test_a_local_hf_directory_is_a_model_and_tokenizer_source(tmp_path: Path) -> None:
+    first = run(
+        tiny_config(tmp_path, TWO_LEVEL, ["stop.rounds=1", "run.name='a'"]), QuietProgress()
+    )
+    pretrained = first.run_dir / "final" / "world"
+    data = tiny_config_dict(tmp_path, TWO_LEVEL)
+    data["model"] = {"path": str(pretrained), "block_size": 32}
+    config = validate_config(apply_overrides(data, ["stop.rounds=1", "run.name='b'"]))
+    second = run(config, QuietProgress())
+    # Continuing from the trained model starts where the first run ended, not from scratch.
+    for leaf in TWO_LEVEL:
+        assert second.before[leaf].loss == pytest.approx(first.after[leaf].loss, rel=1e-5)
+        assert second.after[leaf].ppl < second.before[leaf].ppl
+
+
+def test_stop_conditions_end_the_run_early(tmp_path: Path) -> None:
+    by_tokens = run(
+        tiny_config(
+            tmp_path,
+            TWO_LEVEL,
+            [
+                "stop.rounds=5",
+                "stop.max_tokens=1000",
+                "train.keep_optimizer_state=false",
+                "run.name='t'",
+            ],
+        ),
+        QuietProgress(),
+    )
+    assert by_tokens.rounds == 1 and by_tokens.stop_reason == "max_tokens"
+    by_ppl = run(
+        tiny_config(tmp_path, TWO_LEVEL, ["stop.rounds=5", "stop.target_ppl=1e9", "run.name='p'"]),
+        QuietProgress(),
+    )
+    assert by_ppl.rounds == 1 and by_ppl.stop_reason == "target_ppl"
+
+
+class StopAtRound(QuietProgress):
+    """Interrupts the run as round `at` starts, as a crash or Ctrl-C would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def round_started(self, round_index: int, total: int) -> None:
+        if round_index == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWO_LEVEL, ["stop.rounds=3"])
+    whole = run(config, QuietProgress(), out=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(config, StopAtRound(3), out=tmp_path / "cut")
+    # a half-written checkpoint of the interrupted round must not be picked up
+    (tmp_path / "cut" / "checkpoints" / "round-000003.wlm").write_bytes(b"torn")
+    resumed = resume(tmp_path / "cut", QuietProgress())
+    assert resumed.rounds == 3
+    final = "checkpoints/round-000003.wlm"
+    assert (tmp_path / "cut" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
+    rows_whole = [r for r in read_metrics(whole.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    rows_cut = [r for r in read_metrics(resumed.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert rows_cut == rows_whole
+    with pytest.raises(CheckpointError, match="already finished"):
+        resume(tmp_path / "cut", QuietProgress())

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", type=Path, help="run directory (default: run.out_dir/run.name)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (uses its own config.toml)",
+    )
 
     check = sub.add_parser("check", help="validate a config and print its federation tree")
     _add_config_args(check)
@@ -117,23 +123,33 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config import load_config
+    from worldlm.errors import ConfigError
     from worldlm.progress import QuietProgress, RichProgress
     from worldlm.report_table import perplexity_table
-    from worldlm.run import run
+    from worldlm.run import resume, run
     from worldlm.tree import build_tree, render
 
-    config = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise ConfigError("--resume uses the run's own config.toml; drop CONFIG/--set/--out")
+        if not (args.resume / "config.toml").is_file():
+            raise ConfigError(f"--resume {args.resume}: not a run directory (no config.toml)")
+    config = load_config(
+        args.resume / "config.toml" if args.resume else args.config, args.overrides
+    )
     console.print(
         f"[bold]worldlm[/bold] run {config.run.name!r}: method {config.run.method}, "
         f"model {config.model.path or config.model.preset}, {config.stop.rounds} rounds",
         highlight=False,
     )
     console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
-    if args.quiet:
-        result = run(config, QuietProgress(), out=args.out)
-    else:
-        with RichProgress() as progress:
-            result = run(config, progress, out=args.out)
+    progress_display = QuietProgress() if args.quiet else RichProgress()
+    with progress_display as progress:
+        result = (
+            resume(args.resume, progress)
+            if args.resume is not None
+            else run(config, progress, out=args.out)
+        )
     console.print(
         perplexity_table(
             result.before,

@@ -62,6 +62,12 @@ class RichProgress:
 class QuietProgress:
     """No output (for --quiet and for tests)."""
 
+    def __enter__(self) -> QuietProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del exc
+
     def status(self, message: str) -> None:
         del message
 

@@ -11,21 +11,22 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import torch
+from transformers import PreTrainedModel
 
 from worldlm import __version__
-from worldlm.checkpoint import save_checkpoint
-from worldlm.config import RunConfig, dump_config
+from worldlm.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.data.corpora import default_cache_dir
-from worldlm.data.prepare import check_sources, prepare_data
-from worldlm.errors import ConfigError, ModelError
+from worldlm.data.prepare import PreparedData, check_sources, prepare_data
+from worldlm.errors import CheckpointError, ConfigError, ModelError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
 from worldlm.federation.messages import EvalTask, Record, State
 from worldlm.federation.methods import plan_method
-from worldlm.metrics.jsonl import MetricsWriter
+from worldlm.federation.snapshot import restore, snapshot
+from worldlm.metrics.jsonl import MetricsWriter, read_metrics
 from worldlm.model.build import build_model, count_parameters
 from worldlm.model.io import save_hf_model
 from worldlm.model.state import get_state
@@ -75,14 +76,23 @@ def make_run_dir(config: RunConfig, out: Path | None) -> Path:
     return candidate
 
 
-def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) -> RunResult:
-    """Execute a whole run and leave its directory behind (see DESIGN §7)."""
-    started = time.monotonic()
+@dataclass
+class Session:
+    """Everything the round loop needs, built identically for a new and a resumed run."""
+
+    config: RunConfig
+    tree: FederationNode
+    fed: Federation
+    model: PreTrainedModel
+    data: PreparedData
+    run_dir: Path
+    metrics: MetricsWriter
+
+
+def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Session:
+    """Read and tokenize the data, build the model and the live federation."""
     tree = build_tree(config.nodes)
     plan = plan_method(config.run.method, tree)
-    check_sources(tree)
-    run_dir = make_run_dir(config, out)
-    (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
     device = pick_device(config.run.device)
     cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
     data = prepare_data(
@@ -111,48 +121,108 @@ def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) ->
         stop_cfg=config.stop,
         ctx=ctx,
     )
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    state = get_state(model)
-    fed.root.state = state
+    fed.root.state = get_state(model)
+    return Session(
+        config, tree, fed, model, data, run_dir, MetricsWriter(run_dir / "metrics.jsonl")
+    )
+
+
+def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) -> RunResult:
+    """Execute a whole run and leave its directory behind (see DESIGN §7)."""
+    check_sources(build_tree(config.nodes))
+    run_dir = make_run_dir(config, out)
+    (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
+    session = open_session(config, observer, run_dir)
     observer.status("evaluating the initial model")
-    before = evaluate_tree(fed, tree, state, 0, metrics)
-    after, tokens, stop_reason, r = before, 0.0, "rounds", 0
-    for r in range(1, config.stop.rounds + 1):
+    before = evaluate_tree(session, session.fed.root.state, 0)
+    return round_loop(session, observer, before, first_round=1, tokens=0.0)
+
+
+def resume(run_dir: Path, observer: RunObserver) -> RunResult:
+    """Continue a run from its newest usable checkpoint; the result equals an uninterrupted run.
+
+    The time budget (stop.max_seconds) restarts with the resumed process."""
+    config = load_config(run_dir / "config.toml")
+    session = open_session(config, observer, run_dir)
+    rows = read_metrics(session.metrics.path) if session.metrics.path.exists() else []
+    if not list_checkpoints(run_dir / "checkpoints"):
+        observer.status("no checkpoint yet: starting the run again from round 1")
+        session.metrics.path.unlink(missing_ok=True)
+        before = evaluate_tree(session, session.fed.root.state, 0)
+        return round_loop(session, observer, before, first_round=1, tokens=0.0)
+    path, tensors, meta = load_latest(run_dir / "checkpoints")
+    if meta.get("run_id") != session.fed.root.ctx.run_id:
+        raise CheckpointError(f"{path} belongs to another run configuration")
+    if meta.get("finished"):
+        raise CheckpointError(f"the run in {run_dir} already finished ({meta['finished']})")
+    restore(session.fed, tensors, meta)
+    done = int(meta["global_round"])
+    observer.status(f"resuming after round {done} from {path.name}")
+    # Rows written after the checkpoint belong to a round that will be run again.
+    kept = [row for row in rows if int(row["round"]) <= done]
+    session.metrics.path.write_text("", encoding="utf-8")
+    session.metrics.write(kept)
+    before = {
+        row["node"]: EvalResult(float(row["loss"]), int(row["tokens"]))
+        for row in kept
+        if row["kind"] == "eval" and row["round"] == 0
+    }
+    before = {leaf.path: before[leaf.path] for leaf in session.tree.leaves()}
+    return round_loop(session, observer, before, first_round=done + 1, tokens=meta["tokens"])
+
+
+def round_loop(
+    session: Session,
+    observer: RunObserver,
+    before: dict[str, EvalResult],
+    *,
+    first_round: int,
+    tokens: float,
+) -> RunResult:
+    """Root rounds from `first_round` on: train the tree, evaluate, checkpoint, check stops."""
+    config, fed = session.config, session.fed
+    started = time.monotonic()
+    state = fed.root.state
+    after, stop_reason, r = before, "", first_round - 1
+    for r in range(first_round, config.stop.rounds + 1):
         observer.round_started(r, config.stop.rounds)
         outcome = fed.root.run_round(state, r)
         state = outcome.state
         tokens += outcome.weight
-        metrics.write(outcome.records)
+        session.metrics.write(outcome.records)
         last = r == config.stop.rounds
         stop_reason = _stop_reason(config, tokens, time.monotonic() - started)
         evaluated = r % config.eval.every == 0 or last or stop_reason != ""
         if evaluated:
-            after = evaluate_tree(fed, tree, state, r, metrics)
+            after = evaluate_tree(session, state, r)
             if config.stop.target_ppl is not None and mean_ppl(after) <= config.stop.target_ppl:
                 stop_reason = "target_ppl"
         observer.round_finished(r, mean_ppl(after) if evaluated else None)
-        if r % config.checkpoint.every == 0 or last or stop_reason:
+        finished = stop_reason or ("rounds" if last else "")
+        if r % config.checkpoint.every == 0 or finished:
+            tensors, meta = snapshot(fed, r, tokens, fed.root.ctx.run_id)
             save_checkpoint(
-                run_dir / "checkpoints",
+                session.run_dir / "checkpoints",
                 r,
-                *snapshot(fed, r, tokens, ctx.run_id),
+                tensors,
+                {**meta, "finished": finished},
                 keep=config.checkpoint.keep,
             )
         if stop_reason:
             break
     observer.status("saving final models")
-    final_dirs = save_final_models(fed, tree, model, data.tokenizer, run_dir, config)
+    final_dirs = save_final_models(session)
     result = RunResult(
-        run_dir,
+        session.run_dir,
         r,
         stop_reason or "rounds",
         before,
         after,
         tokens,
-        count_parameters(model),
+        count_parameters(session.model),
         final_dirs,
     )
-    write_summary(result, run_dir, data.digests)
+    write_summary(result, session.run_dir, session.data.digests)
     return result
 
 
@@ -164,11 +234,10 @@ def _stop_reason(config: RunConfig, tokens: float, elapsed: float) -> str:
     return ""
 
 
-def evaluate_tree(
-    fed: Federation, tree: FederationNode, state: State, round_index: int, metrics: MetricsWriter
-) -> dict[str, EvalResult]:
+def evaluate_tree(session: Session, state: State, round_index: int) -> dict[str, EvalResult]:
     """Each leaf of the configured tree on its own validation split, with the model it would
     deploy; rows for every node of the configured tree go to the metrics."""
+    fed, tree = session.fed, session.tree
     task = EvalTask(fed.root.ctx.run_id, round_index, "", fed.root.path, "eval", state)
     by_name = fed.root.handle_eval(task).results
     per_leaf = {leaf.path: by_name[leaf.name] for leaf in tree.leaves()}
@@ -185,7 +254,7 @@ def evaluate_tree(
                 "tokens": merged.tokens,
             }
         )
-    metrics.write(rows)
+    session.metrics.write(rows)
     return per_leaf
 
 
@@ -194,36 +263,16 @@ def mean_ppl(results: dict[str, EvalResult]) -> float:
     return merge_results(list(results.values())).ppl
 
 
-def snapshot(
-    fed: Federation, round_index: int, tokens: float, run_id: str
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every node's state in one tensor dict; counters and optimizer settings in the metadata.
-
-    All randomness is derived from (seed, path, round), so no RNG state needs saving."""
-    tensors: dict[str, torch.Tensor] = {}
-    nodes_meta: dict[str, Any] = {}
-    for path, node in sorted(fed.nodes().items()):
-        node_tensors, node_meta = node.snapshot()
-        tensors.update({f"node/{path}/{k}": v for k, v in node_tensors.items()})
-        nodes_meta[path] = node_meta
-    meta = {"run_id": run_id, "global_round": round_index, "tokens": tokens, "nodes": nodes_meta}
-    return tensors, meta
-
-
-def save_final_models(
-    fed: Federation,
-    tree: FederationNode,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    run_dir: Path,
-    config: RunConfig,
-) -> dict[str, Path]:
-    """The global model under final/<root>, and every leaf that deploys something else."""
-    final = run_dir / "final"
+def save_final_models(session: Session) -> dict[str, Path]:
+    """The global model under final/<root>, and, under each leaf's configured path, every leaf
+    that deploys something else."""
+    fed, tree, model = session.fed, session.tree, session.model
+    tokenizer, final = session.data.tokenizer, session.run_dir / "final"
     dirs = {tree.path: save_hf_model(model, fed.root.state, tokenizer, final / tree.path)}
+    configured = {leaf.name: leaf.path for leaf in tree.leaves()}
     for leaf in fed.leaves.values():
         if leaf.own_state:
-            target = f"{tree.path}/{leaf.data.name}" if config.run.method == "local" else leaf.path
+            target = configured.get(leaf.data.name, leaf.path)
             dirs[target] = save_hf_model(
                 model, leaf.deployed_state(fed.root.state), tokenizer, final / target
             )

@@ -167,7 +167,7 @@ def check_reply(
         raise UpdateRejected(update.sender, "duplicate reply")
     if update.round != task.round or update.nonce != task.nonce:
         raise UpdateRejected(update.sender, "reply to another round or task")
-    if not update.weight > 0 or update.weight != update.weight:
+    if not update.weight > 0:  # also refuses NaN
         raise UpdateRejected(update.sender, f"weight {update.weight} is not positive")
     if update.state.keys() != state.keys():
         raise UpdateRejected(update.sender, "parameter names differ from the model's")
