@@ -1,14 +1,16 @@
 """Tokens/s of a leaf's local training in worldlm against a plain PyTorch loop, in one process.
 
-Three variants train the same model class on the same random blocks with the same batch size
-and step count, interleaved repetition by repetition after a warm-up:
+The variants train the same model class on the same random blocks with the same batch size
+and step count, each on its own copy of the same initial model, interleaved repetition by
+repetition after a warm-up:
 
 - `worldlm leaf`: `Leaf.handle_train(TrainTask)`, the path a leaf takes in a round (load the
   incoming state, build AdamW and restore its moments, the local loop, copy the new state out);
 - `worldlm local_train`: only `local_train` with an optimizer made once, i.e. the loop itself;
-- `plain PyTorch`: a hand-written AdamW loop with gradient clipping.
+- `plain PyTorch`: a hand-written AdamW loop with gradient clipping;
+- with `--control`, a second plain loop: how far it lands from the first is the noise floor.
 
-    python benchmarks/local_training.py --preset small --json runs/bench.json
+    python benchmarks/local_training.py --preset small --reps 10 --control --json bench.json
 
 Results and how to read them: docs/benchmarks.md.
 """
@@ -42,6 +44,7 @@ from worldlm.seeding import generator
 from worldlm.train.local import local_train, make_optimizer
 
 LEAF, LOOP, PLAIN = "worldlm leaf", "worldlm local_train", "plain PyTorch"
+CONTROL = "plain PyTorch, 2nd copy"
 CPU = torch.device("cpu")
 Runner = Callable[[], object]
 
@@ -58,8 +61,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=256, help="training blocks the leaf holds")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="add a second, identical plain loop: its ratio shows the noise floor",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("vocab", "block_size", "batch_size", "steps", "reps", "blocks"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def plain_loop(
@@ -72,7 +84,8 @@ def plain_loop(
     grad_clip: float,
     gen: torch.Generator,
 ) -> None:
-    """The reference: the loop one would write by hand, with no federation around it."""
+    """The reference: the loop one would write by hand, with no federation around it (no
+    schedule, and weight decay on every parameter)."""
     model.train()
     for _ in range(steps):
         x = blocks[torch.randint(blocks.shape[0], (batch_size,), generator=gen)]  # (B, T)
@@ -83,17 +96,32 @@ def plain_loop(
         optimizer.zero_grad(set_to_none=True)
 
 
+def plain_runner(
+    model: torch.nn.Module, blocks: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> Runner:
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+    return lambda: plain_loop(
+        model,
+        optimizer,
+        blocks,
+        batch_size=cfg.batch_size,
+        steps=cfg.local_steps,
+        grad_clip=cfg.grad_clip,
+        gen=gen,
+    )
+
+
 def make_variants(
     args: argparse.Namespace, blocks: torch.Tensor
 ) -> tuple[dict[str, Runner], Leaf, State]:
-    """One runner per variant, each over its own copy of the same initial model; also the leaf
-    and the state its parent sends, for the overhead breakdown."""
+    """One runner per variant; also the leaf and the state its parent sends, for the overhead
+    breakdown."""
     model_cfg = ModelConfig(preset=args.preset, block_size=args.block_size)
     cfg = TrainConfig(local_steps=args.steps, batch_size=args.batch_size)
     horizon = 100 * args.steps * (args.reps + args.warmup)  # keeps the schedule off its floor
-    leaf_model, loop_model, plain_model = (
-        build_model(model_cfg, args.vocab, seed=args.seed) for _ in range(3)
-    )
+    leaf_model, loop_model = (build_model(model_cfg, args.vocab, seed=args.seed) for _ in range(2))
 
     leaf = Leaf(
         "root/leaf",
@@ -117,28 +145,22 @@ def make_variants(
     def run_local_train() -> object:
         s = loop_sessions[0]
         loop_sessions[0] += 1
-        gen = generator(args.seed, "loop", s)
-        start = s * args.steps
         return local_train(
-            loop_model, loop_opt, blocks, cfg, start_step=start, total_steps=horizon, gen=gen,
+            loop_model,
+            loop_opt,
+            blocks,
+            cfg,
+            start_step=s * args.steps,
+            total_steps=horizon,
+            gen=generator(args.seed, "loop", s),
             device=CPU,
-        )  # fmt: skip
+        )
 
-    plain_opt = torch.optim.AdamW(
-        plain_model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay,
-    )
-    plain_gen = generator(args.seed, "plain")
-
-    def run_plain() -> object:
-        return plain_loop(
-            plain_model, plain_opt, blocks, batch_size=args.batch_size, steps=args.steps,
-            grad_clip=cfg.grad_clip, gen=plain_gen,
-        )  # fmt: skip
-
-    return {LEAF: run_leaf, LOOP: run_local_train, PLAIN: run_plain}, leaf, incoming
+    variants: dict[str, Runner] = {LEAF: run_leaf, LOOP: run_local_train}
+    for name in (PLAIN, CONTROL) if args.control else (PLAIN,):
+        model = build_model(model_cfg, args.vocab, seed=args.seed)
+        variants[name] = plain_runner(model, blocks, cfg, generator(args.seed, name))
+    return variants, leaf, incoming
 
 
 def timed(fn: Runner) -> float:
@@ -191,9 +213,15 @@ def machine(args: argparse.Namespace, params: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_before": _load(),
         "parameters": params,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+
+
+def _load() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews every variant."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def summarize(seconds: dict[str, list[float]], tokens: int) -> dict[str, dict[str, float]]:
@@ -224,16 +252,21 @@ def print_results(
     console.print(
         f"[bold]machine[/]: {info['processor']}, {info['cpu_count']} CPUs "
         f"({info['cpus_usable']} usable), torch {info['torch']} with {info['torch_threads']} "
-        f"threads, transformers {info['transformers']}, Python {info['python']}"
+        f"threads, transformers {info['transformers']}, Python {info['python']}; load average "
+        f"{info['load_before']} before, {info['load_after']} after"
     )
     console.print(
         f"[bold]workload[/]: preset {s['preset']} ({info['parameters']:,} parameters), vocab "
         f"{s['vocab']}, block {s['block_size']}, batch {s['batch_size']}, {s['steps']} steps = "
         f"{tokens:,} tokens per repetition; {s['warmup']} warm-up + {s['reps']} timed reps"
     )
-    table = Table(title="Local training, seconds per repetition (interleaved)")
-    for col in ("variant", "min s", "median s", "tokens/s (best)", "ratio (min)", "ratio (median)"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    table = Table(
+        title="Local training, seconds per repetition (interleaved)",
+        caption="ratio = tokens/s of the variant / tokens/s of plain PyTorch",
+    )
+    table.add_column("variant", no_wrap=True)
+    for col in ("min s", "median s", "tokens/s best", "ratio min", "ratio median"):
+        table.add_column(col, justify="right")
     for name, r in rows.items():
         table.add_row(
             name,
@@ -245,10 +278,15 @@ def print_results(
         )
     console.print(table)
     extra = Table(title="Per-round steps of Leaf.handle_train around local_train (ms)")
-    for col in ("step", "min ms", "median ms"):
-        extra.add_column(col, justify="left" if col == "step" else "right")
+    extra.add_column("step", no_wrap=True)
+    extra.add_column("min ms", justify="right")
+    extra.add_column("median ms", justify="right")
     for name, xs in parts.items():
         extra.add_row(name, f"{1e3 * min(xs):.2f}", f"{1e3 * statistics.median(xs):.2f}")
+    total = [sum(xs) for xs in zip(*parts.values(), strict=True)]
+    extra.add_row(
+        "sum of the steps", f"{1e3 * min(total):.2f}", f"{1e3 * statistics.median(total):.2f}"
+    )
     gap_min = rows[LEAF]["min_s"] - rows[LOOP]["min_s"]
     gap_median = rows[LEAF]["median_s"] - rows[LOOP]["median_s"]
     extra.add_row(
@@ -271,6 +309,7 @@ def main() -> None:
 
     seconds = interleaved(variants, args.reps, args.warmup)
     parts = overhead_parts(leaf, incoming, reps=max(10, args.reps))
+    info["load_after"] = _load()
     rows = summarize(seconds, tokens)
     print_results(Console(), info, rows, parts, tokens)
     if args.json is not None:

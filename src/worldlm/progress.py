@@ -54,8 +54,12 @@ class RichProgress:
         if self.leaf is not None:
             self.progress.update(self.leaf, description=f"  {path}", total=steps, completed=0)
 
-    def leaf_step(self, path: str, step: int, loss: float) -> None:
-        if self.leaf is not None:
+    def leaf_step(self, path: str, step: int, loss: float | None) -> None:
+        if self.leaf is None:
+            return
+        if loss is None:
+            self.progress.update(self.leaf, completed=step)
+        else:
             self.progress.update(self.leaf, completed=step, info=f"loss {loss:.3f}")
 
 
@@ -80,5 +84,5 @@ class QuietProgress:
     def leaf_started(self, path: str, steps: int) -> None:
         del path, steps
 
-    def leaf_step(self, path: str, step: int, loss: float) -> None:
+    def leaf_step(self, path: str, step: int, loss: float | None) -> None:
         del path, step, loss

@@ -13,14 +13,14 @@ class Observer(Protocol):
 
     def leaf_started(self, path: str, steps: int) -> None: ...
 
-    def leaf_step(self, path: str, step: int, loss: float) -> None: ...
+    def leaf_step(self, path: str, step: int, loss: float | None) -> None: ...
 
 
 class SilentObserver:
     def leaf_started(self, path: str, steps: int) -> None:
         del path, steps
 
-    def leaf_step(self, path: str, step: int, loss: float) -> None:
+    def leaf_step(self, path: str, step: int, loss: float | None) -> None:
         del path, step, loss
 
 

@@ -11,7 +11,9 @@ from worldlm.config import TrainConfig
 from worldlm.train.device import autocast
 from worldlm.train.schedule import lr_at
 
-StepCallback = Callable[[int, float], None]
+StepCallback = Callable[[int, float | None], None]
+# Reading the loss forces a device sync; the progress display gets it only every few steps.
+LOSS_REPORT_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def local_train(
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
         if on_step is not None:
-            on_step(i + 1, float(loss.detach()))
+            report = (i + 1) % LOSS_REPORT_EVERY == 0 or i + 1 == cfg.local_steps
+            on_step(i + 1, float(loss.detach()) if report else None)
     tokens = cfg.local_steps * cfg.batch_size * blocks.shape[1]
     return LocalResult(tokens, cfg.local_steps, float(loss_sum) / cfg.local_steps)
