@@ -9,18 +9,11 @@ import pytest
 import torch
 
 from worldlm.checkpoint import list_checkpoints, load_latest
-from worldlm.config import apply_overrides, validate_config
-from worldlm.data.prepare import prepare_data
+from worldlm.config import RunConfig, apply_overrides, validate_config
 from worldlm.errors import CheckpointError
-from worldlm.federation.build import build_federation
-from worldlm.federation.context import RunContext
-from worldlm.federation.methods import plan_method
 from worldlm.metrics.jsonl import read_metrics
-from worldlm.model.build import build_model
-from worldlm.model.state import get_state
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
-from worldlm.tree import build_tree
+from worldlm.run import open_session, resume, run
 
 from .conftest import TWO_LEVEL, tiny_config, tiny_config_dict
 
@@ -32,42 +25,23 @@ TWELVE = {
 }
 
 
-def _final_root_state(config, method: str, rounds: int) -> dict[str, torch.Tensor]:
-    tree = build_tree(config.nodes)
-    data = prepare_data(
-        tree,
-        data_cfg=config.data,
-        tokenizer_cfg=config.tokenizer,
-        model_cfg=config.model,
-        seed=config.run.seed,
-        cache_dir=Path(config.run.cache_dir),
-    )
-    model = build_model(config.model, data.tokenizer.get_vocab_size(), seed=1)
-    fed = build_federation(
-        plan_method(method, tree),
-        data.leaves,
-        workspace=model,
-        train_cfg=config.train,
-        eval_cfg=config.eval,
-        stop_cfg=config.stop,
-        ctx=RunContext("test", config.run.seed, torch.device("cpu")),
-    )
-    state = get_state(model)
+def _root_states(
+    config: RunConfig, method: str, rounds: int, run_dir: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The root's model before and after `rounds` rounds of `method` (no evaluation)."""
+    run_section = config.run.model_copy(update={"method": method})
+    session = open_session(config.model_copy(update={"run": run_section}), QuietProgress(), run_dir)
+    start = state = session.fed.root.state
     for r in range(1, rounds + 1):
-        state = fed.root.run_round(state, r).state
-    return state
+        state = session.fed.root.run_round(state, r).state
+    return start, state
 
 
 def test_hierarchy_with_one_inner_round_equals_flat_fedavg(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TWELVE, ["train.local_steps=2"], n_docs=30)
-    hier = _final_root_state(config, "hierfavg", rounds=2)
-    flat = _final_root_state(config, "fedavg", rounds=2)
-    start = get_state(build_model(config.model, 320, seed=1))
-    moved = max(
-        (hier[k] - start[k]).abs().max().item()
-        for k in hier
-        if k in start and hier[k].shape == start[k].shape
-    )
+    start, hier = _root_states(config, "hierfavg", 2, tmp_path / "h")
+    _, flat = _root_states(config, "fedavg", 2, tmp_path / "f")
+    moved = max((hier[k] - start[k]).abs().max().item() for k in hier)
     assert moved > 1e-3  # training really happened
     for key in flat:
         assert torch.equal(hier[key], flat[key]), key
@@ -76,8 +50,8 @@ def test_hierarchy_with_one_inner_round_equals_flat_fedavg(tmp_path: Path) -> No
 def test_inner_rounds_change_the_result(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TWO_LEVEL, ["nodes.world/med.inner_rounds=2"])
     base = tiny_config(tmp_path / "b", TWO_LEVEL)
-    a = _final_root_state(config, "hierfavg", rounds=1)
-    b = _final_root_state(base, "hierfavg", rounds=1)
+    _, a = _root_states(config, "hierfavg", 1, tmp_path / "a")
+    _, b = _root_states(base, "hierfavg", 1, tmp_path / "b")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 

@@ -31,6 +31,16 @@ class FixedChild:
         raise AssertionError("not used")
 
 
+def _fedavg_root(transport: InProcessTransport) -> Aggregator:
+    return Aggregator(
+        "root",
+        NodeConfig.model_validate({}),
+        transport=transport,
+        strategy=build_strategy("fedavg"),
+        ctx=RunContext("r", 0, torch.device("cpu")),
+    )
+
+
 def _states(seed: int, rounds: int) -> list[State]:
     gen = torch.Generator().manual_seed(seed)
     return [
@@ -49,13 +59,7 @@ def test_fedavg_golden_five_updates_three_rounds() -> None:
     transport = InProcessTransport({"root": children})
     for c in children:
         transport.register(FixedChild(c, states[c], weights[c]))
-    root = Aggregator(
-        "root",
-        NodeConfig.model_validate({}),
-        transport=transport,
-        strategy=build_strategy("fedavg"),
-        ctx=RunContext("r", 0, torch.device("cpu")),
-    )
+    root = _fedavg_root(transport)
     current: State = {"w": torch.zeros(7, 5), "b": torch.zeros(5)}
     for r in range(rounds):
         outcome = root.run_round(current, r)
@@ -89,13 +93,7 @@ def test_rejected_replies_are_recorded_and_skipped() -> None:
     bad_shape = FixedChild("root/b", [{"w": torch.ones(4)}], [1.0])
     transport.register(good)
     transport.register(bad_shape)
-    root = Aggregator(
-        "root",
-        NodeConfig.model_validate({}),
-        transport=transport,
-        strategy=build_strategy("fedavg"),
-        ctx=RunContext("r", 0, torch.device("cpu")),
-    )
+    root = _fedavg_root(transport)
     outcome = root.run_round({"w": torch.zeros(3)}, 0)
     assert torch.equal(outcome.state["w"], torch.ones(3))
     rejected = [r for r in outcome.records if r["kind"] == "rejected"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from worldlm.errors import ModelError
 
@@ -40,6 +41,7 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """The prompt followed by sampled continuation tokens, decoded."""
+    hf_logging.disable_progress_bar()  # keep stdout to the generated text
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     model.eval()
