@@ -95,3 +95,20 @@ def test_console_script_entry_point() -> None:
         [sys.executable, "-m", "worldlm", "presets"], capture_output=True, text=True, check=True
     ).stdout
     assert "tiny" in out and "small" in out and "125m" in out
+
+
+def test_resume_needs_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["run", "other.toml", "--resume", str(tmp_path)]) == 2
+    assert "--resume uses the run's own config.toml" in capsys.readouterr().err
+
+
+def test_resume_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write_config(tmp_path, tiny_config_dict(tmp_path, TWO_LEVEL))
+    assert main(["run", str(path), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    (tmp_path / "r" / "checkpoints" / "round-000002.wlm").unlink()  # as if cut during round 2
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "validation perplexity per leaf (2 rounds" in capsys.readouterr().out
+    assert (tmp_path / "r" / "checkpoints" / "round-000002.wlm").is_file()

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
+        Console(stderr=True).print(
+            "interrupted; continue from the last checkpoint with: worldlm run --resume RUN_DIR"
+        )
         return 130
 
 

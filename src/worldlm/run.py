@@ -111,6 +111,12 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
     if int(model.config.vocab_size) < data.tokenizer.get_vocab_size():
         raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and int(positions) < config.model.block_size:
+        raise ModelError(
+            f"model.block_size: {config.model.block_size} is longer than the model's "
+            f"{positions} positions; lower it"
+        )
     ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
     fed = build_federation(
         plan,
@@ -132,6 +138,7 @@ def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) ->
     check_sources(build_tree(config.nodes))
     run_dir = make_run_dir(config, out)
     (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
+    observer.status(f"run directory: {run_dir}")
     session = open_session(config, observer, run_dir)
     observer.status("evaluating the initial model")
     before = evaluate_tree(session, session.fed.root.state, 0)
