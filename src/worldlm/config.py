@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from worldlm.config_errors import format_validation_error
 from worldlm.errors import ConfigError
 
-Method = Literal["hierfavg", "fedavg", "centralized", "local"]
+Method = Literal["hierfavg", "fedavg", "centralized", "local", "fedper", "worldlm"]
 
 
 class Section(BaseModel):
@@ -35,7 +35,8 @@ class RunSection(Section):
     seed: int = Field(0, ge=0, description="Seed of every random draw in the run.")
     method: Method = Field(
         "hierfavg",
-        description="hierfavg, fedavg (flat), local (no aggregation) or centralized (pooled data).",
+        description="hierfavg, fedavg (flat), local, centralized, fedper (flat, K per leaf) or "
+        "worldlm (K per sub-federation).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
     cache_dir: str | None = Field(
@@ -105,6 +106,14 @@ class StopConfig(Section):
     max_seconds: float | None = Field(None, gt=0.0, description="Stop after this wall time.")
 
 
+class WorldLMConfig(Section):
+    key_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="Share of transformer blocks (the last ones) in K."
+    )
+    tau: float = Field(1.0, gt=0.0, description="Attention temperature over children's K.")
+    eps: float = Field(1.0, gt=0.0, le=1.0, description="Step of K_p toward the attended K.")
+
+
 class CheckpointConfig(Section):
     every: int = Field(1, ge=1, description="Write a checkpoint every N root rounds.")
     keep: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
@@ -154,6 +163,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    worldlm: WorldLMConfig = Field(default_factory=WorldLMConfig)
     nodes: dict[str, NodeConfig] = Field(description="The federation tree, keyed by node path.")
 
 

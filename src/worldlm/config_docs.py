@@ -23,6 +23,7 @@ from worldlm.config import (
     StopConfig,
     TokenizerConfig,
     TrainConfig,
+    WorldLMConfig,
 )
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
@@ -34,6 +35,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("eval", EvalConfig, "Validation of each leaf's deployed model."),
     ("stop", StopConfig, "When the run ends: whichever limit comes first."),
     ("checkpoint", CheckpointConfig, "Atomic checkpoints of the whole run state."),
+    ("worldlm", WorldLMConfig, "Key layers K (also FedPer's) and their attention aggregation."),
     ('nodes."PATH"', NodeConfig, "One table per node of the federation tree, keyed by path."),
     ('nodes."PATH".sample', SampleConfig, "Per-aggregator child sampling."),
     ('nodes."PATH".data', LeafDataConfig, "A leaf's own data (exactly one of paths or corpus)."),

@@ -125,6 +125,7 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
         train_cfg=config.train,
         eval_cfg=config.eval,
         stop_cfg=config.stop,
+        worldlm_cfg=config.worldlm,
         ctx=ctx,
     )
     fed.root.state = get_state(model)
@@ -276,6 +277,11 @@ def save_final_models(session: Session) -> dict[str, Path]:
     fed, tree, model = session.fed, session.tree, session.model
     tokenizer, final = session.data.tokenizer, session.run_dir / "final"
     dirs = {tree.path: save_hf_model(model, fed.root.state, tokenizer, final / tree.path)}
+    for path, aggregator in fed.aggregators.items():
+        if aggregator.key_state:  # a sub-federation's deployed model: global B + its K
+            dirs[path] = save_hf_model(
+                model, aggregator.with_own_key_layers(fed.root.state), tokenizer, final / path
+            )
     configured = {leaf.name: leaf.path for leaf in tree.leaves()}
     for leaf in fed.leaves.values():
         if leaf.own_state:

@@ -14,6 +14,7 @@ from typing import Any
 from worldlm.config import NodeConfig
 from worldlm.errors import UpdateRejected
 from worldlm.federation.context import RunContext
+from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound
 from worldlm.federation.messages import (
     EvalReport,
     EvalTask,
@@ -47,8 +48,11 @@ class Aggregator:
         transport: Transport,
         strategy: Strategy,
         ctx: RunContext,
+        key_policy: KeyLayerPolicy | None = None,
     ) -> None:
         self.path = path
+        self.key_policy = key_policy  # WorldLM: this aggregator personalizes the key layers
+        self.key_state: State = {}  # its own K_p, kept between rounds
         self.settings = settings
         self.transport = transport
         self.strategy = strategy
@@ -60,8 +64,15 @@ class Aggregator:
         tokens = sum(c.train_tokens for c in self.transport.children(self.path))
         return ChildInfo(self.path, tokens)
 
+    def with_own_key_layers(self, incoming: State) -> State:
+        """The incoming model with this aggregator's K_p in place of the parent's K."""
+        if self.key_policy is not None and not self.key_state:
+            self.key_state = {k: incoming[k] for k in self.key_policy.partition.key_names}
+        return {**incoming, **self.key_state}
+
     def handle_train(self, task: TrainTask) -> Update:
-        state, exact, scale, weight, records = task.state, task.state, 1.0, 0.0, []
+        start = self.with_own_key_layers(task.state)
+        state, exact, scale, weight, records = start, start, 1.0, 0.0, []
         for _ in range(self.settings.inner_rounds):
             outcome = self.run_round(state, task.global_round)
             state, exact, scale = outcome.state, outcome.exact, outcome.scale
@@ -69,6 +80,11 @@ class Aggregator:
             records.extend(outcome.records)
         # Forward the exact float64 weighted sum, not a rounded mean, so that a hierarchy with
         # one inner round equals flat FedAvg over the same leaves (DESIGN §4).
+        if self.key_policy is not None:
+            keys = self.key_policy.partition.key_names
+            exact = {k: v for k, v in exact.items() if k not in keys}
+            if not self.key_policy.private:  # inside a sub-federation K_p goes up, same scale
+                exact.update({k: self.key_state[k].double() * scale for k in keys})
         return Update(self.path, task.round, task.nonce, exact, weight, records, scale)
 
     def run_round(self, state: State, global_round: int) -> RoundOutcome:
@@ -91,21 +107,32 @@ class Aggregator:
             for child in chosen
         }
         aggregation = self.strategy.start_round(state)
+        key_round = (
+            KeyLayerRound(self.key_policy, self.key_state) if self.key_policy is not None else None
+        )
         records: list[Record] = []
         weight = 0.0
         answered: set[str] = set()
+        round_keys: set[str] | None = None  # every reply of a round carries the same keys
         for update in self.transport.train(list(tasks.values())):
             try:
-                check_reply(update, tasks, answered, state)
+                check_reply(update, tasks, answered, state, round_keys)
             except UpdateRejected as exc:
                 records.append(_rejection(global_round, self.path, exc))
                 continue
+            round_keys = set(update.state)
             answered.add(update.sender)
             records.extend(update.records)
             aggregation.add(update)
+            if key_round is not None:
+                key_round.add(update.model(), update.weight)
             weight += update.weight
         exact, scale = aggregation.result()
-        model = exact if scale == 1.0 else {k: v / scale for k, v in exact.items()}
+        # Keys no child sent (the root's K under WorldLM) keep their current value.
+        model = {**state, **(exact if scale == 1.0 else {k: v / scale for k, v in exact.items()})}
+        if key_round is not None:
+            self.key_state = cast_like(key_round.result(), self.key_state)
+            model.update(self.key_state)
         new_state = cast_like(model, state)
         records.append(
             {
@@ -132,7 +159,7 @@ class Aggregator:
                 self.path,
                 c.path,
                 secrets.token_hex(8),
-                task.state,
+                self.with_own_key_layers(task.state),
             )
             for c in self.transport.children(self.path)
         ]
@@ -145,18 +172,24 @@ class Aggregator:
     def snapshot(self) -> tuple[State, dict[str, Any]]:
         tensors = {f"model/{k}": v for k, v in self.state.items()}
         tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
+        tensors.update({f"key/{k}": v for k, v in self.key_state.items()})
         return tensors, {"rounds_done": self.rounds_done}
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.rounds_done = int(meta["rounds_done"])
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
+        self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
         self.strategy.load_state_dict(
             {k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")}
         )
 
 
 def check_reply(
-    update: Update, tasks: dict[str, TrainTask], answered: set[str], state: State
+    update: Update,
+    tasks: dict[str, TrainTask],
+    answered: set[str],
+    state: State,
+    round_keys: set[str] | None,
 ) -> None:
     """Refuse a reply that is not an answer to this round's task for its sender, or whose
     tensors do not match the model (the privacy layer adds norm and value checks)."""
@@ -169,8 +202,12 @@ def check_reply(
         raise UpdateRejected(update.sender, "reply to another round or task")
     if not update.weight > 0:  # also refuses NaN
         raise UpdateRejected(update.sender, f"weight {update.weight} is not positive")
-    if update.state.keys() != state.keys():
-        raise UpdateRejected(update.sender, "parameter names differ from the model's")
+    if not update.state.keys() <= state.keys():
+        raise UpdateRejected(update.sender, "parameter names the model does not have")
+    if round_keys is not None and set(update.state) != round_keys:
+        raise UpdateRejected(
+            update.sender, "parameter names differ from this round's other replies"
+        )
     for key, value in update.state.items():
         if value.shape != state[key].shape:
             raise UpdateRejected(update.sender, f"{key}: shape {tuple(value.shape)} is wrong")

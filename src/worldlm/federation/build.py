@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worldlm.config import EvalConfig, StopConfig, TrainConfig
+from worldlm.config import EvalConfig, StopConfig, TrainConfig, WorldLMConfig
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
+from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf, LeafData
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
+from worldlm.model.partition import Partition, key_layer_partition
 from worldlm.strategies.registry import build_strategy
 from worldlm.transport.inprocess import InProcessTransport
 from worldlm.tree import FederationNode
@@ -45,6 +47,7 @@ def build_federation(
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
     stop_cfg: StopConfig,
+    worldlm_cfg: WorldLMConfig,
     ctx: RunContext,
 ) -> Federation:
     """Live nodes for every node of `plan.tree`, registered on one in-process transport."""
@@ -53,6 +56,8 @@ def build_federation(
     aggregators: dict[str, Aggregator] = {}
     leaves: dict[str, Leaf] = {}
     all_keys = frozenset(name for name, _ in workspace.named_parameters())
+    partition = key_layer_partition(workspace, worldlm_cfg.key_fraction)
+    personal = {"none": frozenset(), "keys": partition.key_names, "all": all_keys}[plan.personal]
     for node in tree.walk():
         if not node.is_leaf:
             aggregators[node.path] = Aggregator(
@@ -61,6 +66,7 @@ def build_federation(
                 transport=transport,
                 strategy=build_strategy(node.settings.strategy),
                 ctx=ctx,
+                key_policy=_key_policy(plan, node, tree, partition, worldlm_cfg),
             )
             transport.register(aggregators[node.path])
             continue
@@ -72,11 +78,25 @@ def build_federation(
             train_cfg=train_cfg,
             eval_cfg=eval_cfg,
             total_steps=planned_steps(tree, node, stop_cfg, train_cfg),
-            personal_keys=all_keys if plan.personal_all else frozenset(),
+            personal_keys=personal,
             ctx=ctx,
         )
         transport.register(leaves[node.path])
     return Federation(aggregators[tree.path], aggregators, leaves, transport)
+
+
+def _key_policy(
+    plan: MethodPlan,
+    node: FederationNode,
+    tree: FederationNode,
+    partition: Partition,
+    cfg: WorldLMConfig,
+) -> KeyLayerPolicy | None:
+    """WorldLM: every aggregator below the root keeps its K; a root's child keeps it private."""
+    if not plan.key_layers or node.path == tree.path or not partition.groups:
+        return None
+    private = node.path.rsplit("/", 1)[0] == tree.path
+    return KeyLayerPolicy(partition, cfg.tau, cfg.eps, private)
 
 
 def planned_steps(

@@ -106,7 +106,9 @@ class Leaf:
             "steps": result.steps,
             "seconds": time.perf_counter() - started,
         }
-        return Update(self.path, task.round, task.nonce, new_state, float(result.tokens), [record])
+        # Personal weights stay here (FedPer's K, or everything for the local baseline).
+        shared = {k: v for k, v in new_state.items() if k not in self.personal_keys}
+        return Update(self.path, task.round, task.nonce, shared, float(result.tokens), [record])
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         model = self.workspace

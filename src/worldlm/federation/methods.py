@@ -6,11 +6,17 @@
 | fedavg      | root -> every leaf (flat)    | full model, FedAvg  | the global model |
 | local       | root -> every leaf (flat)    | nothing             | its own model    |
 | centralized | root -> one leaf, all data   | (one child)         | the single model |
+| fedper      | root -> every leaf (flat)    | B; K stays on leaves | global B + own K |
+| worldlm     | the configured tree          | B everywhere; K (1) | global B + K (2)  |
+
+(1) K attention-aggregated inside each sub-federation, never above it.
+(2) the K of the leaf's nearest aggregator (its sub-federation's in a two-level tree).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from worldlm.config import NodeConfig, SampleConfig
 from worldlm.tree import FederationNode, flatten
@@ -21,22 +27,27 @@ CENTRAL_LEAF = "centralized"
 @dataclass(frozen=True)
 class MethodPlan:
     tree: FederationNode
-    personal_all: bool  # leaves keep every weight of their own (the local baseline)
-    pooled: bool  # one leaf trains on every leaf's training data (centralized)
+    personal: Literal["none", "keys", "all"] = "none"  # what a leaf keeps of its own
+    pooled: bool = False  # one leaf trains on every leaf's training data (centralized)
+    key_layers: bool = False  # aggregators below the root personalize K (WorldLM)
 
 
 def plan_method(method: str, tree: FederationNode) -> MethodPlan:
     """The tree and leaf policy that `method` runs on the shared engine."""
     if method == "hierfavg":
-        return MethodPlan(tree, personal_all=False, pooled=False)
+        return MethodPlan(tree)
+    if method == "worldlm":
+        return MethodPlan(tree, key_layers=True)
     if method == "fedavg":
-        return MethodPlan(flatten(tree), personal_all=False, pooled=False)
+        return MethodPlan(flatten(tree))
+    if method == "fedper":
+        return MethodPlan(flatten(tree), personal="keys")
     if method == "local":
         flat = flatten(tree)
         settings = flat.settings.model_copy(update={"strategy": "none", "sample": SampleConfig()})
-        return MethodPlan(replace(flat, settings=settings), personal_all=True, pooled=False)
+        return MethodPlan(replace(flat, settings=settings), personal="all")
     if method == "centralized":
         settings = NodeConfig.model_validate({"strategy": "fedavg"})
         leaf = FederationNode(f"{tree.path}/{CENTRAL_LEAF}", NodeConfig.model_validate({}))
-        return MethodPlan(FederationNode(tree.path, settings, (leaf,)), False, pooled=True)
+        return MethodPlan(FederationNode(tree.path, settings, (leaf,)), pooled=True)
     raise ValueError(f"unknown method {method!r}")

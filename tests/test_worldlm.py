@@ -1,0 +1,82 @@
+"""WorldLM and FedPer on the one engine: reductions, and what may cross a boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from worldlm.federation.messages import TrainTask, Update
+from worldlm.progress import QuietProgress
+from worldlm.run import open_session, run
+from worldlm.transport.inprocess import InProcessTransport
+
+from .conftest import TWO_LEVEL, tiny_config
+from .test_engine import _root_states
+
+
+def test_key_fraction_zero_reduces_worldlm_to_hierfavg(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TWO_LEVEL, ["worldlm.key_fraction=0"])
+    _, world = _root_states(config, "worldlm", 2, tmp_path / "w")
+    _, hier = _root_states(config, "hierfavg", 2, tmp_path / "h")
+    for key in hier:
+        assert torch.equal(world[key], hier[key]), key
+
+
+class RecordingTransport(InProcessTransport):
+    """The in-process transport, also recording which parameter names each reply carried."""
+
+    def __init__(self, inner: InProcessTransport) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.seen: list[tuple[str, set[str]]] = []
+
+    def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
+        for update in super().train(tasks):
+            self.seen.append((update.sender, set(update.state)))
+            yield update
+
+
+def _recorded_run(tmp_path: Path, method: str, rounds: int = 2):
+    config = tiny_config(tmp_path, TWO_LEVEL, [f"run.method='{method}'"])
+    session = open_session(config, QuietProgress(), tmp_path / method)
+    recorder = RecordingTransport(session.fed.transport)
+    for aggregator in session.fed.aggregators.values():
+        aggregator.transport = recorder
+    state = session.fed.root.state
+    for r in range(1, rounds + 1):
+        state = session.fed.root.run_round(state, r).state
+    return session, recorder
+
+
+def test_no_raw_key_layers_leave_a_sub_federation(tmp_path: Path) -> None:
+    session, recorder = _recorded_run(tmp_path, "worldlm")
+    keys = next(iter(a.key_policy for a in session.fed.aggregators.values() if a.key_policy))
+    assert keys is not None
+    key_names = keys.partition.key_names
+    to_root = [names for sender, names in recorder.seen if sender in ("world/med", "world/soft")]
+    from_leaves = [names for sender, names in recorder.seen if sender.count("/") == 2]
+    assert to_root and from_leaves
+    assert all(not (names & key_names) for names in to_root)  # only B crosses into the root
+    assert all(key_names <= names for names in from_leaves)  # inside, K travels
+    med, soft = session.fed.aggregators["world/med"], session.fed.aggregators["world/soft"]
+    assert any(not torch.equal(med.key_state[k], soft.key_state[k]) for k in key_names)
+
+
+def test_fedper_keeps_key_layers_on_the_leaves(tmp_path: Path) -> None:
+    session, recorder = _recorded_run(tmp_path, "fedper")
+    leaf = next(iter(session.fed.leaves.values()))
+    assert leaf.own_state and recorder.seen
+    assert all(not (names & set(leaf.own_state)) for _, names in recorder.seen)
+
+
+def test_worldlm_and_fedper_runs_improve_every_leaf(tmp_path: Path) -> None:
+    for method in ("worldlm", "fedper"):
+        result = run(
+            tiny_config(tmp_path, TWO_LEVEL, [f"run.method='{method}'", f"run.name='{method}'"]),
+            QuietProgress(),
+        )
+        for leaf in TWO_LEVEL:
+            assert result.after[leaf].ppl < 0.8 * result.before[leaf].ppl, (method, leaf)
+        if method == "worldlm":  # each sub-federation deploys global B + its own K
+            assert (result.run_dir / "final" / "world" / "med" / "model.safetensors").is_file()
