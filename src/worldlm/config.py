@@ -112,6 +112,12 @@ class WorldLMConfig(Section):
     )
     tau: float = Field(1.0, gt=0.0, description="Attention temperature over children's K.")
     eps: float = Field(1.0, gt=0.0, le=1.0, description="Step of K_p toward the attended K.")
+    residual_rank: int = Field(4, ge=1, description="Rank of each key-layer matrix's residual.")
+    route_top_k: int = Field(1, ge=1, description="Similar sub-federations routed to each one.")
+    route_tau: float = Field(1.0, gt=0.0, description="Temperature of the routing softmax.")
+    lambda_route: float = Field(
+        0.5, ge=0.0, description="Scale of routed residuals in K attention; 0 = no routing."
+    )
 
 
 class CheckpointConfig(Section):

@@ -11,14 +11,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from worldlm.config import NodeConfig
 from worldlm.errors import UpdateRejected
 from worldlm.federation.context import RunContext
-from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound
+from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound, residual_of
 from worldlm.federation.messages import (
     EvalReport,
     EvalTask,
     Record,
+    RoutedResidual,
     State,
     TrainTask,
     Update,
@@ -26,8 +29,15 @@ from worldlm.federation.messages import (
 from worldlm.federation.selection import select_children
 from worldlm.model.state import cast_like
 from worldlm.strategies.registry import Strategy
+from worldlm.strategies.routing import Residual, route
 from worldlm.train.evaluate import EvalResult
 from worldlm.transport.base import ChildInfo, Transport
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    top_k: int
+    tau: float
 
 
 @dataclass
@@ -49,10 +59,16 @@ class Aggregator:
         strategy: Strategy,
         ctx: RunContext,
         key_policy: KeyLayerPolicy | None = None,
+        router: RouterPolicy | None = None,
     ) -> None:
         self.path = path
         self.key_policy = key_policy  # WorldLM: this aggregator personalizes the key layers
         self.key_state: State = {}  # its own K_p, kept between rounds
+        self.key_ref: State = {}  # the K it started from; residuals are K_p - K_ref
+        self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
+        self.router = router  # the root under WorldLM: routes residuals between sub-federations
+        self.residuals: dict[str, Residual] = {}  # latest residual of each child
+        self.routes: dict[str, list[tuple[str, float]]] = {}
         self.settings = settings
         self.transport = transport
         self.strategy = strategy
@@ -68,10 +84,12 @@ class Aggregator:
         """The incoming model with this aggregator's K_p in place of the parent's K."""
         if self.key_policy is not None and not self.key_state:
             self.key_state = {k: incoming[k] for k in self.key_policy.partition.key_names}
+            self.key_ref = dict(self.key_state)
         return {**incoming, **self.key_state}
 
     def handle_train(self, task: TrainTask) -> Update:
         start = self.with_own_key_layers(task.state)
+        self.routed = task.routed
         state, exact, scale, weight, records = start, start, 1.0, 0.0, []
         for _ in range(self.settings.inner_rounds):
             outcome = self.run_round(state, task.global_round)
@@ -85,7 +103,12 @@ class Aggregator:
             exact = {k: v for k, v in exact.items() if k not in keys}
             if not self.key_policy.private:  # inside a sub-federation K_p goes up, same scale
                 exact.update({k: self.key_state[k].double() * scale for k in keys})
-        return Update(self.path, task.round, task.nonce, exact, weight, records, scale)
+        residual = (
+            residual_of(self.key_state, self.key_ref, self.key_policy.residual_rank)
+            if self.key_policy is not None and self.key_policy.private
+            else {}
+        )
+        return Update(self.path, task.round, task.nonce, exact, weight, records, scale, residual)
 
     def run_round(self, state: State, global_round: int) -> RoundOutcome:
         """One round over this node's children: select, send, fold replies in, finalize."""
@@ -102,13 +125,22 @@ class Aggregator:
         )
         tasks = {
             child: TrainTask(
-                self.ctx.run_id, r, global_round, self.path, child, secrets.token_hex(8), state
+                self.ctx.run_id,
+                r,
+                global_round,
+                self.path,
+                child,
+                secrets.token_hex(8),
+                state,
+                self._routed_to(child),
             )
             for child in chosen
         }
         aggregation = self.strategy.start_round(state)
         key_round = (
-            KeyLayerRound(self.key_policy, self.key_state) if self.key_policy is not None else None
+            KeyLayerRound(self.key_policy, self.key_state, self.key_ref, self.routed)
+            if self.key_policy is not None
+            else None
         )
         records: list[Record] = []
         weight = 0.0
@@ -126,6 +158,8 @@ class Aggregator:
             aggregation.add(update)
             if key_round is not None:
                 key_round.add(update.model(), update.weight)
+            if self.router is not None and update.residual:
+                self.residuals[update.sender] = update.residual
             weight += update.weight
         exact, scale = aggregation.result()
         # Keys no child sent (the root's K under WorldLM) keep their current value.
@@ -134,6 +168,8 @@ class Aggregator:
             self.key_state = cast_like(key_round.result(), self.key_state)
             model.update(self.key_state)
         new_state = cast_like(model, state)
+        if self.router is not None and len(self.residuals) > 1:
+            self.routes = route(self.residuals, top_k=self.router.top_k, tau=self.router.tau)
         records.append(
             {
                 "round": global_round,
@@ -149,6 +185,12 @@ class Aggregator:
         self.rounds_done += 1
         self.state = new_state
         return RoundOutcome(new_state, exact, scale, weight, records)
+
+    def _routed_to(self, child: str) -> tuple[RoutedResidual, ...]:
+        return tuple(
+            RoutedResidual(source, weight, self.residuals[source])
+            for source, weight in self.routes.get(child, [])
+        )
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         """Every child (not a sample) evaluates the model it would deploy."""
@@ -173,12 +215,27 @@ class Aggregator:
         tensors = {f"model/{k}": v for k, v in self.state.items()}
         tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
         tensors.update({f"key/{k}": v for k, v in self.key_state.items()})
-        return tensors, {"rounds_done": self.rounds_done}
+        tensors.update({f"keyref/{k}": v for k, v in self.key_ref.items()})
+        for source, residual in sorted(self.residuals.items()):
+            for name, (left, right) in residual.items():
+                tensors[f"residual#{source}#{name}#U"] = left
+                tensors[f"residual#{source}#{name}#V"] = right
+        return tensors, {"rounds_done": self.rounds_done, "routes": self.routes}
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.rounds_done = int(meta["rounds_done"])
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
+        self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
+        factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for key, value in tensors.items():
+            if key.startswith("residual#"):
+                _, source, name, part = key.split("#")
+                factors.setdefault(source, {}).setdefault(name, {})[part] = value.clone()
+        self.residuals = {
+            s: {n: (uv["U"], uv["V"]) for n, uv in names.items()} for s, names in factors.items()
+        }
+        self.routes = {k: [(s, float(w)) for s, w in v] for k, v in meta.get("routes", {}).items()}
         self.strategy.load_state_dict(
             {k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")}
         )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from worldlm.config import EvalConfig, StopConfig, TrainConfig, WorldLMConfig
-from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf, LeafData
@@ -67,6 +67,11 @@ def build_federation(
                 strategy=build_strategy(node.settings.strategy),
                 ctx=ctx,
                 key_policy=_key_policy(plan, node, tree, partition, worldlm_cfg),
+                router=(
+                    RouterPolicy(worldlm_cfg.route_top_k, worldlm_cfg.route_tau)
+                    if plan.key_layers and partition.groups and node.path == tree.path
+                    else None
+                ),
             )
             transport.register(aggregators[node.path])
             continue
@@ -96,7 +101,7 @@ def _key_policy(
     if not plan.key_layers or node.path == tree.path or not partition.groups:
         return None
     private = node.path.rsplit("/", 1)[0] == tree.path
-    return KeyLayerPolicy(partition, cfg.tau, cfg.eps, private)
+    return KeyLayerPolicy(partition, cfg.tau, cfg.eps, private, cfg.residual_rank, cfg.lambda_route)
 
 
 def planned_steps(

@@ -1,19 +1,24 @@
-"""WorldLM's personalized key layers at an aggregator (DESIGN §5.2–5.6).
+"""WorldLM's personalized key layers at an aggregator (DESIGN §5.2–5.7).
 
 An aggregator below the root keeps its own K_p between rounds, sends it down with the backbone,
 and folds its children's key layers in by attention. Attention weights depend on every child's
-distance, so a round holds each child's key layers (not the backbone) until it ends.
+distance, so a round holds each child's key layers (not the backbone) until it ends. Residuals
+routed from similar sub-federations join as extra keys/values with their own softmax, scaled by
+lambda_route, so that lambda_route = 0 is exactly no routing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from worldlm.federation.messages import RoutedResidual
 from worldlm.model.partition import Partition
 from worldlm.model.state import State
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
+from worldlm.strategies.routing import Residual, decode, low_rank_factors
 
 
 @dataclass(frozen=True)
@@ -22,40 +27,108 @@ class KeyLayerPolicy:
     tau: float
     eps: float
     private: bool  # K_p never leaves this aggregator's subtree (a child of the root)
+    residual_rank: int = 4
+    lambda_route: float = 0.0
 
 
 def aggregate_key_layers(
-    current: State, children: list[State], sizes: list[float], policy: KeyLayerPolicy
+    current: State,
+    children: list[State],
+    sizes: list[float],
+    policy: KeyLayerPolicy,
+    routed: Sequence[tuple[State, float]] = (),
 ) -> State:
-    """The new K_p: per layer, attention over the children's versions of that layer."""
-    if not children:
+    """The new K_p: per layer, attention over the children's versions of that layer, plus
+    lambda_route times attention over routed candidates (decoded residuals)."""
+    if not children and not routed:
         return dict(current)
     result: State = {}
-    weights_of_sizes = torch.tensor(sizes, dtype=torch.float64)
     for names in policy.partition.groups.values():
         mine = [current[n] for n in names]
         distances = torch.tensor(
             [layer_distance(mine, [child[n] for n in names]) for child in children],
             dtype=torch.float64,
         )
-        weights = attention_weights(distances, weights_of_sizes, policy.tau)
-        for name in names:
-            result[name] = attend(current[name], [c[name] for c in children], weights, policy.eps)
+        median = 0.0
+        if children:
+            weights = attention_weights(distances, torch.tensor(sizes), policy.tau)
+            median = float(distances.median())
+            for name in names:
+                kids = [c[name] for c in children]
+                result[name] = attend(current[name], kids, weights, policy.eps)
+        else:
+            result.update({name: current[name] for name in names})
+        if routed and policy.lambda_route > 0:
+            _add_routed(result, current, names, routed, median, policy)
     return result
 
 
-class KeyLayerRound:
-    """Collects one round's children key layers, then attends over them."""
+def _add_routed(
+    result: State,
+    current: State,
+    names: tuple[str, ...],
+    routed: Sequence[tuple[State, float]],
+    children_median: float,
+    policy: KeyLayerPolicy,
+) -> None:
+    mine = [current[n] for n in names]
+    distances = torch.tensor(
+        [layer_distance(mine, [cand[n] for n in names]) for cand, _ in routed],
+        dtype=torch.float64,
+    )
+    scale = policy.tau * (children_median if children_median > 0 else float(distances.median()))
+    scores = -distances / (scale if scale > 0 else 1.0)
+    scores += torch.log(torch.tensor([w for _, w in routed], dtype=torch.float64))
+    weights = torch.softmax(scores, dim=0)
+    for name in names:
+        step = sum(
+            float(w) * (cand[name].double() - current[name].double())
+            for (cand, _), w in zip(routed, weights, strict=True)
+        )
+        moved = result[name].double() + policy.eps * policy.lambda_route * step
+        result[name] = moved.to(current[name].dtype)
 
-    def __init__(self, policy: KeyLayerPolicy, current: State) -> None:
+
+def residual_of(key_state: State, key_ref: State, rank: int) -> Residual:
+    """Rank-r factors of K_p - K_ref for every key-layer matrix (vectors are not sent)."""
+    return {
+        name: low_rank_factors(value - key_ref[name], rank)
+        for name, value in key_state.items()
+        if value.ndim == 2
+    }
+
+
+def decode_candidate(residual: Residual, key_ref: State, current: State) -> State:
+    """A routed residual as a candidate K: K_ref + U V^T on matrices, K_p elsewhere."""
+    return {
+        name: (key_ref[name].double() + decode(residual[name])).to(value.dtype)
+        if name in residual
+        else value
+        for name, value in current.items()
+    }
+
+
+class KeyLayerRound:
+    """Collects one round's children key layers, then attends over them (and routed ones)."""
+
+    def __init__(
+        self,
+        policy: KeyLayerPolicy,
+        current: State,
+        key_ref: State,
+        routed: tuple[RoutedResidual, ...] = (),
+    ) -> None:
         self.policy = policy
         self.current = current
         self.children: list[State] = []
         self.sizes: list[float] = []
+        self.routed = [(decode_candidate(r.residual, key_ref, current), r.weight) for r in routed]
 
     def add(self, model: State, weight: float) -> None:
         self.children.append({n: model[n] for n in self.policy.partition.key_names})
         self.sizes.append(weight)
 
     def result(self) -> State:
-        return aggregate_key_layers(self.current, self.children, self.sizes, self.policy)
+        return aggregate_key_layers(
+            self.current, self.children, self.sizes, self.policy, self.routed
+        )

@@ -6,10 +6,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worldlm.model.state import State
+from worldlm.strategies.routing import Residual
 from worldlm.train.evaluate import EvalResult
 
-__all__ = ["EvalReport", "EvalTask", "Record", "State", "TrainTask", "Update"]
+__all__ = ["EvalReport", "EvalTask", "Record", "RoutedResidual", "State", "TrainTask", "Update"]
 Record = dict[str, Any]  # one metrics row: {"round", "node", "kind", ...}
+
+
+@dataclass(frozen=True)
+class RoutedResidual:
+    """Another sub-federation's residual embedding, routed by the root with its weight."""
+
+    source: str
+    weight: float
+    residual: Residual
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,7 @@ class TrainTask:
     recipient: str  # child path
     nonce: str
     state: State
+    routed: tuple[RoutedResidual, ...] = ()  # WorldLM: residuals of similar sub-federations
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class Update:
     weight: float
     records: list[Record] = field(default_factory=list)
     scale: float = 1.0
+    residual: Residual = field(default_factory=dict)  # WorldLM: low-rank summary of K - K_ref
 
     def model(self) -> State:
         """The child's model itself (`state / scale`)."""

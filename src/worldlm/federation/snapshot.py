@@ -17,12 +17,13 @@ from worldlm.federation.build import Federation
 def snapshot(
     fed: Federation, round_index: int, tokens: float, run_id: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every node's state under `node/<path>/...`; counters in the metadata."""
+    """Every node's state under `node/<path>#<key>`; counters in the metadata."""
     tensors: dict[str, torch.Tensor] = {}
     nodes_meta: dict[str, Any] = {}
     for path, node in sorted(fed.nodes().items()):
         node_tensors, node_meta = node.snapshot()
-        tensors.update({f"node/{path}/{k}": v for k, v in node_tensors.items()})
+        # '#' cannot occur in a node path, so a path never swallows another node's keys.
+        tensors.update({f"node/{path}#{k}": v for k, v in node_tensors.items()})
         nodes_meta[path] = node_meta
     meta = {"run_id": run_id, "global_round": round_index, "tokens": tokens, "nodes": nodes_meta}
     return tensors, meta
@@ -37,6 +38,6 @@ def restore(fed: Federation, tensors: dict[str, torch.Tensor], meta: dict[str, A
             f"the checkpoint's nodes {sorted(recorded)} differ from this run's {sorted(nodes)}"
         )
     for path, node in nodes.items():
-        prefix = f"node/{path}/"
+        prefix = f"node/{path}#"
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         node.restore(own, recorded[path])
