@@ -112,3 +112,15 @@ def test_resume_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 0
     assert "validation perplexity per leaf (2 rounds" in capsys.readouterr().out
     assert (tmp_path / "r" / "checkpoints" / "round-000002.wlm").is_file()
+
+
+def test_compare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write_config(tmp_path, tiny_config_dict(tmp_path, TWO_LEVEL))
+    out = tmp_path / "cmp"
+    args = ["compare", str(path), "--quiet", "--out", str(out), "--methods", "fedavg,worldlm"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "FedAvg / WorldLM mean per-leaf perplexity" in printed
+    assert (out / "results.md").is_file() and (out / "perplexity.png").is_file()
+    assert main([*args[:-1], "fedavg,magic"]) == 2
+    assert "unknown ['magic']" in capsys.readouterr().err

@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its last checkpoint (uses its own config.toml)",
     )
 
+    comp = sub.add_parser(
+        "compare", help="run every method on one config; write results.md and a plot"
+    )
+    _add_config_args(comp)
+    comp.add_argument("--out", type=Path, help="output directory (default: runs/compare-NAME)")
+    comp.add_argument(
+        "--methods",
+        default=",".join(("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")),
+        help="comma-separated subset of the methods",
+    )
+    comp.add_argument("--quiet", action="store_true", help="no progress display")
+
     check = sub.add_parser("check", help="validate a config and print its federation tree")
     _add_config_args(check)
 
@@ -79,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "run":
         return _run(args, console)
+    if args.command == "compare":
+        return _compare(args, console)
     if args.command == "check":
         from worldlm.config import load_config
         from worldlm.data.prepare import check_sources
@@ -163,6 +177,39 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"run directory: {result.run_dir}  (stopped by {result.stop_reason})", highlight=False
     )
+    return 0
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from worldlm.compare import compare, fedavg_to_worldlm, table_rows
+    from worldlm.config import load_config
+    from worldlm.progress import QuietProgress, RichProgress
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path(config.run.out_dir) / f"compare-{config.run.name}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    def observer_for(method: str) -> QuietProgress | RichProgress:
+        console.print(f"[bold]{method}[/bold]", highlight=False)
+        return QuietProgress() if args.quiet else RichProgress(console=Console(stderr=True))
+
+    results = compare(config, out, observer_for, methods)
+    header, rows = table_rows(results)
+    table = Table(title=f"validation perplexity per leaf and method ({out})")
+    for name in header:
+        if name == "leaf":
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(name, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    ratio = fedavg_to_worldlm(results)
+    if ratio is not None:
+        console.print(f"FedAvg / WorldLM mean per-leaf perplexity: {ratio:.2f}x", highlight=False)
+    console.print(f"wrote {out / 'results.md'} and {out / 'perplexity.png'}", highlight=False)
     return 0
 
 
