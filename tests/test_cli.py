@@ -124,3 +124,35 @@ def test_compare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert (out / "results.md").is_file() and (out / "perplexity.png").is_file()
     assert main([*args[:-1], "fedavg,magic"]) == 2
     assert "unknown ['magic']" in capsys.readouterr().err
+
+
+def test_data_build_calls_the_tree_builder(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worldlm.data.build.domains as domains
+
+    calls = []
+
+    def fake_build(out: Path, cache: Path, *, leaves: list[str] | None, max_docs: int | None):
+        calls.append((out, cache, leaves, max_docs))
+        return {"general/brown": 3}
+
+    monkeypatch.setattr(domains, "build", fake_build)
+    code = main(
+        [
+            "data",
+            "build",
+            "domains",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "c"),
+            "--leaves",
+            "general/brown",
+            "--max-docs",
+            "3",
+        ]
+    )
+    assert code == 0
+    assert calls == [(tmp_path / "domains", tmp_path / "c", ["general/brown"], 3)]
+    assert "data.root=" in capsys.readouterr().out

@@ -146,3 +146,17 @@ def test_docs_reference_every_key_and_is_current() -> None:
 
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text("utf-8")
     assert doc == config_reference(), "regenerate: python -m worldlm.config_docs > docs/config.md"
+
+
+def test_data_root_anchors_relative_leaf_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[data]\nroot = "corpora"\n[nodes.w]\n[nodes."w/a"]\ndata = { paths = ["a.jsonl"] }\n',
+        encoding="utf-8",
+    )
+    config = load_config(cfg)
+    assert config.nodes["w/a"].data is not None
+    assert config.nodes["w/a"].data.paths == [str(tmp_path / "corpora" / "a.jsonl")]
+    moved = load_config(cfg, ["data.root='/elsewhere'"])
+    assert moved.nodes["w/a"].data is not None
+    assert moved.nodes["w/a"].data.paths == ["/elsewhere/a.jsonl"]

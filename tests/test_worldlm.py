@@ -80,3 +80,16 @@ def test_worldlm_and_fedper_runs_improve_every_leaf(tmp_path: Path) -> None:
             assert result.after[leaf].ppl < 0.8 * result.before[leaf].ppl, (method, leaf)
         if method == "worldlm":  # each sub-federation deploys global B + its own K
             assert (result.run_dir / "final" / "world" / "med" / "model.safetensors").is_file()
+
+
+def test_leaves_can_deploy_their_own_key_layers(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path, TWO_LEVEL, ["run.method='worldlm'", "worldlm.leaf_key_layers='own'"]
+    )
+    result = run(config, QuietProgress(), out=tmp_path / "own")
+    for leaf in TWO_LEVEL:
+        assert result.after[leaf].ppl < 0.8 * result.before[leaf].ppl
+        assert (result.run_dir / "final" / leaf / "model.safetensors").is_file()
+    session, _ = _recorded_run(tmp_path / "s", "worldlm")
+    plain_leaf = session.fed.leaves["world/med/a"]
+    assert not plain_leaf.adapted_state  # by default a leaf deploys its federation's K

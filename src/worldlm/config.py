@@ -78,6 +78,9 @@ class DataConfig(Section):
         2000, ge=100, description="Documents are cut to this before splitting."
     )
     text_field: str = Field("text", min_length=1, description="JSONL/parquet field holding text.")
+    root: str = Field(
+        "", description="Where relative leaf paths are read from; default: the config's directory."
+    )
 
 
 class TrainConfig(Section):
@@ -112,6 +115,10 @@ class WorldLMConfig(Section):
     )
     tau: float = Field(1.0, gt=0.0, description="Attention temperature over children's K.")
     eps: float = Field(1.0, gt=0.0, le=1.0, description="Step of K_p toward the attended K.")
+    leaf_key_layers: Literal["federation", "own"] = Field(
+        "federation",
+        description="A leaf deploys its sub-federation's K, or its own K as last trained.",
+    )
     residual_rank: int = Field(4, ge=1, description="Rank of each key-layer matrix's residual.")
     route_top_k: int = Field(1, ge=1, description="Similar sub-federations routed to each one.")
     route_tau: float = Field(1.0, gt=0.0, description="Temperature of the routing softmax.")
@@ -228,11 +235,17 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make relative leaf data paths and model/tokenizer paths relative to the config file."""
+    """Make relative leaf data paths (under data.root, if set) and model/tokenizer paths
+    relative to the config file."""
+    section = data.get("data")
+    data_base = base
+    if isinstance(section, dict) and isinstance(section.get("root"), str) and section["root"]:
+        section["root"] = _absolute(section["root"], base)
+        data_base = Path(section["root"])
     for node in (data.get("nodes") or {}).values():
         paths = node.get("data", {}).get("paths") if isinstance(node, dict) else None
         if isinstance(paths, list):
-            node["data"]["paths"] = [_absolute(p, base) for p in paths]
+            node["data"]["paths"] = [_absolute(p, data_base) for p in paths]
     for section in ("model", "tokenizer"):
         part = data.get(section)
         if isinstance(part, dict) and isinstance(part.get("path"), str):

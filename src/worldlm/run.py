@@ -284,7 +284,7 @@ def save_final_models(session: Session) -> dict[str, Path]:
             )
     configured = {leaf.name: leaf.path for leaf in tree.leaves()}
     for leaf in fed.leaves.values():
-        if leaf.own_state:
+        if leaf.own_state or leaf.adapted_state:
             target = configured.get(leaf.data.name, leaf.path)
             dirs[target] = save_hf_model(
                 model, leaf.deployed_state(fed.root.state), tokenizer, final / target

@@ -40,7 +40,8 @@ def check_sources(tree: FederationNode) -> None:
             if not Path(raw).exists():
                 raise DataError(
                     f"nodes.{leaf.path}.data.paths: {raw} does not exist (check the path; "
-                    "relative paths are read from the config file's directory)"
+                    "relative paths are read from data.root, or else from the config file's "
+                    "directory)"
                 )
         if leaf.data.corpus is not None and leaf.data.corpus not in CORPORA:
             raise DataError(

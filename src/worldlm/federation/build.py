@@ -84,6 +84,11 @@ def build_federation(
             eval_cfg=eval_cfg,
             total_steps=planned_steps(tree, node, stop_cfg, train_cfg),
             personal_keys=personal,
+            adapted_keys=(
+                partition.key_names
+                if plan.key_layers and worldlm_cfg.leaf_key_layers == "own"
+                else frozenset()
+            ),
             ctx=ctx,
         )
         transport.register(leaves[node.path])

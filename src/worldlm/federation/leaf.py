@@ -47,6 +47,7 @@ class Leaf:
         total_steps: int,
         personal_keys: Set[str],
         ctx: RunContext,
+        adapted_keys: Set[str] = frozenset(),
     ) -> None:
         self.path = path
         self.data = data
@@ -55,22 +56,30 @@ class Leaf:
         self.eval_cfg = eval_cfg
         self.total_steps = total_steps
         self.personal_keys = frozenset(personal_keys)
+        # Weights the leaf deploys as it last trained them, though each round starts again from
+        # what it is sent (WorldLM's "optionally its own" K).
+        self.adapted_keys = frozenset(adapted_keys) - self.personal_keys
         self.ctx = ctx
         self.sessions = 0  # training sessions so far; seeds this leaf's data order
         self.steps_done = 0  # optimizer steps so far; drives the learning-rate schedule
-        self.own_state: State = {}
+        self.own_state: State = {}  # personal weights, kept between rounds
+        self.adapted_state: State = {}  # adapted weights, deployed but not trained from
         self.optimizer_state: dict[str, Any] | None = None
 
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, self.data.train_tokens)
 
-    def deployed_state(self, incoming: State) -> State:
-        """What this leaf would deploy: the incoming model with its personal weights on top."""
+    def training_start(self, incoming: State) -> State:
+        """What a round trains from: the incoming model with the personal weights on top."""
         return {**incoming, **self.own_state}
+
+    def deployed_state(self, incoming: State) -> State:
+        """What this leaf would deploy: the training start with its adapted weights on top."""
+        return {**incoming, **self.own_state, **self.adapted_state}
 
     def handle_train(self, task: TrainTask) -> Update:
         model, device = self.workspace, self.ctx.device
-        set_state(model, self.deployed_state(task.state))
+        set_state(model, self.training_start(task.state))
         optimizer = make_optimizer(model, self.train_cfg)
         if self.train_cfg.keep_optimizer_state and self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -95,6 +104,7 @@ class Leaf:
         )
         new_state = get_state(model)
         self.own_state = {k: new_state[k] for k in self.personal_keys}
+        self.adapted_state = {k: new_state[k] for k in self.adapted_keys}
         self.sessions += 1
         self.steps_done += result.steps
         record = {
@@ -128,6 +138,7 @@ class Leaf:
     # --- checkpointing -------------------------------------------------------------------
     def snapshot(self) -> tuple[State, dict[str, Any]]:
         tensors: State = {f"own/{k}": v for k, v in self.own_state.items()}
+        tensors.update({f"adapted/{k}": v for k, v in self.adapted_state.items()})
         meta: dict[str, Any] = {"sessions": self.sessions, "steps_done": self.steps_done}
         if self.optimizer_state is not None:
             for index, slots in self.optimizer_state["state"].items():
@@ -140,6 +151,9 @@ class Leaf:
         self.sessions = int(meta["sessions"])
         self.steps_done = int(meta["steps_done"])
         self.own_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("own/")}
+        self.adapted_state = {
+            k[8:]: v.clone() for k, v in tensors.items() if k.startswith("adapted/")
+        }
         if "param_groups" not in meta:
             self.optimizer_state = None
             return
