@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
-import subprocess
-import sys
 import sysconfig
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from worldlm.data.build.fetch import pip_download
 from worldlm.data.corpus_extract import (
     extract_hpo,
     extract_icd10cm,
@@ -161,49 +159,18 @@ def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _wheel_stem(package: str, version: str) -> str:
-    # Wheel file names spell the project name normalised: "simple-icd-10-cm" -> "simple_icd_10_cm".
-    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
-
-
 def _fetch_wheel(spec: CorpusSpec, wheels_dir: Path) -> Path:
     """The wheel of `spec` in `wheels_dir`, downloaded with pip unless already there."""
     assert spec.package is not None
-    stem = _wheel_stem(spec.package, spec.version)
-    found = sorted(p for p in wheels_dir.glob("*.whl") if p.name.lower().startswith(stem))
-    if found:
-        return found[0]
-    wheels_dir.mkdir(parents=True, exist_ok=True)
     requirement = f"{spec.package}=={spec.version}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-d",
-        str(wheels_dir),
-        requirement,
-    ]
-    with _console.status(f"downloading {requirement} from PyPI (once; later runs work offline)"):
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        output = (result.stderr or result.stdout or "").strip().splitlines()
-        tail = "\n".join(output[-5:]) or "(no output)"
+    try:
+        with _console.status(f"fetching {requirement} (from PyPI once; later runs work offline)"):
+            return pip_download(spec.package, spec.version, wheels_dir)
+    except DataError as exc:
         raise DataError(
-            f"could not download {requirement} for corpus {spec.name!r}; pip said:\n{tail}\n"
-            "This machine needs access to PyPI once to fetch the corpus (set PIP_INDEX_URL for a "
-            f"mirror, or place the wheel in {wheels_dir}); after that it works offline."
-        )
-    found = sorted(p for p in wheels_dir.glob("*.whl") if p.name.lower().startswith(stem))
-    if not found:
-        raise DataError(
-            f"pip reported success but no {stem}*.whl appeared in {wheels_dir}; "
-            f"download {requirement} by hand into that folder and retry"
-        )
-    return found[0]
+            f"corpus {spec.name!r}: {exc}\nThis machine needs access to PyPI once to fetch the "
+            f"corpus (or place the wheel in {wheels_dir}); after that it works offline."
+        ) from None
 
 
 def _write_jsonl(out: Path, docs: Iterable[str], empty_hint: str) -> None:

@@ -157,7 +157,7 @@ class Aggregator:
             records.extend(update.records)
             aggregation.add(update)
             if key_round is not None:
-                key_round.add(update.model(), update.weight)
+                key_round.add(update)
             if self.router is not None and update.residual:
                 self.residuals[update.sender] = update.residual
             weight += update.weight

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worldlm.federation.messages import RoutedResidual
+from worldlm.federation.messages import RoutedResidual, Update
 from worldlm.model.partition import Partition
 from worldlm.model.state import State
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
@@ -124,9 +124,14 @@ class KeyLayerRound:
         self.sizes: list[float] = []
         self.routed = [(decode_candidate(r.residual, key_ref, current), r.weight) for r in routed]
 
-    def add(self, model: State, weight: float) -> None:
-        self.children.append({n: model[n] for n in self.policy.partition.key_names})
-        self.sizes.append(weight)
+    def add(self, update: Update) -> None:
+        # Only K is needed here; a forwarded sum is divided by its scale for these keys alone.
+        names = self.policy.partition.key_names
+        scale = update.scale
+        self.children.append(
+            {n: update.state[n] if scale == 1.0 else update.state[n] / scale for n in names}
+        )
+        self.sizes.append(update.weight)
 
     def result(self) -> State:
         return aggregate_key_layers(
