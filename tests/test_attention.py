@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from worldlm.federation.key_layers import KeyLayerPolicy, aggregate_key_layers
+from worldlm.federation.key_layers import (
+    KeyLayerPolicy,
+    aggregate_key_layers,
+    personalized_key_layers,
+)
 from worldlm.model.partition import Partition
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
 
@@ -55,3 +59,21 @@ def test_aggregate_key_layers_weighs_each_layer_separately() -> None:
     out = aggregate_key_layers(current, [near_on_a, near_on_b], [1.0, 1.0], policy)
     assert out["a.w"].item() < 5.0 and out["b.w"].item() < 5.0  # nearer child wins per layer
     assert out["a.w"].item() == pytest.approx(out["b.w"].item())
+
+
+def test_per_child_attention_seen_from_each_child() -> None:
+    policy = KeyLayerPolicy(Partition({"a": ("a.w",)}), tau=1.0, eps=1.0, private=True)
+    values = [0.0, 0.2, 10.0]
+    kids = [{"a.w": torch.tensor([v], dtype=torch.float64)} for v in values]
+    out = [k["a.w"].item() for k in personalized_key_layers(kids, [1.0, 1.0, 1.0], policy)]
+    # child 0: distances 0, 0.2, 10; the scale is the (lower) median of its siblings' distances,
+    # 0.2, so the scores are 0, -1, -50
+    w = torch.softmax(torch.tensor([0.0, -1.0, -50.0], dtype=torch.float64), 0)
+    assert out[0] == pytest.approx(float(w[1] * 0.2 + w[2] * 10.0))
+    # the outlier: distances 10, 9.8, 0; scale 9.8; it keeps the largest single weight
+    w = torch.softmax(torch.tensor([-10 / 9.8, -1.0, 0.0], dtype=torch.float64), 0)
+    assert out[2] == pytest.approx(float(w[1] * 0.2 + w[2] * 10.0))
+    assert out[0] < 0.2 < 5.0 < out[2] < 10.0
+    # equal children all get their (size-weighted) mean, i.e. themselves
+    same = [{"a.w": torch.tensor([3.0])} for _ in range(3)]
+    assert all(k["a.w"].item() == 3.0 for k in personalized_key_layers(same, [1, 2, 3], policy))

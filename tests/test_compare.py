@@ -8,6 +8,7 @@ import pytest
 
 import worldlm.compare as compare_module
 from worldlm.compare import METHODS, compare
+from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 
@@ -41,3 +42,8 @@ def test_compare_runs_every_method_and_writes_table_and_plot(
     monkeypatch.setattr(compare_module, "run", refuse)
     again = compare(config, out, lambda _m: QuietProgress(), METHODS)
     assert [r.ppl for r in again] == [r.ppl for r in results]
+
+    # a changed config must not silently reuse the finished runs
+    changed = config.model_copy(update={"train": config.train.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(ConfigError, match=r"it has lr = 0\.003; asked: lr = 0\.001"):
+        compare(changed, out, lambda _m: QuietProgress(), METHODS)

@@ -93,6 +93,13 @@ def test_overrides_are_typed() -> None:
     assert parse_override("train.keep_optimizer_state=false")[1] is False
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("train.lr")
+    # node paths, bare or quoted as in TOML (quotes allow dots inside a path)
+    expected = (["nodes", "world/med", "inner_rounds"], 2)
+    assert parse_override("nodes.world/med.inner_rounds=2") == expected
+    assert parse_override('nodes."world/med".inner_rounds=2') == expected
+    assert parse_override('nodes."w/v1.2".strategy=fedavg')[0] == ["nodes", "w/v1.2", "strategy"]
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        parse_override("train..lr=1")
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from worldlm.federation.messages import TrainTask, Update
 from worldlm.progress import QuietProgress
-from worldlm.run import open_session, run
+from worldlm.run import open_session, resume, run
 from worldlm.transport.inprocess import InProcessTransport
 
 from .conftest import TWO_LEVEL, tiny_config
-from .test_engine import _root_states
+from .test_engine import StopAtRound, _root_states
 
 
 def test_key_fraction_zero_reduces_worldlm_to_hierfavg(tmp_path: Path) -> None:
@@ -93,3 +95,29 @@ def test_leaves_can_deploy_their_own_key_layers(tmp_path: Path) -> None:
     session, _ = _recorded_run(tmp_path / "s", "worldlm")
     plain_leaf = session.fed.leaves["world/med/a"]
     assert not plain_leaf.adapted_state  # by default a leaf deploys its federation's K
+
+
+def test_attended_child_key_layers_personalize_each_leaf_and_resume(tmp_path: Path) -> None:
+    overrides = ["run.method='worldlm'", "worldlm.child_key_layers='attended'", "stop.rounds=3"]
+    config = tiny_config(tmp_path, TWO_LEVEL, overrides)
+    whole = run(config, QuietProgress(), out=tmp_path / "whole")
+    for leaf in TWO_LEVEL:
+        assert whole.after[leaf].ppl < 0.8 * whole.before[leaf].ppl
+        assert (whole.run_dir / "final" / leaf / "model.safetensors").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        run(config, StopAtRound(3), out=tmp_path / "cut")
+    resume(tmp_path / "cut", QuietProgress())
+    final = "checkpoints/round-000003.wlm"
+    assert (tmp_path / "cut" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
+
+    # the deployed models: the same B everywhere, but each leaf its own K, unlike K_p
+    final = whole.run_dir / "final"
+    a, b, fed_k = (
+        load_file(final / p / "model.safetensors")
+        for p in ("world/med/a", "world/med/b", "world/med")
+    )
+    embedding = next(k for k in a if "embed" in k)
+    assert torch.equal(a[embedding], b[embedding])
+    last_block = [k for k in a if ".layers.3." in k]
+    assert last_block and all(not torch.equal(a[k], b[k]) for k in last_block)
+    assert all(not torch.equal(a[k], fed_k[k]) for k in last_block)

@@ -7,6 +7,7 @@ the same total number of tokens. Finished methods are reused and an interrupted 
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from worldlm.config import RunConfig
+from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.errors import CheckpointError, ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.run import RunObserver, resume, run
@@ -54,6 +55,9 @@ def run_method(
 ) -> MethodResult:
     """One method's run under out_dir/<method>: reused if finished, resumed if interrupted."""
     run_dir = out_dir / method
+    expected = method_config(config, method)
+    if (run_dir / "config.toml").is_file():
+        check_same_config(run_dir, expected)
     if not (run_dir / "summary.json").is_file():
         if (run_dir / "config.toml").is_file():
             try:
@@ -61,8 +65,28 @@ def run_method(
             except CheckpointError:
                 shutil.rmtree(run_dir)  # finished without its summary, or unusable: run again
         if not (run_dir / "summary.json").is_file():
-            run(method_config(config, method), observer, out=run_dir)
+            run(expected, observer, out=run_dir)
     return read_method(run_dir, method)
+
+
+def check_same_config(run_dir: Path, expected: RunConfig) -> None:
+    """Refuse to reuse or resume a run made with another config (stale results would be mixed
+    into the table silently)."""
+    stored = dump_config(load_config(run_dir / "config.toml")).splitlines()
+    wanted = dump_config(expected).splitlines()
+    if stored == wanted:
+        return
+    diff = [
+        line
+        for line in difflib.unified_diff(stored, wanted, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    was = "; ".join(line[1:].strip() for line in diff if line[0] == "-")
+    now = "; ".join(line[1:].strip() for line in diff if line[0] == "+")
+    raise ConfigError(
+        f"{run_dir} holds a run made with a different config (it has {was}; asked: {now}); "
+        "choose another --out, or delete that directory to run it again"
+    )
 
 
 def read_method(run_dir: Path, method: str) -> MethodResult:

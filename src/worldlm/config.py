@@ -119,6 +119,13 @@ class WorldLMConfig(Section):
         "federation",
         description="A leaf deploys its sub-federation's K, or its own K as last trained.",
     )
+    child_key_layers: Literal["shared", "attended"] = Field(
+        "shared",
+        description=(
+            "K an aggregator sends each child: its own K_p, or per child an attention mix of all "
+            "children's K seen from that child (it then keeps one K per child)."
+        ),
+    )
     residual_rank: int = Field(4, ge=1, description="Rank of each key-layer matrix's residual.")
     route_top_k: int = Field(1, ge=1, description="Similar sub-federations routed to each one.")
     route_tau: float = Field(1.0, gt=0.0, description="Temperature of the routing softmax.")
@@ -206,13 +213,30 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into its key path and a TOML-typed value (a bare word is a string)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return key.split("."), value
+    return override_key_path(key, item), value
+
+
+def override_key_path(key: str, item: str) -> list[str]:
+    """The parts of a dotted key. Node paths may be written bare (nodes.world/med.strategy) or
+    quoted as in TOML, which also allows dots in them (nodes."world/v1.2".strategy)."""
+    try:
+        node: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        parts = [part.strip() for part in key.split(".")]
+        if any(not part or '"' in part for part in parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value") from None
+        return parts
+    parts = []
+    while isinstance(node, dict):
+        ((part, node),) = node.items()
+        parts.append(part)
+    return parts
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

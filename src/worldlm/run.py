@@ -284,10 +284,12 @@ def save_final_models(session: Session) -> dict[str, Path]:
             )
     configured = {leaf.name: leaf.path for leaf in tree.leaves()}
     for leaf in fed.leaves.values():
-        if leaf.own_state or leaf.adapted_state:
+        parent = fed.aggregators[leaf.path.rsplit("/", 1)[0]]
+        if leaf.own_state or leaf.adapted_state or leaf.path in parent.child_keys:
+            sent = parent.state_for(leaf.path, parent.with_own_key_layers(fed.root.state))
             target = configured.get(leaf.data.name, leaf.path)
             dirs[target] = save_hf_model(
-                model, leaf.deployed_state(fed.root.state), tokenizer, final / target
+                model, leaf.deployed_state(sent), tokenizer, final / target
             )
     return dirs
 

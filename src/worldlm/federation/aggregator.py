@@ -65,6 +65,7 @@ class Aggregator:
         self.key_policy = key_policy  # WorldLM: this aggregator personalizes the key layers
         self.key_state: State = {}  # its own K_p, kept between rounds
         self.key_ref: State = {}  # the K it started from; residuals are K_p - K_ref
+        self.child_keys: dict[str, State] = {}  # per-child attended K (child_key_layers)
         self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
         self.router = router  # the root under WorldLM: routes residuals between sub-federations
         self.residuals: dict[str, Residual] = {}  # latest residual of each child
@@ -131,7 +132,7 @@ class Aggregator:
                 self.path,
                 child,
                 secrets.token_hex(8),
-                state,
+                self.state_for(child, state),
                 self._routed_to(child),
             )
             for child in chosen
@@ -167,6 +168,8 @@ class Aggregator:
         if key_round is not None:
             self.key_state = cast_like(key_round.result(), self.key_state)
             model.update(self.key_state)
+            for child, keys in key_round.per_child().items():  # absent children keep theirs
+                self.child_keys[child] = cast_like(keys, self.key_state)
         new_state = cast_like(model, state)
         if self.router is not None and len(self.residuals) > 1:
             self.routes = route(self.residuals, top_k=self.router.top_k, tau=self.router.tau)
@@ -186,6 +189,10 @@ class Aggregator:
         self.state = new_state
         return RoundOutcome(new_state, exact, scale, weight, records)
 
+    def state_for(self, child: str, state: State) -> State:
+        """What `child` is sent: the model, with its own attended K when it has one."""
+        return {**state, **self.child_keys[child]} if child in self.child_keys else state
+
     def _routed_to(self, child: str) -> tuple[RoutedResidual, ...]:
         return tuple(
             RoutedResidual(source, weight, self.residuals[source])
@@ -194,6 +201,7 @@ class Aggregator:
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         """Every child (not a sample) evaluates the model it would deploy."""
+        state = self.with_own_key_layers(task.state)
         tasks = [
             EvalTask(
                 self.ctx.run_id,
@@ -201,7 +209,7 @@ class Aggregator:
                 self.path,
                 c.path,
                 secrets.token_hex(8),
-                self.with_own_key_layers(task.state),
+                self.state_for(c.path, state),
             )
             for c in self.transport.children(self.path)
         ]
@@ -216,6 +224,8 @@ class Aggregator:
         tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
         tensors.update({f"key/{k}": v for k, v in self.key_state.items()})
         tensors.update({f"keyref/{k}": v for k, v in self.key_ref.items()})
+        for child, keys in sorted(self.child_keys.items()):
+            tensors.update({f"childkey#{child}#{k}": v for k, v in keys.items()})
         for source, residual in sorted(self.residuals.items()):
             for name, (left, right) in residual.items():
                 tensors[f"residual#{source}#{name}#U"] = left
@@ -227,6 +237,11 @@ class Aggregator:
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
         self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
+        self.child_keys = {}
+        for key, value in tensors.items():
+            if key.startswith("childkey#"):
+                _, child, name = key.split("#")
+                self.child_keys.setdefault(child, {})[name] = value.clone()
         factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for key, value in tensors.items():
             if key.startswith("residual#"):

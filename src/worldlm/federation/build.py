@@ -106,7 +106,15 @@ def _key_policy(
     if not plan.key_layers or node.path == tree.path or not partition.groups:
         return None
     private = node.path.rsplit("/", 1)[0] == tree.path
-    return KeyLayerPolicy(partition, cfg.tau, cfg.eps, private, cfg.residual_rank, cfg.lambda_route)
+    return KeyLayerPolicy(
+        partition,
+        cfg.tau,
+        cfg.eps,
+        private,
+        cfg.residual_rank,
+        cfg.lambda_route,
+        per_child=cfg.child_key_layers == "attended",
+    )
 
 
 def planned_steps(

@@ -29,6 +29,7 @@ class KeyLayerPolicy:
     private: bool  # K_p never leaves this aggregator's subtree (a child of the root)
     residual_rank: int = 4
     lambda_route: float = 0.0
+    per_child: bool = False  # also send each child its own attended K (FedAMP-style)
 
 
 def aggregate_key_layers(
@@ -37,9 +38,13 @@ def aggregate_key_layers(
     sizes: list[float],
     policy: KeyLayerPolicy,
     routed: Sequence[tuple[State, float]] = (),
+    self_index: int | None = None,
 ) -> State:
     """The new K_p: per layer, attention over the children's versions of that layer, plus
-    lambda_route times attention over routed candidates (decoded residuals)."""
+    lambda_route times attention over routed candidates (decoded residuals).
+
+    With `self_index`, `current` is that child's own K (a per-child aggregation): its zero
+    distance to itself is left out of the median that sets the distance scale."""
     if not children and not routed:
         return dict(current)
     result: State = {}
@@ -51,8 +56,9 @@ def aggregate_key_layers(
         )
         median = 0.0
         if children:
-            weights = attention_weights(distances, torch.tensor(sizes), policy.tau)
-            median = float(distances.median())
+            others = distances if self_index is None else _without(distances, self_index)
+            median = float(others.median()) if others.numel() else 0.0
+            weights = attention_weights(distances, torch.tensor(sizes), policy.tau, median)
             for name in names:
                 kids = [c[name] for c in children]
                 result[name] = attend(current[name], kids, weights, policy.eps)
@@ -61,6 +67,25 @@ def aggregate_key_layers(
         if routed and policy.lambda_route > 0:
             _add_routed(result, current, names, routed, median, policy)
     return result
+
+
+def _without(values: torch.Tensor, index: int) -> torch.Tensor:
+    return torch.cat([values[:index], values[index + 1 :]])
+
+
+def personalized_key_layers(
+    children: list[State],
+    sizes: list[float],
+    policy: KeyLayerPolicy,
+    routed: Sequence[tuple[State, float]] = (),
+) -> list[State]:
+    """Each child's own attended K: the attention aggregation seen from that child's K (closer
+    siblings weigh more, the child itself counts at distance 0), after FedAMP (Huang et al.,
+    2021). Equal children all get their mean; a far outlier keeps mostly its own K."""
+    return [
+        aggregate_key_layers(child, children, sizes, policy, routed, self_index=i)
+        for i, child in enumerate(children)
+    ]
 
 
 def _add_routed(
@@ -120,6 +145,7 @@ class KeyLayerRound:
     ) -> None:
         self.policy = policy
         self.current = current
+        self.senders: list[str] = []
         self.children: list[State] = []
         self.sizes: list[float] = []
         self.routed = [(decode_candidate(r.residual, key_ref, current), r.weight) for r in routed]
@@ -132,8 +158,16 @@ class KeyLayerRound:
             {n: update.state[n] if scale == 1.0 else update.state[n] / scale for n in names}
         )
         self.sizes.append(update.weight)
+        self.senders.append(update.sender)
 
     def result(self) -> State:
         return aggregate_key_layers(
             self.current, self.children, self.sizes, self.policy, self.routed
         )
+
+    def per_child(self) -> dict[str, State]:
+        """Each child's attended K, by sender (empty unless the policy asks for it)."""
+        if not self.policy.per_child:
+            return {}
+        personal = personalized_key_layers(self.children, self.sizes, self.policy, self.routed)
+        return dict(zip(self.senders, personal, strict=True))

@@ -21,10 +21,14 @@ def layer_distance(current: Sequence[torch.Tensor], child: Sequence[torch.Tensor
     return total**0.5
 
 
-def attention_weights(distances: torch.Tensor, sizes: torch.Tensor, tau: float) -> torch.Tensor:
-    """Softmax of -d / (tau * median d) + log n over children (float64)."""
+def attention_weights(
+    distances: torch.Tensor, sizes: torch.Tensor, tau: float, median: float | None = None
+) -> torch.Tensor:
+    """Softmax of -d / (tau * median d) + log n over children (float64). `median` may be given
+    when it should not count every distance (a child's zero distance to itself)."""
     d = distances.double()
-    median = float(d.median()) if d.numel() else 0.0
+    if median is None:
+        median = float(d.median()) if d.numel() else 0.0
     scale = tau * median if median > 0 else 1.0  # all children equally far: distance says nothing
     scores = -d / scale + torch.log(sizes.double())
     return torch.softmax(scores, dim=0)
