@@ -10,6 +10,7 @@ from rich.console import Console
 
 from worldlm import __version__
 from worldlm.errors import WorldLMError
+from worldlm.security.certs_cli import add_certs_parser, run_certs
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--leaves", help="comma-separated leaf paths (default: all)")
     build.add_argument("--max-docs", type=int, help="documents per leaf at most")
 
+    add_certs_parser(sub)
     sub.add_parser("presets", help="list model size presets")
     sub.add_parser("corpora", help="list the named corpora a leaf can use")
     return parser
@@ -130,6 +132,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "data":
         return _build_tree_data(args, console)
+    if args.command == "certs":
+        return run_certs(args, console)
     if args.command == "presets":
         from worldlm.model.presets import PRESETS
 

@@ -1,0 +1,1 @@
+"""Transport security for federation nodes: a development CA and mutual-TLS node certificates."""
