@@ -50,3 +50,13 @@ def test_corruption_truncation_and_oversize_are_refused() -> None:
 
 def test_encoding_is_deterministic() -> None:
     assert wire.encode(_tensors(), {"x": 1}) == wire.encode(_tensors(), {"x": 1})
+
+
+@pytest.mark.parametrize(
+    "head", [b'{"tensors": [], "n": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000]
+)
+def test_hostile_headers_are_wire_errors(head: bytes) -> None:
+    # an integer past Python's digit limit, and nesting deeper than the recursion limit
+    payload = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(head)) + head
+    with pytest.raises(WireError, match="not valid JSON"):
+        wire.decode(payload)

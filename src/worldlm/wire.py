@@ -94,7 +94,7 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any]
         raise WireError(f"header length {head_len} is impossible for a {len(view)}-byte payload")
     try:
         header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + head_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
         raise WireError(f"payload header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise WireError("payload header has no tensor table")

@@ -1,0 +1,379 @@
+"""The round engine's messages as wire payloads and back, for transports that cross machines.
+
+One message is one `wire` payload. Tensors travel under prefixed names (`state/<param>`,
+`routed/<i>/<param>/U|V`, `residual/<param>/U|V`) and keep their dtype; every other field is
+in the JSON metadata, which also names the message kind. The bytes come from another machine,
+so decoding trusts nothing: the body size is checked against the caller's limit before anything
+is allocated, then every metadata field and tensor name is checked before a message is built.
+Nothing here unpickles or evaluates. Tensor values are not checked: the aggregator does that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worldlm import wire
+from worldlm.errors import WireError
+from worldlm.federation.messages import (
+    EvalReport,
+    EvalTask,
+    Record,
+    RoutedResidual,
+    State,
+    TrainTask,
+    Update,
+)
+from worldlm.strategies.routing import Residual
+from worldlm.train.evaluate import EvalResult
+
+__all__ = ["Message", "decode_message", "encode_message"]
+
+Message = TrainTask | EvalTask | Update | EvalReport
+
+_STATE, _ROUTED, _RESIDUAL = "state/", "routed/", "residual/"
+_FACTORS = ("U", "V")
+
+# Metadata fields of each kind (besides "kind" itself) and the tensor prefixes it may carry.
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "train_task": ("run_id", "round", "global_round", "sender", "recipient", "nonce", "routed"),
+    "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce"),
+    "update": ("sender", "round", "nonce", "weight", "scale", "records"),
+    "eval_report": ("sender", "nonce", "results"),
+}
+_PREFIXES: dict[str, tuple[str, ...]] = {
+    "train_task": (_STATE, _ROUTED),
+    "eval_task": (_STATE,),
+    "update": (_STATE, _RESIDUAL),
+    "eval_report": (),
+}
+
+
+def encode_message(message: Message) -> tuple[str, bytes]:
+    """The message's kind and its one wire payload; refuses what `decode_message` would refuse."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(message, TrainTask | EvalTask):
+        tensors.update(_prefixed(_STATE, message.state))
+    if isinstance(message, TrainTask):
+        kind = "train_task"
+        meta: dict[str, Any] = {
+            "run_id": message.run_id,
+            "round": message.round,
+            "global_round": message.global_round,
+            "sender": message.sender,
+            "recipient": message.recipient,
+            "nonce": message.nonce,
+            "routed": [{"source": r.source, "weight": r.weight} for r in message.routed],
+        }
+        for i, routed in enumerate(message.routed):
+            tensors.update(_factor_tensors(f"{_ROUTED}{i}/", routed.residual))
+    elif isinstance(message, EvalTask):
+        kind = "eval_task"
+        meta = {
+            "run_id": message.run_id,
+            "global_round": message.global_round,
+            "sender": message.sender,
+            "recipient": message.recipient,
+            "nonce": message.nonce,
+        }
+    elif isinstance(message, Update):
+        kind = "update"
+        for i, record in enumerate(message.records):
+            _check_json(f"update field records[{i}]", record)
+        meta = {
+            "sender": message.sender,
+            "round": message.round,
+            "nonce": message.nonce,
+            "weight": message.weight,
+            "scale": message.scale,
+            "records": message.records,
+        }
+        tensors.update(_prefixed(_STATE, message.state))
+        tensors.update(_factor_tensors(_RESIDUAL, message.residual))
+    elif isinstance(message, EvalReport):
+        kind = "eval_report"
+        meta = {
+            "sender": message.sender,
+            "nonce": message.nonce,
+            "results": [
+                {"name": name, "loss": r.loss, "tokens": r.tokens}
+                for name, r in message.results.items()
+            ],
+        }
+    else:
+        raise WireError(f"cannot encode a {type(message).__name__}: it is not a message")
+    # The receiver runs the same checks; failing here names the field on the side that has it.
+    _read_fields(kind, meta)
+    return kind, wire.encode(tensors, {"kind": kind, **meta})
+
+
+def decode_message(
+    kind: str, payload: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+) -> Message:
+    """The message in `payload`, which must be of `kind`; any malformed part raises `WireError`.
+
+    `max_bytes` bounds the body size the payload declares, checked before allocation."""
+    if kind not in _FIELDS:
+        raise WireError(f"unknown message kind {kind!r}; expected one of {sorted(_FIELDS)}")
+    tensors, meta = wire.decode(payload, max_bytes=max_bytes)
+    sent = meta.get("kind")
+    if sent != kind:
+        what = "names no message kind" if sent is None else f"is of kind {sent!r}"
+        raise WireError(f"payload {what}, expected {kind!r}")
+    fields = _read_fields(kind, {k: v for k, v in meta.items() if k != "kind"})
+    routed_meta: list[tuple[str, float]] = fields.get("routed", [])
+    groups = _sort_tensors(kind, tensors, len(routed_meta))
+    if kind == "train_task":
+        routed = tuple(
+            RoutedResidual(source, weight, _pair(kind, f"routed[{i}]", groups.routed.get(i, {})))
+            for i, (source, weight) in enumerate(routed_meta)
+        )
+        for i, entry in enumerate(routed):
+            if not entry.residual:
+                raise WireError(f"train_task field routed[{i}] has no factor tensors")
+        return TrainTask(
+            fields["run_id"],
+            fields["round"],
+            fields["global_round"],
+            fields["sender"],
+            fields["recipient"],
+            fields["nonce"],
+            groups.state,
+            routed,
+        )
+    if kind == "eval_task":
+        return EvalTask(
+            fields["run_id"],
+            fields["global_round"],
+            fields["sender"],
+            fields["recipient"],
+            fields["nonce"],
+            groups.state,
+        )
+    if kind == "update":
+        return Update(
+            fields["sender"],
+            fields["round"],
+            fields["nonce"],
+            groups.state,
+            fields["weight"],
+            fields["records"],
+            fields["scale"],
+            _pair(kind, "residual", groups.residual),
+        )
+    return EvalReport(fields["sender"], fields["nonce"], fields["results"])
+
+
+# --- encoding helpers ---------------------------------------------------------------------------
+
+
+def _prefixed(prefix: str, state: State) -> dict[str, torch.Tensor]:
+    return {prefix + name: tensor for name, tensor in state.items()}
+
+
+def _factor_tensors(prefix: str, residual: Residual) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for param, factors in residual.items():
+        for which, tensor in zip(_FACTORS, factors, strict=True):
+            out[f"{prefix}{param}/{which}"] = tensor
+    return out
+
+
+def _check_json(where: str, value: Any) -> None:
+    """Refuse values json.dumps would reject or silently change (non-string keys)."""
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_json(f"{where}[{i}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError(f"{where} has key {key!r}; JSON object keys must be strings")
+            _check_json(f"{where}[{key!r}]", item)
+        return
+    raise WireError(f"{where} holds a {type(value).__name__}, which is not a JSON value")
+
+
+# --- metadata checks ----------------------------------------------------------------------------
+
+
+def _read_fields(kind: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field `kind` needs, type-checked and normalised; no more, no fewer."""
+    expected = _FIELDS[kind]
+    missing = [name for name in expected if name not in meta]
+    if missing:
+        raise WireError(f"{kind} payload lacks field {missing[0]!r}")
+    unknown = sorted(set(meta) - set(expected))
+    if unknown:
+        raise WireError(f"{kind} payload has unknown field {unknown[0]!r}")
+    return {name: _CHECKS[name](f"{kind} field {name}", meta[name]) for name in expected}
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "object" if isinstance(value, dict) else type(value).__name__)
+
+
+def _text(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise WireError(f"{where} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _integer(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireError(f"{where} must be an integer, got {_json_type(value)}")
+    return value
+
+
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WireError(f"{where} must be a number, got {_json_type(value)}")
+    try:
+        return float(value)
+    except OverflowError as exc:  # an integer too large for a float
+        raise WireError(f"{where} is out of range") from exc
+
+
+def _finite(where: str, value: Any) -> float:
+    number = _number(where, value)
+    if not math.isfinite(number):  # a NaN weight or scale would poison the whole aggregate
+        raise WireError(f"{where} must be finite, got {number}")
+    return number
+
+
+def _array(where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise WireError(f"{where} must be an array, got {_json_type(value)}")
+    return value
+
+
+def _object(where: str, value: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise WireError(f"{where} must be an object with string keys, got {_json_type(value)}")
+    if keys is not None and set(value) != set(keys):
+        raise WireError(f"{where} must have exactly the keys {list(keys)}, got {sorted(value)}")
+    return value
+
+
+def _routed(where: str, value: Any) -> list[tuple[str, float]]:
+    out = []
+    for i, item in enumerate(_array(where, value)):
+        entry = _object(f"{where}[{i}]", item, ("source", "weight"))
+        out.append(
+            (
+                _text(f"{where}[{i}].source", entry["source"]),
+                _finite(f"{where}[{i}].weight", entry["weight"]),
+            )
+        )
+    return out
+
+
+def _records(where: str, value: Any) -> list[Record]:
+    return [_object(f"{where}[{i}]", item) for i, item in enumerate(_array(where, value))]
+
+
+def _results(where: str, value: Any) -> dict[str, EvalResult]:
+    out: dict[str, EvalResult] = {}
+    for i, item in enumerate(_array(where, value)):
+        entry = _object(f"{where}[{i}]", item, ("name", "loss", "tokens"))
+        name = _text(f"{where}[{i}].name", entry["name"])
+        if name in out:
+            raise WireError(f"{where}[{i}].name repeats {name!r}")
+        # A diverged model's loss may be NaN or inf: that is a result to report, not malformed.
+        loss = _number(f"{where}[{i}].loss", entry["loss"])
+        tokens = _integer(f"{where}[{i}].tokens", entry["tokens"])
+        if tokens < 0:
+            raise WireError(f"{where}[{i}].tokens must not be negative, got {tokens}")
+        out[name] = EvalResult(loss, tokens)
+    return out
+
+
+# One checker per field name: a field means the same thing in every kind that has it.
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "run_id": _text,
+    "round": _integer,
+    "global_round": _integer,
+    "sender": _text,
+    "recipient": _text,
+    "nonce": _text,
+    "weight": _finite,
+    "scale": _finite,
+    "routed": _routed,
+    "records": _records,
+    "results": _results,
+}
+
+
+# --- tensor names -------------------------------------------------------------------------------
+
+_Halves = dict[str, dict[str, torch.Tensor]]  # param -> {"U": ..., "V": ...}, possibly incomplete
+
+
+@dataclass
+class _Groups:
+    state: State = field(default_factory=dict)
+    residual: _Halves = field(default_factory=dict)
+    routed: dict[int, _Halves] = field(default_factory=dict)
+
+
+def _sort_tensors(kind: str, tensors: Mapping[str, torch.Tensor], n_routed: int) -> _Groups:
+    """Tensors by the field they belong to; a name `kind` cannot carry is refused."""
+    groups = _Groups()
+    allowed = _PREFIXES[kind]
+    for name, tensor in tensors.items():
+        prefix = next((p for p in allowed if name.startswith(p)), None)
+        rest = name[len(prefix) :] if prefix else ""
+        if prefix is None or not rest:
+            raise WireError(f"{kind} payload carries unexpected tensor {name!r}")
+        if prefix == _STATE:
+            groups.state[rest] = tensor
+        elif prefix == _RESIDUAL:
+            _add_half(groups.residual, name, rest, tensor)
+        else:
+            index_text, _, rest = rest.partition("/")
+            # Canonical decimal only, so "routed/01/..." cannot alias "routed/1/...".
+            if not (index_text.isascii() and index_text.isdigit()) or (
+                str(int(index_text)) != index_text
+            ):
+                raise WireError(f"{kind} payload tensor {name!r} has no valid routed index")
+            index = int(index_text)
+            if index >= n_routed:
+                raise WireError(
+                    f"{kind} payload tensor {name!r} belongs to routed[{index}], but field "
+                    f"'routed' lists {n_routed} entries"
+                )
+            _add_half(groups.routed.setdefault(index, {}), name, rest, tensor)
+    return groups
+
+
+def _add_half(halves: _Halves, name: str, rest: str, tensor: torch.Tensor) -> None:
+    param, _, which = rest.rpartition("/")
+    if not param or which not in _FACTORS:
+        raise WireError(f"factor tensor {name!r} is not named <param>/U or <param>/V")
+    halves.setdefault(param, {})[which] = tensor
+
+
+def _pair(kind: str, label: str, halves: _Halves) -> Residual:
+    """Complete (U, V) pairs of matching rank, in the order they arrived."""
+    residual: Residual = {}
+    for param, half in halves.items():
+        for which in _FACTORS:
+            if which not in half:
+                raise WireError(f"{kind} field {label}: factors of {param!r} lack {which}")
+        left, right = half["U"], half["V"]
+        if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[1]:
+            raise WireError(
+                f"{kind} field {label}: factors of {param!r} have shapes "
+                f"{tuple(left.shape)} and {tuple(right.shape)}, not (m, r) and (n, r)"
+            )
+        residual[param] = (left, right)
+    return residual
