@@ -1,0 +1,162 @@
+"""The round engine's `Transport` over gRPC: a parent's children are the processes that dialed in.
+
+Tasks go out concurrently (a send returns only once gRPC has taken the whole payload, so one
+slow link must not hold up the others) and each child's reply is decoded on its own thread. A
+child that is not attached, disconnects, times out or answers with something malformed is left
+out of that round and logged; a late reply to an old task is recognized by its nonce and dropped.
+
+Order: with `ordered` (the default) replies are handed to the engine in task order, so the
+float64 sums and the attention over key layers see the same sequence as the in-process engine
+and a deployment reproduces it bit for bit; a reply that overtakes an earlier one waits decoded
+in memory. Without it, replies are handed over as they arrive and at most one is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from worldlm.errors import WireError
+from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.transport.base import ChildInfo
+from worldlm.transport.codec import decode_message, encode_message
+from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from worldlm.transport.grpc.connection import ChildConnection
+from worldlm.transport.grpc.errors import LinkError
+from worldlm.transport.grpc.server import ParentLinkServer
+
+log = logging.getLogger(__name__)
+Reply = TypeVar("Reply", Update, EvalReport)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How long a parent waits for its children, and how much it accepts from each."""
+
+    round_timeout: float = 3600.0  # seconds from sending the tasks to the last reply
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ordered: bool = True  # hand replies over in task order (exact reproducibility)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A child left out of a round, and why."""
+
+    path: str
+    reason: str
+
+
+class GrpcTransport:
+    """`Transport` for the aggregator at `server.node_path`; other paths have no children here."""
+
+    def __init__(self, server: ParentLinkServer, policy: RoundPolicy | None = None) -> None:
+        self.server = server
+        self.policy = policy or RoundPolicy()
+        self.dropped: list[Dropped] = []  # every exclusion so far, for metrics and the audit
+
+    def children(self, parent: str) -> list[ChildInfo]:
+        if parent != self.server.node_path:
+            return []
+        attached = self.server.children()
+        return [ChildInfo(path, attached[path].info.train_tokens) for path in sorted(attached)]
+
+    def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
+        return self._exchange(tasks, Update)
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
+        return self._exchange(tasks, EvalReport)
+
+    def _exchange(
+        self, tasks: Sequence[TrainTask | EvalTask], reply_type: type[Reply]
+    ) -> Iterator[Reply]:
+        deadline = time.monotonic() + self.policy.round_timeout
+        attached = self.server.children()
+        arrivals: queue.Queue[tuple[int, Reply | Dropped]] = queue.Queue()
+        expected: list[int] = []
+        for index, task in enumerate(tasks):
+            conn = attached.get(task.recipient)
+            if conn is None:
+                self._drop(Dropped(task.recipient, "not attached when the round started"))
+                continue
+            expected.append(index)
+            threading.Thread(
+                target=self._ask,
+                args=(conn, task, reply_type, deadline, index, arrivals),
+                name=f"ask-{task.recipient}",
+                daemon=True,
+            ).start()
+        waiting: dict[int, Reply | None] = {}  # arrived out of order (None: dropped)
+        outstanding = set(expected)
+        next_up = 0  # position in `expected` of the next reply to hand over (ordered mode)
+        while outstanding:
+            try:
+                index, outcome = arrivals.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                for index in sorted(outstanding):
+                    self._drop(Dropped(tasks[index].recipient, "no reply before the timeout"))
+                break
+            outstanding.discard(index)
+            reply = None if isinstance(outcome, Dropped) else outcome
+            if isinstance(outcome, Dropped):
+                self._drop(outcome)
+            if not self.policy.ordered:
+                if reply is not None:
+                    yield reply
+                continue
+            waiting[index] = reply
+            while next_up < len(expected) and expected[next_up] in waiting:
+                ready = waiting.pop(expected[next_up])
+                next_up += 1
+                if ready is not None:
+                    yield ready
+        # Replies that arrived after an earlier child timed out still count, in order.
+        for index in expected[next_up:]:
+            ready = waiting.pop(index, None)
+            if ready is not None:
+                yield ready
+
+    def _ask(
+        self,
+        conn: ChildConnection,
+        task: TrainTask | EvalTask,
+        reply_type: type[Reply],
+        deadline: float,
+        index: int,
+        arrivals: queue.Queue[tuple[int, Reply | Dropped]],
+    ) -> None:
+        """Send one task and wait for its reply; anything else it reads is stale and dropped."""
+        try:
+            kind, payload = encode_message(task)
+            conn.send(kind, payload, timeout=_remaining(deadline))
+            while True:
+                kind, payload = conn.receive(timeout=_remaining(deadline))
+                reply = decode_message(kind, payload, max_bytes=self.policy.max_message_bytes)
+                if isinstance(reply, reply_type) and reply.nonce == task.nonce:
+                    arrivals.put((index, reply))
+                    return
+                log.info("%s: dropped a stale %s (not for this task)", conn.path, kind)
+        except (LinkError, WireError) as exc:
+            arrivals.put((index, Dropped(conn.path, f"{type(exc).__name__}: {exc}")))
+
+    def stop_children(self) -> None:
+        """Tell every attached child the run is over (inner aggregators pass it on)."""
+        from worldlm.transport.grpc.child import STOP_KIND
+
+        for conn in self.server.children().values():
+            try:
+                conn.send(STOP_KIND, b"", timeout=10.0)
+            except LinkError as exc:
+                log.warning("%s: could not be told to stop: %s", conn.path, exc)
+
+    def _drop(self, dropped: Dropped) -> None:
+        log.warning("%s: left out of this round: %s", dropped.path, dropped.reason)
+        self.dropped.append(dropped)
+
+
+def _remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
