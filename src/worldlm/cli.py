@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from worldlm import __version__
+from worldlm.deploy.cli import add_deploy_parsers, run_deploy
 from worldlm.errors import WorldLMError
 from worldlm.security.certs_cli import add_certs_parser, run_certs
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-docs", type=int, help="documents per leaf at most")
 
     add_certs_parser(sub)
+    add_deploy_parsers(sub)
     sub.add_parser("presets", help="list model size presets")
     sub.add_parser("corpora", help="list the named corpora a leaf can use")
     return parser
@@ -134,6 +136,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _build_tree_data(args, console)
     if args.command == "certs":
         return run_certs(args, console)
+    if args.command in ("serve", "join"):
+        return run_deploy(args, console)
     if args.command == "presets":
         from worldlm.model.presets import PRESETS
 

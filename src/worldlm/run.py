@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from transformers import PreTrainedModel
 
 from worldlm import __version__
@@ -105,18 +106,7 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
         status=observer.status,
     )
     observer.status("building the model")
-    model = build_model(
-        config.model, data.tokenizer.get_vocab_size(), seed=derive_seed(config.run.seed, "init")
-    )
-    model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
-    if int(model.config.vocab_size) < data.tokenizer.get_vocab_size():
-        raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and int(positions) < config.model.block_size:
-        raise ModelError(
-            f"model.block_size: {config.model.block_size} is longer than the model's "
-            f"{positions} positions; lower it"
-        )
+    model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
     ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
     fed = build_federation(
         plan,
@@ -132,6 +122,21 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     return Session(
         config, tree, fed, model, data, run_dir, MetricsWriter(run_dir / "metrics.jsonl")
     )
+
+
+def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
+    """The model every node of this process trains or reads: same seed, same initial weights."""
+    model = build_model(config.model, vocab_size, seed=derive_seed(config.run.seed, "init"))
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
+    if int(model.config.vocab_size) < vocab_size:
+        raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and int(positions) < config.model.block_size:
+        raise ModelError(
+            f"model.block_size: {config.model.block_size} is longer than the model's "
+            f"{positions} positions; lower it"
+        )
+    return model
 
 
 def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) -> RunResult:
@@ -248,10 +253,14 @@ def evaluate_tree(session: Session, state: State, round_index: int) -> dict[str,
     fed, tree = session.fed, session.tree
     task = EvalTask(fed.root.ctx.run_id, round_index, "", fed.root.path, "eval", state)
     by_name = fed.root.handle_eval(task).results
-    per_leaf = {leaf.path: by_name[leaf.name] for leaf in tree.leaves()}
+    # A deployed leaf that dropped out of this evaluation has no row; the rest still report.
+    per_leaf = {leaf.path: by_name[leaf.name] for leaf in tree.leaves() if leaf.name in by_name}
     rows: list[Record] = []
     for node in tree.walk():
-        merged = merge_results([per_leaf[leaf.path] for leaf in node.leaves()])
+        present = [per_leaf[leaf.path] for leaf in node.leaves() if leaf.path in per_leaf]
+        if not present:
+            continue
+        merged = merge_results(present)
         rows.append(
             {
                 "round": round_index,

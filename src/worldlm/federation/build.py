@@ -49,8 +49,12 @@ def build_federation(
     stop_cfg: StopConfig,
     worldlm_cfg: WorldLMConfig,
     ctx: RunContext,
+    partial: bool = False,
 ) -> Federation:
-    """Live nodes for every node of `plan.tree`, registered on one in-process transport."""
+    """Live nodes for every node of `plan.tree`, registered on one in-process transport.
+
+    With `partial` (one node of a deployment), leaves whose data is not in `leaf_data` are
+    left out: they run in other processes."""
     tree = plan.tree
     transport = InProcessTransport({n.path: [c.path for c in n.children] for n in tree.walk()})
     aggregators: dict[str, Aggregator] = {}
@@ -74,6 +78,8 @@ def build_federation(
                 ),
             )
             transport.register(aggregators[node.path])
+            continue
+        if partial and node.name not in leaf_data:
             continue
         data = pooled_data(leaf_data) if plan.pooled else leaf_data[node.name]
         leaves[node.path] = Leaf(

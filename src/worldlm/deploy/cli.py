@@ -1,0 +1,69 @@
+"""`worldlm serve` (an aggregator: the root or a sub-federation) and `worldlm join` (a leaf)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from rich.console import Console
+
+from worldlm.errors import ConfigError
+
+
+def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve", help="run an aggregator of a deployment (the root runs the rounds)"
+    )
+    join = sub.add_parser("join", help="run a leaf of a deployment: dial its parent, train")
+    for parser in (serve, join):
+        parser.add_argument("config", type=Path, help="the federation config every node shares")
+        parser.add_argument(
+            "--node", type=Path, required=True, help="this node's own file (identity, TLS, data)"
+        )
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a shared config key (every node must use the same overrides)",
+        )
+        parser.add_argument("--quiet", action="store_true", help="only warnings in the log")
+    serve.add_argument("--out", type=Path, help="the root's run directory")
+
+
+def run_deploy(args: argparse.Namespace, console: Console) -> int:
+    from worldlm.config import load_config
+    from worldlm.deploy.node import answer_as_child, open_node, run_root
+    from worldlm.deploy.node_file import load_node_file
+    from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.report_table import perplexity_table
+
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    config = load_config(args.config, args.overrides)
+    node_file = load_node_file(args.node)
+    with QuietProgress() if args.quiet else RichProgress(console=Console(stderr=True)) as obs:
+        rt = open_node(config, node_file, obs)
+        is_root = rt.node.path == rt.tree.path
+        if args.command == "join" and not rt.node.is_leaf:
+            raise ConfigError(f"{rt.node.path} is an aggregator: start it with `worldlm serve`")
+        if args.command == "serve" and rt.node.is_leaf:
+            raise ConfigError(f"{rt.node.path} is a leaf: start it with `worldlm join`")
+        if not is_root:
+            answered = answer_as_child(rt, node_file)
+            console.print(f"{rt.node.path}: run over after {answered} tasks", highlight=False)
+            return 0
+        result = run_root(rt, node_file, obs, args.out)
+    console.print(
+        perplexity_table(
+            result.before,
+            result.after,
+            f"validation perplexity per leaf ({result.rounds} rounds over gRPC)",
+        )
+    )
+    console.print(f"run directory: {result.run_dir}", highlight=False)
+    return 0

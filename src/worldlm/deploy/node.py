@@ -1,0 +1,225 @@
+"""One node of a deployment in this process: build it from the shared config and its node file,
+then serve its children and/or answer its parent over gRPC.
+
+Every process builds the same initial model from the shared config (same seed), so nothing but
+task and update payloads crosses a link. The run id is the digest of the shared config, so a
+node started with another config is refused by its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from worldlm.config import RunConfig, dump_config
+from worldlm.data.corpora import default_cache_dir
+from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer, prepare_data
+from worldlm.deploy.node_file import NodeFile
+from worldlm.errors import ConfigError
+from worldlm.federation.build import Federation, build_federation
+from worldlm.federation.context import RunContext
+from worldlm.federation.methods import plan_method
+from worldlm.metrics.jsonl import MetricsWriter
+from worldlm.model.state import get_state
+from worldlm.run import (
+    RunObserver,
+    RunResult,
+    Session,
+    build_workspace,
+    config_digest,
+    evaluate_tree,
+    make_run_dir,
+    round_loop,
+)
+from worldlm.train.device import pick_device
+from worldlm.transport.grpc import ChildLink, LinkTimeout, ParentLinkServer, TlsFiles
+from worldlm.transport.grpc.child import answer_parent
+from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
+from worldlm.tree import FederationNode, build_tree
+
+log = logging.getLogger(__name__)
+DEPLOYABLE = ("hierfavg", "worldlm")  # methods that run on the configured tree as it is
+
+
+@dataclass
+class NodeRuntime:
+    config: RunConfig
+    tree: FederationNode
+    node: FederationNode
+    fed: Federation
+    data: PreparedData
+    model: PreTrainedModel
+    run_id: str
+
+
+def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> NodeRuntime:
+    """This process's node, built exactly as the in-process engine builds it."""
+    if config.run.method not in DEPLOYABLE:
+        raise ConfigError(
+            f"run.method: {config.run.method!r} cannot be deployed across processes; use one of "
+            f"{', '.join(DEPLOYABLE)} (a flat config with hierfavg is FedAvg)"
+        )
+    if config.tokenizer.path is None and config.model.path is None:
+        raise ConfigError(
+            "tokenizer.path: a deployment needs one tokenizer file that every node shares "
+            "(no node may train it on the others' data); set tokenizer.path or model.path"
+        )
+    tree = build_tree(config.nodes)
+    try:
+        node = tree.find(node_file.node.path)
+    except KeyError:
+        known = ", ".join(n.path for n in tree.walk())
+        raise ConfigError(
+            f"node.path: {node_file.node.path!r} is not in the federation config (nodes: {known})"
+        ) from None
+    run_id = config_digest(config)[:16]  # of the shared config, before this node's own data
+    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
+    if node.is_leaf:
+        if node_file.data is not None:
+            settings = node.settings.model_copy(
+                update={
+                    "data": node.data.model_copy(
+                        update={"paths": node_file.data.paths, "corpus": None}
+                    )
+                }
+            )
+            node = FederationNode(node.path, settings)
+        check_sources(node)
+        data = prepare_data(
+            node,
+            data_cfg=config.data,
+            tokenizer_cfg=config.tokenizer,
+            model_cfg=config.model,
+            seed=config.run.seed,
+            cache_dir=cache_dir,
+            status=observer.status,
+        )
+    else:
+        tokenizer = choose_tokenizer(config.tokenizer, config.model, [], cache_dir)
+        data = PreparedData(tokenizer, {}, {})
+    device = pick_device(config.run.device)
+    model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
+    fed = build_federation(
+        plan_method(config.run.method, tree),
+        data.leaves,
+        workspace=model,
+        train_cfg=config.train,
+        eval_cfg=config.eval,
+        stop_cfg=config.stop,
+        worldlm_cfg=config.worldlm,
+        ctx=RunContext(run_id, config.run.seed, device, observer),
+        partial=True,
+    )
+    fed.root.state = get_state(model)
+    return NodeRuntime(config, tree, node, fed, data, model, run_id)
+
+
+def tls_files(node_file: NodeFile) -> TlsFiles | None:
+    tls = node_file.tls
+    return None if tls is None else TlsFiles(Path(tls.ca), Path(tls.cert), Path(tls.key))
+
+
+def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
+    """Listen for this aggregator's children and wait until enough of them attached."""
+    if node_file.node.listen is None:
+        raise ConfigError(f"node.listen: aggregator {rt.node.path} needs an address to serve on")
+    link = node_file.link
+    children = [c.path for c in rt.node.children]
+    server = ParentLinkServer(
+        node_file.node.listen,
+        rt.node.path,
+        children,
+        tls_files(node_file),
+        allow_plaintext=node_file.allow_plaintext,
+        run_id=rt.run_id,
+        chunk_bytes=link.chunk_bytes,
+        max_message_bytes=link.max_message_bytes,
+    )
+    wanted = link.min_children or len(children)
+    if wanted > len(children):
+        raise ConfigError(f"link.min_children: {wanted} is more than the {len(children)} children")
+    log.info(
+        "%s: waiting for %d of %d children on %s",
+        rt.node.path,
+        wanted,
+        len(children),
+        server.address,
+    )
+    _wait_for(server, wanted, link.wait_for_children)
+    transport = GrpcTransport(
+        server, RoundPolicy(link.round_timeout, link.max_message_bytes, ordered=True)
+    )
+    rt.fed.aggregators[rt.node.path].transport = transport
+    return transport
+
+
+def _wait_for(server: ParentLinkServer, wanted: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(server.children()) < wanted:
+        if time.monotonic() > deadline:
+            raise LinkTimeout(
+                f"{server.node_path}: only {len(server.children())} of the {wanted} children "
+                f"needed attached within {timeout}s ({', '.join(sorted(server.children()))})"
+            )
+        time.sleep(0.05)
+
+
+def run_root(
+    rt: NodeRuntime, node_file: NodeFile, observer: RunObserver, out: Path | None
+) -> RunResult:
+    """The root: serve the sub-federations, then run the rounds, evaluate and checkpoint."""
+    run_dir = make_run_dir(rt.config, out)
+    (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
+    transport = serve_children(rt, node_file)
+    try:
+        session = Session(
+            rt.config,
+            rt.tree,
+            rt.fed,
+            rt.model,
+            rt.data,
+            run_dir,
+            MetricsWriter(run_dir / "metrics.jsonl"),
+        )
+        before = evaluate_tree(session, rt.fed.root.state, 0)
+        result = round_loop(session, observer, before, first_round=1, tokens=0.0)
+        transport.stop_children()
+        return result
+    finally:
+        transport.server.stop(grace=2.0)
+
+
+def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
+    """A leaf or an inner aggregator: (serve its own children, then) answer its parent."""
+    if node_file.node.parent is None:
+        raise ConfigError(f"node.parent: {rt.node.path} needs its parent's host:port")
+    transport = None if rt.node.is_leaf else serve_children(rt, node_file)
+    handler = rt.fed.leaves[rt.node.path] if rt.node.is_leaf else rt.fed.aggregators[rt.node.path]
+    link = ChildLink(
+        node_file.node.parent,
+        rt.node.path,
+        tls_files(node_file),
+        node_file.allow_plaintext,
+        run_id=rt.run_id,
+        train_tokens=handler.info().train_tokens,
+        chunk_bytes=node_file.link.chunk_bytes,
+        max_message_bytes=node_file.link.max_message_bytes,
+    )
+    try:
+        link.connect_with_backoff(node_file.link.reconnect_wait)
+        return answer_parent(
+            link,
+            handler,
+            run_id=rt.run_id,
+            max_message_bytes=node_file.link.max_message_bytes,
+            reconnect_wait=node_file.link.reconnect_wait,
+        )
+    finally:
+        link.close()
+        if transport is not None:
+            transport.stop_children()
+            transport.server.stop(grace=2.0)
