@@ -5,15 +5,18 @@ engine on the same config."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from worldlm.config import dump_config
+from worldlm.config import RunConfig, dump_config
 from worldlm.data.tokenizer import train_tokenizer
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
@@ -53,20 +56,20 @@ def worldlm(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "worldlm.cli", *map(str, args)]
 
 
-def test_processes_over_mtls_equal_the_in_process_engine(tmp_path: Path) -> None:
+def shared_tokenizer(tmp_path: Path) -> str:
     texts = [d for i, t in enumerate(["med", "law", "code"]) for d in synthetic_documents(t, 60, i)]
     train_tokenizer(texts, vocab_size=320, cache_dir=None).save(str(tmp_path / "tok.json"))
-    overrides = [f"tokenizer.path='{tmp_path / 'tok.json'}'", "stop.rounds=2"]
-    config = tiny_config(tmp_path, THREE_LEVEL, overrides)
-    reference = run(config, QuietProgress(), out=tmp_path / "in-process")
+    return f"tokenizer.path='{tmp_path / 'tok.json'}'"
 
+
+def deploy(tmp_path: Path, config: RunConfig, *, kill: str | None = None) -> Path:
+    """Run `config` (the THREE_LEVEL tree) as five processes; SIGKILL the leaf `kill` once it
+    has started training in round 1. Returns the root's run directory."""
     shared = tmp_path / "federation.toml"
     shared.write_text(dump_config(config), encoding="utf-8")
     pki = tmp_path / "pki"
     subprocess.run(worldlm("certs", "tree", shared, "--out", pki), check=True)
-    root_port, med_port = free_port(), free_port()
-    root = f"127.0.0.1:{root_port}"
-    med = f"127.0.0.1:{med_port}"
+    root, med = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     files = {
@@ -76,33 +79,71 @@ def test_processes_over_mtls_equal_the_in_process_engine(tmp_path: Path) -> None
         "world/med/b": node_file(nodes / "b.toml", "world/med/b", pki, parent=med),
         "world/c": node_file(nodes / "c.toml", "world/c", pki, parent=root),
     }
-    logs = {p: (tmp_path / f"{safe_name(p)}.log").open("w") for p in files}
-    procs = {}
+    log_paths = {p: tmp_path / f"{safe_name(p)}.log" for p in files}
+    logs = {p: log_paths[p].open("w") for p in files}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    run_dir = tmp_path / "deployed"
     try:
-        for path in ("world", "world/med", "world/med/a", "world/med/b", "world/c"):
+        for path, file in files.items():
             verb = "join" if path in THREE_LEVEL else "serve"
-            extra = ["--out", tmp_path / "deployed"] if path == "world" else []
+            extra = ["--out", run_dir] if path == "world" else []
             procs[path] = subprocess.Popen(
-                worldlm(verb, shared, "--node", files[path], *extra),
+                worldlm(verb, shared, "--node", file, *extra),
                 stdout=logs[path],
                 stderr=subprocess.STDOUT,
             )
+        if kill is not None:
+            deadline = time.monotonic() + 300
+            while "train_task of round 1" not in log_paths[kill].read_text("utf-8"):
+                assert time.monotonic() < deadline and procs[kill].poll() is None
+                time.sleep(0.02)
+            procs[kill].send_signal(signal.SIGKILL)
         for path, proc in procs.items():
-            assert proc.wait(timeout=300) == 0, (tmp_path / f"{safe_name(path)}.log").read_text()
+            code = proc.wait(timeout=600)
+            assert code == (-signal.SIGKILL if path == kill else 0), log_paths[path].read_text()
     finally:
         for proc in procs.values():
             proc.kill()
         for log in logs.values():
             log.close()
+    return run_dir
 
-    deployed = load_file(tmp_path / "deployed" / "final" / "world" / "model.safetensors")
-    expected = load_file(reference.run_dir / "final" / "world" / "model.safetensors")
-    assert deployed.keys() == expected.keys()
-    assert all(torch.equal(deployed[k], expected[k]) for k in expected)
 
-    def evals(run_dir: Path) -> list[dict[str, object]]:
-        return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+def evals(run_dir: Path) -> list[dict[str, object]]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
 
-    assert evals(tmp_path / "deployed") == evals(reference.run_dir)
-    summary = json.loads((tmp_path / "deployed" / "summary.json").read_text("utf-8"))
+
+def same_global_model(a: Path, b: Path) -> bool:
+    left = load_file(a / "final" / "world" / "model.safetensors")
+    right = load_file(b / "final" / "world" / "model.safetensors")
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_processes_over_mtls_equal_the_in_process_engine(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, THREE_LEVEL, [shared_tokenizer(tmp_path), "stop.rounds=2"])
+    reference = run(config, QuietProgress(), out=tmp_path / "in-process")
+    deployed = deploy(tmp_path, config)
+    assert same_global_model(deployed, reference.run_dir)
+    assert evals(deployed) == evals(reference.run_dir)
+    summary = json.loads((deployed / "summary.json").read_text("utf-8"))
     assert summary["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_a_leaf_killed_mid_round_is_left_out_and_the_round_completes(tmp_path: Path) -> None:
+    # long enough local training that the kill lands while the leaf is still training
+    overrides = [shared_tokenizer(tmp_path), "stop.rounds=2", "train.local_steps=300"]
+    config = tiny_config(tmp_path, THREE_LEVEL, overrides)
+    deployed = deploy(tmp_path, config, kill="world/med/b")
+    # the same run without that leaf at all: FedAvg over the survivors, round after round
+    survivors = {k: v for k, v in THREE_LEVEL.items() if k != "world/med/b"}
+    reference = run(
+        tiny_config(tmp_path / "ref", survivors, overrides),
+        QuietProgress(),
+        out=tmp_path / "ref-run",
+    )
+    assert same_global_model(deployed, reference.run_dir)
+    # after round 1 the killed leaf is gone from every evaluation, as if it had never been there
+    rows = [r for r in evals(deployed) if r["round"] >= 1]
+    assert rows == [r for r in evals(reference.run_dir) if r["round"] >= 1]
+    assert any(r["node"] == "world/med/b" for r in evals(deployed) if r["round"] == 0)

@@ -66,6 +66,7 @@ def answer_parent(
         except WireError as exc:
             log.error("%s: refused a message from the parent: %s", handler.path, exc)
             continue
+        log.info("%s: %s of round %d", handler.path, kind, task.global_round)
         reply = (
             handler.handle_train(task) if isinstance(task, TrainTask) else handler.handle_eval(task)
         )
