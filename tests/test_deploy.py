@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from worldlm.config import RunConfig, dump_config
 from worldlm.data.tokenizer import train_tokenizer
+from worldlm.deploy.node_file import load_node_file
+from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 from worldlm.run import run
@@ -147,3 +149,25 @@ def test_a_leaf_killed_mid_round_is_left_out_and_the_round_completes(tmp_path: P
     rows = [r for r in evals(deployed) if r["round"] >= 1]
     assert rows == [r for r in evals(reference.run_dir) if r["round"] >= 1]
     assert any(r["node"] == "world/med/b" for r in evals(deployed) if r["round"] == 0)
+
+
+def test_node_files_are_checked_and_paths_are_relative_to_them(tmp_path: Path) -> None:
+    good = tmp_path / "paris.toml"
+    good.write_text(
+        '[node]\npath = "world/eu/paris"\nparent = "localhost:7001"\n'
+        '[tls]\nca = "pki/ca.pem"\ncert = "pki/p.pem"\nkey = "pki/p.key"\n'
+        '[data]\npaths = ["notes.jsonl"]\n',
+        encoding="utf-8",
+    )
+    node = load_node_file(good)
+    assert node.tls is not None and node.tls.ca == str(tmp_path / "pki" / "ca.pem")
+    assert node.data is not None and node.data.paths == [str(tmp_path / "notes.jsonl")]
+    assert node.link.round_timeout == 3600.0 and not node.allow_plaintext
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\npath = "world"\nlisten = 7000\n[link]\nround_timout = 5\n', "utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_node_file(bad)
+    assert "node.listen" in str(err.value) and "link.round_timout" in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_node_file(tmp_path / "missing.toml")
