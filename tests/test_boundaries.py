@@ -15,6 +15,7 @@ def test_core_imports_no_transport_library() -> None:
         "import sys\n"
         "import worldlm.run, worldlm.federation.aggregator, worldlm.strategies.fedavg\n"
         "import worldlm.train.local, worldlm.data.prepare, worldlm.model.build, worldlm.wire\n"
+        "import worldlm.cli, worldlm.compare, worldlm.transport.codec\n"
         "bad = [m for m in ('grpc', 'ray') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
