@@ -22,10 +22,14 @@ ABLATIONS = (
     ("routing-0.1", "routing on: lambda_route 0.1, top-1"),
     ("own-K", "leaves deploy their own last-trained K"),
     ("eps-0.5", "attention step eps 0.5"),
-    ("inner-rounds-2", "2 inner rounds of 6 steps per root round (same tokens)"),
+    ("inner-rounds-2", "2 inner rounds of 6 steps per root round (vs FedAvg 12 x 6)"),
     ("lr-4e-3", "learning rate 4e-3 for WorldLM and FedAvg (default 2e-3)"),
     ("attended-K", "each leaf sent its own attended K (child_key_layers = attended)"),
+    ("rounds-12x6", "12 rounds of 6 steps, no inner rounds (FedAvg rerun the same way)"),
+    ("inner-rounds-2-attended-K", "2 inner rounds of 6 steps and attended K (vs FedAvg 12 x 6)"),
 )
+# Variants compared with a FedAvg rerun elsewhere: the one with the same aggregation rhythm.
+FEDAVG_REFERENCE = {"inner-rounds-2": "rounds-12x6", "inner-rounds-2-attended-K": "rounds-12x6"}
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -61,6 +65,8 @@ def main(runs: Path, plots: Path) -> None:
                 continue
             # a variant that reran FedAvg (the learning rate) is compared with that rerun
             rerun = method_of(run_dir, "fedavg")
+            if name in FEDAVG_REFERENCE:
+                rerun = method_of(runs / "ablations" / tree / FEDAVG_REFERENCE[name], "fedavg")
             reference = rerun.mean if rerun is not None else fedavg
             rows.append(
                 [
@@ -96,7 +102,22 @@ def main(runs: Path, plots: Path) -> None:
             print(markdown_table(header, rows) + "\n")
 
 
+def scarce(runs: Path, plots: Path) -> None:
+    """The small-data regime: the methods it ran, plus WorldLM with attended K."""
+    base = runs / "scarce" / "domains"
+    if not base.is_dir():
+        return
+    results = [m for m in (method_of(base, name) for name in METHODS) if m is not None]
+    attended = method_of(runs / "scarce" / "domains-attended-K")
+    if attended is not None:
+        results.append(MethodResult("worldlm, attended K", attended.ppl, attended.curve))
+    print("## domains, little data per leaf: methods\n")
+    print(markdown_table(*table_rows(results)) + "\n")
+    shutil.copyfile(base / "perplexity.png", plots / "scarce-domains-perplexity.png")
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    scarce(Path(sys.argv[1]), Path(sys.argv[2]))

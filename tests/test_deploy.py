@@ -46,9 +46,9 @@ def node_file(path: Path, node: str, pki: Path, **addresses: str) -> Path:
         f'cert = "{pki / (name + ".pem")}"',
         f'key = "{pki / (name + ".key")}"',
         "[link]",
-        "round_timeout = 120",
-        "wait_for_children = 120",
-        "reconnect_wait = 60",
+        "round_timeout = 900",
+        "wait_for_children = 900",
+        "reconnect_wait = 900",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
