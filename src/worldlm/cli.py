@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from worldlm import __version__
+from worldlm.cli_args import add_override_arg
 from worldlm.deploy.cli import add_deploy_parsers, run_deploy
 from worldlm.errors import WorldLMError
 from worldlm.security.certs_cli import add_certs_parser, run_certs
@@ -18,14 +19,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config", nargs="?", type=Path, help="run config (TOML); default: the embedded demo"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    add_override_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,16 +95,7 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     tree = build_tree(config.nodes)
     plan = plan_method(config.run.method, tree)
     device = pick_device(config.run.device)
-    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
-    data = prepare_data(
-        tree,
-        data_cfg=config.data,
-        tokenizer_cfg=config.tokenizer,
-        model_cfg=config.model,
-        seed=config.run.seed,
-        cache_dir=cache_dir,
-        status=observer.status,
-    )
+    data = prepare_config_data(tree, config, observer)
     observer.status("building the model")
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
     ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
@@ -121,6 +112,25 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     fed.root.state = get_state(model)
     return Session(
         config, tree, fed, model, data, run_dir, MetricsWriter(run_dir / "metrics.jsonl")
+    )
+
+
+def cache_dir_of(config: RunConfig) -> Path:
+    return Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
+
+
+def prepare_config_data(
+    tree: FederationNode, config: RunConfig, observer: RunObserver
+) -> PreparedData:
+    """Blocks for every leaf of `tree` (the whole tree, or one deployed leaf) per `config`."""
+    return prepare_data(
+        tree,
+        data_cfg=config.data,
+        tokenizer_cfg=config.tokenizer,
+        model_cfg=config.model,
+        seed=config.run.seed,
+        cache_dir=cache_dir_of(config),
+        status=observer.status,
     )
 
 

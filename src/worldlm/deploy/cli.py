@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from worldlm.cli_args import add_override_arg
 from worldlm.errors import ConfigError
 
 
@@ -21,14 +22,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         parser.add_argument(
             "--node", type=Path, required=True, help="this node's own file (identity, TLS, data)"
         )
-        parser.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a shared config key (every node must use the same overrides)",
-        )
+        add_override_arg(parser, "; every node must use the same overrides")
         parser.add_argument("--quiet", action="store_true", help="only warnings in the log")
     serve.add_argument("--out", type=Path, help="the root's run directory")
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from worldlm.config import RunConfig, dump_config
-from worldlm.data.corpora import default_cache_dir
-from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer, prepare_data
+from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
 from worldlm.deploy.node_file import NodeFile
 from worldlm.errors import ConfigError
 from worldlm.federation.build import Federation, build_federation
@@ -30,9 +29,11 @@ from worldlm.run import (
     RunResult,
     Session,
     build_workspace,
+    cache_dir_of,
     config_digest,
     evaluate_tree,
     make_run_dir,
+    prepare_config_data,
     round_loop,
 )
 from worldlm.train.device import pick_device
@@ -77,7 +78,6 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
             f"node.path: {node_file.node.path!r} is not in the federation config (nodes: {known})"
         ) from None
     run_id = config_digest(config)[:16]  # of the shared config, before this node's own data
-    cache_dir = Path(config.run.cache_dir) if config.run.cache_dir else default_cache_dir()
     if node.is_leaf:
         if node_file.data is not None:
             settings = node.settings.model_copy(
@@ -89,17 +89,9 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
             )
             node = FederationNode(node.path, settings)
         check_sources(node)
-        data = prepare_data(
-            node,
-            data_cfg=config.data,
-            tokenizer_cfg=config.tokenizer,
-            model_cfg=config.model,
-            seed=config.run.seed,
-            cache_dir=cache_dir,
-            status=observer.status,
-        )
+        data = prepare_config_data(node, config, observer)
     else:
-        tokenizer = choose_tokenizer(config.tokenizer, config.model, [], cache_dir)
+        tokenizer = choose_tokenizer(config.tokenizer, config.model, [], cache_dir_of(config))
         data = PreparedData(tokenizer, {}, {})
     device = pick_device(config.run.device)
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)

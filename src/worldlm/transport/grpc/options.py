@@ -45,7 +45,8 @@ def frame_limit(chunk_bytes: int) -> int:
     return max(chunk_bytes, DEFAULT_CHUNK_BYTES) + FRAME_HEADROOM
 
 
-def channel_options(chunk_bytes: int) -> GrpcOptions:
+def _common_options(chunk_bytes: int) -> GrpcOptions:
+    """Frame limits and keepalive, the same at both ends of a link."""
     limit = frame_limit(chunk_bytes)
     return [
         ("grpc.max_send_message_length", limit),
@@ -55,20 +56,20 @@ def channel_options(chunk_bytes: int) -> GrpcOptions:
         ("grpc.keepalive_permit_without_calls", 1),
         # 0 = no cap on pings while no data flows; the default (2) would stop them when idle.
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def channel_options(chunk_bytes: int) -> GrpcOptions:
+    return [
+        *_common_options(chunk_bytes),
         # Our own backoff decides when to retry; a fresh channel is made for each attempt.
         ("grpc.enable_retries", 0),
     ]
 
 
 def server_options(chunk_bytes: int) -> GrpcOptions:
-    limit = frame_limit(chunk_bytes)
     return [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        *_common_options(chunk_bytes),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         # gRPC sets SO_REUSEPORT by default, which lets a second parent bind the same port and
