@@ -25,7 +25,7 @@ from worldlm.errors import CheckpointError, ConfigError, ModelError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
 from worldlm.federation.messages import EvalTask, Record, State
-from worldlm.federation.methods import plan_method
+from worldlm.federation.methods import MethodPlan, plan_method
 from worldlm.federation.snapshot import restore, snapshot
 from worldlm.metrics.jsonl import MetricsWriter, read_metrics
 from worldlm.model.build import build_model, count_parameters
@@ -99,17 +99,7 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     observer.status("building the model")
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
     ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
-    fed = build_federation(
-        plan,
-        data.leaves,
-        workspace=model,
-        train_cfg=config.train,
-        eval_cfg=config.eval,
-        stop_cfg=config.stop,
-        worldlm_cfg=config.worldlm,
-        ctx=ctx,
-    )
-    fed.root.state = get_state(model)
+    fed = federation_from_config(config, plan, data, model, ctx)
     return Session(
         config, tree, fed, model, data, run_dir, MetricsWriter(run_dir / "metrics.jsonl")
     )
@@ -132,6 +122,31 @@ def prepare_config_data(
         cache_dir=cache_dir_of(config),
         status=observer.status,
     )
+
+
+def federation_from_config(
+    config: RunConfig,
+    plan: MethodPlan,
+    data: PreparedData,
+    model: PreTrainedModel,
+    ctx: RunContext,
+    *,
+    partial: bool = False,
+) -> Federation:
+    """The live federation of `plan` on `model`, its root holding the initial weights."""
+    fed = build_federation(
+        plan,
+        data.leaves,
+        workspace=model,
+        train_cfg=config.train,
+        eval_cfg=config.eval,
+        stop_cfg=config.stop,
+        worldlm_cfg=config.worldlm,
+        ctx=ctx,
+        partial=partial,
+    )
+    fed.root.state = get_state(model)
+    return fed
 
 
 def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:

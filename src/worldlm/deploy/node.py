@@ -19,11 +19,10 @@ from worldlm.config import RunConfig, dump_config
 from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
 from worldlm.deploy.node_file import NodeFile
 from worldlm.errors import ConfigError
-from worldlm.federation.build import Federation, build_federation
+from worldlm.federation.build import Federation
 from worldlm.federation.context import RunContext
 from worldlm.federation.methods import plan_method
 from worldlm.metrics.jsonl import MetricsWriter
-from worldlm.model.state import get_state
 from worldlm.run import (
     RunObserver,
     RunResult,
@@ -32,6 +31,7 @@ from worldlm.run import (
     cache_dir_of,
     config_digest,
     evaluate_tree,
+    federation_from_config,
     make_run_dir,
     prepare_config_data,
     round_loop,
@@ -95,18 +95,14 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
         data = PreparedData(tokenizer, {}, {})
     device = pick_device(config.run.device)
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
-    fed = build_federation(
+    fed = federation_from_config(
+        config,
         plan_method(config.run.method, tree),
-        data.leaves,
-        workspace=model,
-        train_cfg=config.train,
-        eval_cfg=config.eval,
-        stop_cfg=config.stop,
-        worldlm_cfg=config.worldlm,
-        ctx=RunContext(run_id, config.run.seed, device, observer),
+        data,
+        model,
+        RunContext(run_id, config.run.seed, device, observer),
         partial=True,
     )
-    fed.root.state = get_state(model)
     return NodeRuntime(config, tree, node, fed, data, model, run_id)
 
 

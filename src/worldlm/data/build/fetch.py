@@ -201,8 +201,10 @@ class Leaf:
     extract: Callable[[list[Path]], Iterable[str]]
 
 
-def write_jsonl(out: Path, docs: Iterable[str]) -> int:
-    """Write `docs` as `{"text": ...}` lines to `out` atomically (tmp file + os.replace)."""
+def write_jsonl(out: Path, docs: Iterable[str], empty_hint: str | None = None) -> int:
+    """Write `docs` as `{"text": ...}` lines to `out` atomically (tmp file + os.replace).
+
+    With `empty_hint`, writing no document is a DataError and leaves `out` untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     count = 0
@@ -211,6 +213,8 @@ def write_jsonl(out: Path, docs: Iterable[str]) -> int:
             for doc in docs:
                 fh.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
                 count += 1
+        if count == 0 and empty_hint is not None:
+            raise DataError(f"no documents were extracted for {out.name}: {empty_hint}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
