@@ -103,6 +103,6 @@ def test_rejected_replies_are_recorded_and_skipped() -> None:
             "node": "root",
             "kind": "rejected",
             "sender": "root/b",
-            "reason": "w: shape (4,) is wrong",
+            "reason": "w: shape (4,), expected (3,)",
         }
     ]

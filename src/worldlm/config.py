@@ -148,6 +148,21 @@ class SampleConfig(Section):
     weighting: Literal["uniform", "data_size"] = Field(
         "uniform", description="Sample uniformly, or with probability by training tokens."
     )
+    skip_unavailable: bool = Field(
+        True, description="Leave out children that reported themselves unavailable on attaching."
+    )
+    min_memory_gb: float = Field(
+        0.0, ge=0.0, description="Leave out children that reported less memory (GB) than this."
+    )
+    straggler_misses: int = Field(
+        0,
+        ge=0,
+        description="Bench a child after this many selected rounds in a row without a valid "
+        "reply (0: never).",
+    )
+    straggler_cooldown: int = Field(
+        5, ge=1, description="Rounds a benched straggler sits out before it is tried again."
+    )
 
 
 class LeafDataConfig(Section):
@@ -173,6 +188,18 @@ class NodeConfig(Section):
     inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
     sample: SampleConfig = Field(
         default_factory=SampleConfig, description="How children are sampled each round."
+    )
+    min_replies: int = Field(
+        1,
+        ge=1,
+        description="Valid replies a round needs; with fewer, the round changes nothing "
+        "and is recorded as skipped.",
+    )
+    max_change: float = Field(
+        1000.0,
+        gt=0.0,
+        description="Refuse a reply whose distance from the model it was sent is above this "
+        "many times that model's norm (a blown-up or hostile update).",
     )
     data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
 

@@ -6,6 +6,7 @@ with its aggregate; the root's run loop calls `run_round` directly.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ from worldlm.federation.messages import (
     TrainTask,
     Update,
 )
-from worldlm.federation.selection import select_children
+from worldlm.federation.selection import eligible, select_children, update_stragglers
 from worldlm.model.state import cast_like
 from worldlm.strategies.registry import Strategy
 from worldlm.strategies.routing import Residual, route
 from worldlm.train.evaluate import EvalResult
-from worldlm.transport.base import ChildInfo, Transport
+from worldlm.transport.base import ChildInfo, Dropout, Transport
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Aggregator:
         self.strategy = strategy
         self.ctx = ctx
         self.rounds_done = 0  # this node's own round counter (seeds its selection)
+        self.misses: dict[str, int] = {}  # selected rounds in a row without a valid reply
+        self.benched_until: dict[str, int] = {}  # stragglers sit out until this round index
         self.state: State = {}
 
     def info(self) -> ChildInfo:
@@ -116,10 +119,13 @@ class Aggregator:
         started = time.perf_counter()
         r = self.rounds_done
         infos = self.transport.children(self.path)
+        sizes = {c.path: c.train_tokens for c in infos}
+        sample = self.settings.sample
+        pool = eligible({c.path: c.resources for c in infos}, sample, self.benched_until, r)
         chosen = select_children(
-            [c.path for c in infos],
-            [c.train_tokens for c in infos],
-            self.settings.sample,
+            pool,
+            [sizes[path] for path in pool],
+            sample,
             seed=self.ctx.seed,
             path=self.path,
             round_index=r,
@@ -149,7 +155,7 @@ class Aggregator:
         round_keys: set[str] | None = None  # every reply of a round carries the same keys
         for update in self.transport.train(list(tasks.values())):
             try:
-                check_reply(update, tasks, answered, state, round_keys)
+                check_reply(update, tasks, answered, round_keys, self.settings.max_change)
             except UpdateRejected as exc:
                 records.append(_rejection(global_round, self.path, exc))
                 continue
@@ -162,6 +168,17 @@ class Aggregator:
             if self.router is not None and update.residual:
                 self.residuals[update.sender] = update.residual
             weight += update.weight
+        records.extend(_incident(global_round, self.path, d) for d in self.transport.dropouts())
+        benched = update_stragglers(chosen, answered, self.misses, self.benched_until, sample, r)
+        if len(answered) < self.settings.min_replies:
+            # Too few replies to trust an aggregate: this round changes nothing (TESTPLAN B6).
+            records.append(
+                self._aggregate_record(global_round, r, chosen, answered, 0.0, started, benched)
+            )
+            records[-1]["status"] = "too_few_replies"
+            self.rounds_done += 1
+            self.state = state
+            return RoundOutcome(state, state, 1.0, 0.0, records)
         exact, scale = aggregation.result()
         # Keys no child sent (the root's K under WorldLM) keep their current value.
         model = {**state, **(exact if scale == 1.0 else {k: v / scale for k, v in exact.items()})}
@@ -174,20 +191,35 @@ class Aggregator:
         if self.router is not None and len(self.residuals) > 1:
             self.routes = route(self.residuals, top_k=self.router.top_k, tau=self.router.tau)
         records.append(
-            {
-                "round": global_round,
-                "node": self.path,
-                "kind": "aggregate",
-                "local_round": r,
-                "selected": chosen,
-                "participants": sorted(answered),
-                "tokens": weight,
-                "seconds": time.perf_counter() - started,
-            }
+            self._aggregate_record(global_round, r, chosen, answered, weight, started, benched)
         )
         self.rounds_done += 1
         self.state = new_state
         return RoundOutcome(new_state, exact, scale, weight, records)
+
+    def _aggregate_record(
+        self,
+        global_round: int,
+        local_round: int,
+        chosen: list[str],
+        answered: set[str],
+        weight: float,
+        started: float,
+        benched: list[str],
+    ) -> Record:
+        return {
+            "round": global_round,
+            "node": self.path,
+            "kind": "aggregate",
+            "local_round": local_round,
+            "status": "ok",
+            "selected": chosen,
+            "participants": sorted(answered),
+            "missing": sorted(set(chosen) - answered),
+            "benched": benched,
+            "tokens": weight,
+            "seconds": time.perf_counter() - started,
+        }
 
     def state_for(self, child: str, state: State) -> State:
         """What `child` is sent: the model, with its own attended K when it has one."""
@@ -230,10 +262,18 @@ class Aggregator:
             for name, (left, right) in residual.items():
                 tensors[f"residual#{source}#{name}#U"] = left
                 tensors[f"residual#{source}#{name}#V"] = right
-        return tensors, {"rounds_done": self.rounds_done, "routes": self.routes}
+        meta = {
+            "rounds_done": self.rounds_done,
+            "routes": self.routes,
+            "misses": self.misses,
+            "benched_until": self.benched_until,
+        }
+        return tensors, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.rounds_done = int(meta["rounds_done"])
+        self.misses = {k: int(v) for k, v in meta.get("misses", {}).items()}
+        self.benched_until = {k: int(v) for k, v in meta.get("benched_until", {}).items()}
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
         self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
@@ -260,11 +300,11 @@ def check_reply(
     update: Update,
     tasks: dict[str, TrainTask],
     answered: set[str],
-    state: State,
     round_keys: set[str] | None,
+    max_change: float,
 ) -> None:
-    """Refuse a reply that is not an answer to this round's task for its sender, or whose
-    tensors do not match the model (the privacy layer adds norm and value checks)."""
+    """Refuse a reply that is not this round's answer of its sender, or whose tensors could
+    not be part of the model it was sent (TESTPLAN D16). Each refusal names its check."""
     task = tasks.get(update.sender)
     if task is None:
         raise UpdateRejected(update.sender, "not selected this round")
@@ -272,17 +312,54 @@ def check_reply(
         raise UpdateRejected(update.sender, "duplicate reply")
     if update.round != task.round or update.nonce != task.nonce:
         raise UpdateRejected(update.sender, "reply to another round or task")
-    if not update.weight > 0:  # also refuses NaN
-        raise UpdateRejected(update.sender, f"weight {update.weight} is not positive")
-    if not update.state.keys() <= state.keys():
-        raise UpdateRejected(update.sender, "parameter names the model does not have")
+    if not update.weight > 0 or not math.isfinite(update.weight):  # `not >` refuses NaN
+        raise UpdateRejected(update.sender, f"weight {update.weight} is not a positive number")
+    if not update.scale > 0 or not math.isfinite(update.scale):
+        raise UpdateRejected(update.sender, f"scale {update.scale} is not a positive number")
+    sent = task.state
+    if not update.state.keys() <= sent.keys():
+        extra = sorted(update.state.keys() - sent.keys())
+        raise UpdateRejected(update.sender, f"parameter names the model does not have: {extra}")
     if round_keys is not None and set(update.state) != round_keys:
+        missing = sorted(round_keys - update.state.keys())
         raise UpdateRejected(
-            update.sender, "parameter names differ from this round's other replies"
+            update.sender,
+            f"parameter names differ from this round's other replies (missing {missing})",
         )
+    change = norm = 0.0
     for key, value in update.state.items():
-        if value.shape != state[key].shape:
-            raise UpdateRejected(update.sender, f"{key}: shape {tuple(value.shape)} is wrong")
+        if value.shape != sent[key].shape:
+            raise UpdateRejected(
+                update.sender,
+                f"{key}: shape {tuple(value.shape)}, expected {tuple(sent[key].shape)}",
+            )
+        # A forwarded sum travels in float64; anything else comes in the model's own dtype.
+        if value.dtype not in (sent[key].dtype, torch.float64):
+            raise UpdateRejected(
+                update.sender, f"{key}: dtype {value.dtype}, expected {sent[key].dtype}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
+        reference = sent[key].double()
+        change += float((value.double() / update.scale - reference).square().sum())
+        norm += float(reference.square().sum())
+    if norm > 0 and math.sqrt(change) > max_change * math.sqrt(norm):  # (a zero model: no scale)
+        raise UpdateRejected(
+            update.sender,
+            f"the update moves the model by {math.sqrt(change):.3g}, more than max_change "
+            f"{max_change:g} times the model's norm {math.sqrt(norm):.3g}",
+        )
+
+
+def _incident(global_round: int, path: str, dropout: Dropout) -> Record:
+    """A metrics row for a child the transport left out, or a message it refused."""
+    return {
+        "round": global_round,
+        "node": path,
+        "kind": "dropped" if dropout.left_out else "refused",
+        "sender": dropout.path,
+        "reason": dropout.reason,
+    }
 
 
 def _rejection(global_round: int, path: str, exc: UpdateRejected) -> Record:

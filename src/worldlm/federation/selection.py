@@ -1,9 +1,11 @@
-"""Deterministic child selection from (run seed, node path, round)."""
+"""Deterministic child selection from (run seed, node path, round), after leaving out
+children that are unavailable, too small, or benched as chronic stragglers."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -39,3 +41,49 @@ def select_children(
         picks = torch.randperm(len(ordered), generator=gen)[:k]
     chosen = sorted(int(p) for p in picks)
     return [children[ordered[i]] for i in chosen]
+
+
+def eligible(
+    resources: Mapping[str, Mapping[str, Any]],
+    cfg: SampleConfig,
+    benched_until: Mapping[str, int],
+    round_index: int,
+) -> list[str]:
+    """The children that may be sampled this round, in path order: not benched as stragglers,
+    and (where they reported it when attaching) available with enough memory. A child that
+    reported nothing, like every in-process child, is eligible."""
+    kept = []
+    for path in sorted(resources):
+        reported = resources[path]
+        if benched_until.get(path, -1) > round_index:
+            continue
+        if cfg.skip_unavailable and reported.get("available") is False:
+            continue
+        memory = reported.get("memory_gb")
+        if cfg.min_memory_gb and isinstance(memory, int | float) and memory < cfg.min_memory_gb:
+            continue
+        kept.append(path)
+    return kept
+
+
+def update_stragglers(
+    selected: Sequence[str],
+    answered: set[str],
+    misses: dict[str, int],
+    benched_until: dict[str, int],
+    cfg: SampleConfig,
+    round_index: int,
+) -> list[str]:
+    """Count rounds in a row each selected child failed to answer; bench one that reached
+    `straggler_misses` for `straggler_cooldown` rounds. Returns the children benched now."""
+    benched = []
+    for child in selected:
+        if child in answered:
+            misses.pop(child, None)
+            continue
+        misses[child] = misses.get(child, 0) + 1
+        if cfg.straggler_misses and misses[child] >= cfg.straggler_misses:
+            benched_until[child] = round_index + 1 + cfg.straggler_cooldown
+            misses.pop(child)
+            benched.append(child)
+    return benched

@@ -6,9 +6,9 @@ as they arrive, so an aggregator never holds more than one child's update.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 
@@ -19,6 +19,18 @@ class ChildInfo:
 
     path: str
     train_tokens: int  # training tokens in its subtree, for data-size weighted sampling
+    # What a deployed child reported when it attached: "available", "memory_gb", "cpus", ...
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A child left out of a round, and why (disconnected, timed out, ...); or, with
+    `left_out` false, a message of a child that was refused (a replay, a forged sender)."""
+
+    path: str
+    reason: str
+    left_out: bool = True
 
 
 class NodeHandler(Protocol):
@@ -44,4 +56,8 @@ class Transport(Protocol):
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
         """Send each evaluation task; yield reports as they arrive."""
+        ...
+
+    def dropouts(self) -> list[Dropout]:
+        """Children left out and messages refused since the last call; cleared by the call."""
         ...

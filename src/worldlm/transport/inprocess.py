@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from worldlm.errors import TransportError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
-from worldlm.transport.base import ChildInfo, NodeHandler
+from worldlm.transport.base import ChildInfo, Dropout, NodeHandler
 
 
 class InProcessTransport:
@@ -37,3 +37,6 @@ class InProcessTransport:
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
         for task in tasks:
             yield self.handler(task.recipient).handle_eval(task)
+
+    def dropouts(self) -> list[Dropout]:
+        return []  # a child in this process either answers or raises

@@ -3,7 +3,7 @@
 Tasks go out concurrently (a send returns only once gRPC has taken the whole payload, so one
 slow link must not hold up the others) and each child's reply is decoded on its own thread. A
 child that is not attached, disconnects, times out or answers with something malformed is left
-out of that round and logged; a late reply to an old task is recognized by its nonce and dropped.
+out of that round and logged; a late reply to an old task is recognized by its nonce and refused.
 
 Order: with `ordered` (the default) replies are handed to the engine in task order, so the
 float64 sums and the attention over key layers see the same sequence as the in-process engine
@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
-from worldlm.transport.base import ChildInfo
+from worldlm.transport.base import ChildInfo, Dropout
 from worldlm.transport.codec import decode_message, encode_message
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
@@ -43,27 +43,26 @@ class RoundPolicy:
     ordered: bool = True  # hand replies over in task order (exact reproducibility)
 
 
-@dataclass(frozen=True)
-class Dropped:
-    """A child left out of a round, and why."""
-
-    path: str
-    reason: str
-
-
 class GrpcTransport:
     """`Transport` for the aggregator at `server.node_path`; other paths have no children here."""
 
     def __init__(self, server: ParentLinkServer, policy: RoundPolicy | None = None) -> None:
         self.server = server
         self.policy = policy or RoundPolicy()
-        self.dropped: list[Dropped] = []  # every exclusion so far, for metrics and the audit
+        self.dropped: list[Dropout] = []  # exclusions not yet collected by `dropouts()`
 
     def children(self, parent: str) -> list[ChildInfo]:
         if parent != self.server.node_path:
             return []
         attached = self.server.children()
-        return [ChildInfo(path, attached[path].info.train_tokens) for path in sorted(attached)]
+        return [
+            ChildInfo(path, attached[path].info.train_tokens, attached[path].info.resources)
+            for path in sorted(attached)
+        ]
+
+    def dropouts(self) -> list[Dropout]:
+        taken, self.dropped = self.dropped, []
+        return taken
 
     def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
         return self._exchange(tasks, Update)
@@ -76,12 +75,12 @@ class GrpcTransport:
     ) -> Iterator[Reply]:
         deadline = time.monotonic() + self.policy.round_timeout
         attached = self.server.children()
-        arrivals: queue.Queue[tuple[int, Reply | Dropped]] = queue.Queue()
+        arrivals: queue.Queue[tuple[int, Reply | Dropout]] = queue.Queue()
         expected: list[int] = []
         for index, task in enumerate(tasks):
             conn = attached.get(task.recipient)
             if conn is None:
-                self._drop(Dropped(task.recipient, "not attached when the round started"))
+                self._drop(Dropout(task.recipient, "not attached when the round started"))
                 continue
             expected.append(index)
             threading.Thread(
@@ -98,11 +97,11 @@ class GrpcTransport:
                 index, outcome = arrivals.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 for index in sorted(outstanding):
-                    self._drop(Dropped(tasks[index].recipient, "no reply before the timeout"))
+                    self._drop(Dropout(tasks[index].recipient, "no reply before the timeout"))
                 break
             outstanding.discard(index)
-            reply = None if isinstance(outcome, Dropped) else outcome
-            if isinstance(outcome, Dropped):
+            reply = None if isinstance(outcome, Dropout) else outcome
+            if isinstance(outcome, Dropout):
                 self._drop(outcome)
             if not self.policy.ordered:
                 if reply is not None:
@@ -127,21 +126,23 @@ class GrpcTransport:
         reply_type: type[Reply],
         deadline: float,
         index: int,
-        arrivals: queue.Queue[tuple[int, Reply | Dropped]],
+        arrivals: queue.Queue[tuple[int, Reply | Dropout]],
     ) -> None:
-        """Send one task and wait for its reply; anything else it reads is stale and dropped."""
+        """Send one task and wait for its reply; anything else it reads is refused."""
         try:
             kind, payload = encode_message(task)
             conn.send(kind, payload, timeout=_remaining(deadline))
             while True:
                 kind, payload = conn.receive(timeout=_remaining(deadline))
                 reply = decode_message(kind, payload, max_bytes=self.policy.max_message_bytes)
-                if isinstance(reply, reply_type) and reply.nonce == task.nonce:
-                    arrivals.put((index, reply))
+                answer = _as_answer(reply, reply_type, task, conn.path)
+                if not isinstance(answer, str):
+                    arrivals.put((index, answer))
                     return
-                log.info("%s: dropped a stale %s (not for this task)", conn.path, kind)
+                # Refused and recorded, but the child may still send its real answer in time.
+                self._drop(Dropout(conn.path, f"refused a {kind}: {answer}", left_out=False))
         except (LinkError, WireError) as exc:
-            arrivals.put((index, Dropped(conn.path, f"{type(exc).__name__}: {exc}")))
+            arrivals.put((index, Dropout(conn.path, f"{type(exc).__name__}: {exc}")))
 
     def stop_children(self) -> None:
         """Tell every attached child the run is over (inner aggregators pass it on)."""
@@ -153,9 +154,25 @@ class GrpcTransport:
             except LinkError as exc:
                 log.warning("%s: could not be told to stop: %s", conn.path, exc)
 
-    def _drop(self, dropped: Dropped) -> None:
-        log.warning("%s: left out of this round: %s", dropped.path, dropped.reason)
+    def _drop(self, dropped: Dropout) -> None:
+        what = "left out of this round" if dropped.left_out else "message refused"
+        log.warning("%s: %s: %s", dropped.path, what, dropped.reason)
         self.dropped.append(dropped)
+
+
+def _as_answer(
+    reply: object, reply_type: type[Reply], task: TrainTask | EvalTask, peer: str
+) -> Reply | str:
+    """`reply` if it is the authenticated `peer`'s answer to `task`, else why it is not.
+
+    The sender field is only a claim; the certificate-checked link says who really sent it."""
+    if not isinstance(reply, reply_type):
+        return f"expected a {reply_type.__name__}"
+    if reply.sender != peer:
+        return f"it claims to come from {reply.sender!r}, but the link belongs to {peer!r}"
+    if reply.nonce != task.nonce:
+        return "it answers another task (a replay, or a reply to an earlier round)"
+    return reply
 
 
 def _remaining(deadline: float) -> float:
