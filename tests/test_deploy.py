@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,12 @@ from worldlm.config import RunConfig, dump_config
 from worldlm.data.tokenizer import train_tokenizer
 from worldlm.deploy.node_file import load_node_file
 from worldlm.errors import ConfigError
+from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.run import evaluate_tree, open_session, round_loop, run
 from worldlm.security.certs import safe_name
+from worldlm.transport.base import ChildInfo, Dropout, Transport
 
 from .conftest import synthetic_documents, tiny_config
 
@@ -36,7 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_file(path: Path, node: str, pki: Path, **addresses: str) -> Path:
+def node_file(
+    path: Path, node: str, pki: Path, *, rejoin_wait: float = 10.0, **addresses: str
+) -> Path:
     name = safe_name(node)
     lines = ["[node]", f'path = "{node}"']
     lines += [f'{key} = "{value}"' for key, value in addresses.items()]
@@ -49,6 +54,7 @@ def node_file(path: Path, node: str, pki: Path, **addresses: str) -> Path:
         "round_timeout = 900",
         "wait_for_children = 900",
         "reconnect_wait = 900",
+        f"rejoin_wait = {rejoin_wait}",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -64,9 +70,18 @@ def shared_tokenizer(tmp_path: Path) -> str:
     return f"tokenizer.path='{tmp_path / 'tok.json'}'"
 
 
-def deploy(tmp_path: Path, config: RunConfig, *, kill: str | None = None) -> Path:
-    """Run `config` (the THREE_LEVEL tree) as five processes; SIGKILL the leaf `kill` once it
-    has started training in round 1. Returns the root's run directory."""
+def deploy(
+    tmp_path: Path,
+    config: RunConfig,
+    *,
+    kill: str | None = None,
+    when: tuple[str, str] = ("", "train_task of round 1"),
+    restart: bool = False,
+    rejoin_wait: float = 10.0,
+) -> Path:
+    """Run `config` (the THREE_LEVEL tree) as five processes and return the root's run
+    directory. With `kill`, SIGKILL that node once the log of node `when[0]` (default: itself)
+    shows `when[1]`; with `restart`, start it again (the root with `--resume`)."""
     shared = tmp_path / "federation.toml"
     shared.write_text(dump_config(config), encoding="utf-8")
     pki = tmp_path / "pki"
@@ -74,37 +89,54 @@ def deploy(tmp_path: Path, config: RunConfig, *, kill: str | None = None) -> Pat
     root, med = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     nodes = tmp_path / "nodes"
     nodes.mkdir()
+    wait = {"rejoin_wait": rejoin_wait}
     files = {
-        "world": node_file(nodes / "root.toml", "world", pki, listen=root),
-        "world/med": node_file(nodes / "med.toml", "world/med", pki, listen=med, parent=root),
+        "world": node_file(nodes / "root.toml", "world", pki, listen=root, **wait),
+        "world/med": node_file(
+            nodes / "med.toml", "world/med", pki, listen=med, parent=root, **wait
+        ),
         "world/med/a": node_file(nodes / "a.toml", "world/med/a", pki, parent=med),
         "world/med/b": node_file(nodes / "b.toml", "world/med/b", pki, parent=med),
         "world/c": node_file(nodes / "c.toml", "world/c", pki, parent=root),
     }
+    run_dir = tmp_path / "deployed"
+
+    def command(path: str, *, again: bool = False) -> list[str]:
+        verb = "join" if path in THREE_LEVEL else "serve"
+        extra = ["--resume" if again else "--out", run_dir] if path == "world" else []
+        return worldlm(verb, shared, "--node", files[path], *extra)
+
     log_paths = {p: tmp_path / f"{safe_name(p)}.log" for p in files}
     logs = {p: log_paths[p].open("w") for p in files}
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    run_dir = tmp_path / "deployed"
+    restarted: subprocess.Popen[bytes] | None = None
     try:
-        for path, file in files.items():
-            verb = "join" if path in THREE_LEVEL else "serve"
-            extra = ["--out", run_dir] if path == "world" else []
+        for path in files:
             procs[path] = subprocess.Popen(
-                worldlm(verb, shared, "--node", file, *extra),
-                stdout=logs[path],
-                stderr=subprocess.STDOUT,
+                command(path), stdout=logs[path], stderr=subprocess.STDOUT
             )
         if kill is not None:
+            watched = log_paths[when[0] or kill]
             deadline = time.monotonic() + 300
-            while "train_task of round 1" not in log_paths[kill].read_text("utf-8"):
+            while when[1] not in watched.read_text("utf-8"):
                 assert time.monotonic() < deadline and procs[kill].poll() is None
                 time.sleep(0.02)
             procs[kill].send_signal(signal.SIGKILL)
+            assert procs[kill].wait(timeout=60) == -signal.SIGKILL
+            if restart:
+                logs[kill].write("\n--- restarted ---\n")
+                logs[kill].flush()
+                restarted = subprocess.Popen(
+                    command(kill, again=True), stdout=logs[kill], stderr=subprocess.STDOUT
+                )
         for path, proc in procs.items():
+            if path == kill:
+                proc = restarted if restarted is not None else proc
             code = proc.wait(timeout=600)
-            assert code == (-signal.SIGKILL if path == kill else 0), log_paths[path].read_text()
+            expected = -signal.SIGKILL if path == kill and restarted is None else 0
+            assert code == expected, log_paths[path].read_text()
     finally:
-        for proc in procs.values():
+        for proc in [*procs.values(), *([restarted] if restarted else [])]:
             proc.kill()
         for log in logs.values():
             log.close()
@@ -171,3 +203,86 @@ def test_node_files_are_checked_and_paths_are_relative_to_them(tmp_path: Path) -
     assert "node.listen" in str(err.value) and "link.round_timout" in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_node_file(tmp_path / "missing.toml")
+
+
+class LeaveOutInRound:
+    """The in-process reference of a sub-federation that died in one round: the root's tasks
+    to `path` in global round `round_index` are never answered."""
+
+    def __init__(self, transport: Transport, path: str, round_index: int) -> None:
+        self.inner, self.path, self.round_index = transport, path, round_index
+
+    def children(self, parent: str) -> list[ChildInfo]:
+        return self.inner.children(parent)
+
+    def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
+        kept = [t for t in tasks if (t.recipient, t.global_round) != (self.path, self.round_index)]
+        return self.inner.train(kept)
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
+        return self.inner.evaluate(tasks)
+
+    def dropouts(self) -> list[Dropout]:
+        return self.inner.dropouts()
+
+
+def in_process_run(
+    config: RunConfig, run_dir: Path, *, drop: tuple[str, int] | None = None
+) -> Path:
+    run_dir.mkdir(parents=True)
+    session = open_session(config, QuietProgress(), run_dir)
+    if drop is not None:
+        session.fed.root.transport = LeaveOutInRound(session.fed.root.transport, *drop)
+    before = evaluate_tree(session, session.fed.root.state, 0)
+    round_loop(session, QuietProgress(), before, first_round=1, tokens=0.0)
+    return run_dir
+
+
+def aggregate_rows(run_dir: Path, node: str) -> dict[int, dict[str, object]]:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return {int(r["round"]): r for r in rows if r["kind"] == "aggregate" and r["node"] == node}
+
+
+@pytest.mark.slow
+def test_a_killed_root_resumes_and_the_deployment_ends_as_if_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    """TESTPLAN C9 across processes: SIGKILL the root in round 2 of 3, restart it with
+    `--resume`; the children (still running) roll back to its checkpoint and replay round 2."""
+    overrides = [shared_tokenizer(tmp_path), "stop.rounds=3", "train.local_steps=80"]
+    config = tiny_config(tmp_path, THREE_LEVEL, overrides)
+    reference = run(config, QuietProgress(), out=tmp_path / "in-process")
+    deployed = deploy(
+        tmp_path, config, kill="world", when=("world/med", "train_task of round 2"), restart=True
+    )
+    assert same_global_model(deployed, reference.run_dir)
+    assert evals(deployed) == evals(reference.run_dir)
+    assert "rolled back" in (tmp_path / f"{safe_name('world/med')}.log").read_text("utf-8")
+
+
+@pytest.mark.slow
+def test_a_killed_sub_federation_misses_one_round_and_rejoins_the_next(tmp_path: Path) -> None:
+    """TESTPLAN C11: SIGKILL the inner aggregator world/med once its leaf a trains in round 2,
+    and restart it: round 2 goes on without its subtree, and it rejoins in round 3 with its
+    state from round 1; its leaves roll back the round that was lost, so nothing counts twice.
+    The result equals the in-process engine with world/med left out of round 2."""
+    overrides = [shared_tokenizer(tmp_path), "stop.rounds=3", "train.local_steps=80"]
+    config = tiny_config(tmp_path, THREE_LEVEL, overrides)
+    deployed = deploy(
+        tmp_path,
+        config,
+        kill="world/med",
+        when=("world/med/a", "train_task of round 2"),
+        restart=True,
+        rejoin_wait=300.0,
+    )
+    reference = in_process_run(config, tmp_path / "reference", drop=("world/med", 2))
+    rows = aggregate_rows(deployed, "world")
+    assert rows[2]["participants"] == ["world/c"] and rows[2]["missing"] == ["world/med"]
+    assert rows[3]["participants"] == ["world/c", "world/med"]
+    dropped = [r for r in read_metrics(deployed / "metrics.jsonl") if r["kind"] == "dropped"]
+    assert [(r["round"], r["sender"]) for r in dropped] == [(2, "world/med")]
+    assert same_global_model(deployed, reference)
+    assert evals(deployed) == evals(reference)
+    # world/med/a had started round 2 when its parent died: it trained it again, from before
+    assert "rolled back" in (tmp_path / f"{safe_name('world/med/a')}.log").read_text("utf-8")

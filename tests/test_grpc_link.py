@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -165,6 +166,60 @@ def test_certificate_from_a_foreign_ca_cannot_attach(pki: Pki, server: ParentLin
     frames, err = _raw_attach(server.address, _creds(pki.foreign_a), CHILD_A)
     assert frames == []
     assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.children() == {}
+
+
+def _expired_copy(cert: Path, ca_dir: Path, out: Path) -> Path:
+    """The same certificate, re-signed by the CA with a validity that ended yesterday."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from worldlm.security.certs import CA_KEY_NAME
+
+    original = x509.load_pem_x509_certificate(cert.read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY_NAME).read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(original.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(original.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=30))
+        .not_valid_after(now - timedelta(days=1))
+    )
+    for extension in original.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    out.write_bytes(
+        builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+    )
+    return out
+
+
+def test_expired_certificate_cannot_attach(pki: Pki, server: ParentLinkServer, tmp_path: Path):
+    ca_dir = pki.a.ca.parent
+    expired = TlsFiles(pki.a.ca, _expired_copy(pki.a.cert, ca_dir, tmp_path / "a.pem"), pki.a.key)
+    with pytest.raises(LinkConfigError, match="expired"):
+        ChildLink(server.address, CHILD_A, expired)
+    frames, err = _raw_attach(server.address, _creds(expired), CHILD_A)
+    assert frames == [] and err.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.children() == {}
+
+
+def test_plaintext_client_cannot_attach_to_a_tls_parent(server: ParentLinkServer):
+    channel = grpc.insecure_channel(server.address)
+    try:
+        call = link_pb2_grpc.LinkStub(channel).Attach(
+            iter([HelloInfo(node_path=CHILD_A).to_frame()]), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
     assert server.children() == {}
 
 

@@ -181,7 +181,13 @@ def resume(run_dir: Path, observer: RunObserver) -> RunResult:
 
     The time budget (stop.max_seconds) restarts with the resumed process."""
     config = load_config(run_dir / "config.toml")
-    session = open_session(config, observer, run_dir)
+    return continue_session(open_session(config, observer, run_dir), observer)
+
+
+def continue_session(session: Session, observer: RunObserver) -> RunResult:
+    """Restore `session`'s federation from the newest checkpoint in its run directory and run
+    the remaining rounds (from round 1 if there is no checkpoint yet)."""
+    run_dir = session.run_dir
     rows = read_metrics(session.metrics.path) if session.metrics.path.exists() else []
     if not list_checkpoints(run_dir / "checkpoints"):
         observer.status("no checkpoint yet: starting the run again from round 1")
@@ -205,7 +211,8 @@ def resume(run_dir: Path, observer: RunObserver) -> RunResult:
         for row in kept
         if row["kind"] == "eval" and row["round"] == 0
     }
-    before = {leaf.path: before[leaf.path] for leaf in session.tree.leaves()}
+    # (a deployed leaf that was not there for the first evaluation has no baseline)
+    before = {leaf.path: before[leaf.path] for leaf in session.tree.leaves() if leaf.path in before}
     return round_loop(session, observer, before, first_round=done + 1, tokens=meta["tokens"])
 
 

@@ -24,7 +24,15 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         )
         add_override_arg(parser, "; every node must use the same overrides")
         parser.add_argument("--quiet", action="store_true", help="only warnings in the log")
-    serve.add_argument("--out", type=Path, help="the root's run directory")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="the root's run directory")
+    where.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="restart the root from the last checkpoint in its run directory; its children "
+        "(still running, or restarted) roll back to match",
+    )
 
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
@@ -47,11 +55,15 @@ def run_deploy(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError(f"{rt.node.path} is an aggregator: start it with `worldlm serve`")
         if args.command == "serve" and rt.node.is_leaf:
             raise ConfigError(f"{rt.node.path} is a leaf: start it with `worldlm join`")
+        if not is_root and getattr(args, "resume", None) is not None:
+            raise ConfigError(
+                f"--resume is for the root; {rt.node.path} resumes from its node.state_dir"
+            )
         if not is_root:
             answered = answer_as_child(rt, node_file)
             console.print(f"{rt.node.path}: run over after {answered} tasks", highlight=False)
             return 0
-        result = run_root(rt, node_file, obs, args.out)
+        result = run_root(rt, node_file, obs, args.out, resume=args.resume)
     console.print(
         perplexity_table(
             result.before,

@@ -9,18 +9,23 @@ node started with another config is refused by its parent.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from worldlm.config import RunConfig, dump_config
 from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
+from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.deploy.node_file import NodeFile
 from worldlm.errors import ConfigError
+from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation
 from worldlm.federation.context import RunContext
+from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
 from worldlm.metrics.jsonl import MetricsWriter
 from worldlm.run import (
@@ -30,12 +35,14 @@ from worldlm.run import (
     build_workspace,
     cache_dir_of,
     config_digest,
+    continue_session,
     evaluate_tree,
     federation_from_config,
     make_run_dir,
     prepare_config_data,
     round_loop,
 )
+from worldlm.security.certs import safe_name
 from worldlm.train.device import pick_device
 from worldlm.transport.grpc import ChildLink, LinkTimeout, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
@@ -138,9 +145,10 @@ def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
         server.address,
     )
     _wait_for(server, wanted, link.wait_for_children)
-    transport = GrpcTransport(
-        server, RoundPolicy(link.round_timeout, link.max_message_bytes, ordered=True)
+    policy = RoundPolicy(
+        link.round_timeout, link.max_message_bytes, ordered=True, rejoin_wait=link.rejoin_wait
     )
+    transport = GrpcTransport(server, policy)
     rt.fed.aggregators[rt.node.path].transport = transport
     return transport
 
@@ -157,11 +165,24 @@ def _wait_for(server: ParentLinkServer, wanted: int, timeout: float) -> None:
 
 
 def run_root(
-    rt: NodeRuntime, node_file: NodeFile, observer: RunObserver, out: Path | None
+    rt: NodeRuntime,
+    node_file: NodeFile,
+    observer: RunObserver,
+    out: Path | None,
+    *,
+    resume: Path | None = None,
 ) -> RunResult:
-    """The root: serve the sub-federations, then run the rounds, evaluate and checkpoint."""
-    run_dir = make_run_dir(rt.config, out)
-    (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
+    """The root: serve the sub-federations, then run the rounds, evaluate and checkpoint.
+
+    With `resume` (the root's run directory) it continues from its last checkpoint; its
+    children roll back to match (see `deploy.journal`)."""
+    if resume is not None:
+        run_dir = resume
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.toml)")
+    else:
+        run_dir = make_run_dir(rt.config, out)
+        (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
     transport = serve_children(rt, node_file)
     try:
         session = Session(
@@ -173,8 +194,11 @@ def run_root(
             run_dir,
             MetricsWriter(run_dir / "metrics.jsonl"),
         )
-        before = evaluate_tree(session, rt.fed.root.state, 0)
-        result = round_loop(session, observer, before, first_round=1, tokens=0.0)
+        if resume is not None:
+            result = continue_session(session, observer)
+        else:
+            before = evaluate_tree(session, rt.fed.root.state, 0)
+            result = round_loop(session, observer, before, first_round=1, tokens=0.0)
         transport.stop_children()
         return result
     finally:
@@ -185,8 +209,16 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
     """A leaf or an inner aggregator: (serve its own children, then) answer its parent."""
     if node_file.node.parent is None:
         raise ConfigError(f"node.parent: {rt.node.path} needs its parent's host:port")
+    node: Leaf | Aggregator = (
+        rt.fed.leaves[rt.node.path] if rt.node.is_leaf else rt.fed.aggregators[rt.node.path]
+    )
+    handler = JournaledNode(
+        node,
+        Path(node_file.node.state_dir or f"{safe_name(rt.node.path)}.state"),
+        rt.run_id,
+        keep=journal_keep(rt.config.checkpoint.every, _inner_rounds_above(rt.tree, rt.node)),
+    )
     transport = None if rt.node.is_leaf else serve_children(rt, node_file)
-    handler = rt.fed.leaves[rt.node.path] if rt.node.is_leaf else rt.fed.aggregators[rt.node.path]
     link = ChildLink(
         node_file.node.parent,
         rt.node.path,
@@ -194,6 +226,7 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
         node_file.allow_plaintext,
         run_id=rt.run_id,
         train_tokens=handler.info().train_tokens,
+        resources=node_resources(node_file.node.available, rt.fed.root.ctx.device),
         chunk_bytes=node_file.link.chunk_bytes,
         max_message_bytes=node_file.link.max_message_bytes,
     )
@@ -211,3 +244,28 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
         if transport is not None:
             transport.stop_children()
             transport.server.stop(grace=2.0)
+
+
+def _inner_rounds_above(tree: FederationNode, node: FederationNode) -> list[int]:
+    """`inner_rounds` of the aggregators strictly between the root and `node`."""
+    parts = node.path.split("/")
+    between = ["/".join(parts[:i]) for i in range(2, len(parts))]
+    return [tree.find(path).settings.inner_rounds for path in between]
+
+
+def node_resources(available: bool, device: torch.device) -> dict[str, object]:
+    """What a child tells its parent when it attaches, for selection (`sample.*`)."""
+    memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    )
+    resources: dict[str, object] = {
+        "available": available,
+        "cpus": os.cpu_count() or 1,
+        "memory_gb": round(memory / 2**30, 1),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        resources["gpu_memory_gb"] = round(
+            torch.cuda.get_device_properties(device).total_memory / 2**30, 1
+        )
+    return resources

@@ -22,6 +22,14 @@ class NodeSection(Section):
         None, description="host:port an aggregator serves its children on (not for leaves)."
     )
     parent: str | None = Field(None, description="host:port of the parent (all but the root).")
+    state_dir: str | None = Field(
+        None,
+        description="Where a child keeps its state after each task, to restart and to replay "
+        "rounds after its parent resumed (default: `<node file name>.state` beside the file).",
+    )
+    available: bool = Field(
+        True, description="Reported to the parent: whether this node wants to be sampled."
+    )
 
 
 class TlsSection(Section):
@@ -36,6 +44,12 @@ class LinkSection(Section):
     )
     wait_for_children: float = Field(
         600.0, gt=0, description="Seconds an aggregator waits for its children to attach."
+    )
+    rejoin_wait: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds an aggregator waits, at the start of each round, for children that "
+        "went away (a restarted sub-federation) to attach again.",
     )
     min_children: int | None = Field(
         None, ge=1, description="Start once this many children attached (default: all)."
@@ -84,6 +98,11 @@ def load_node_file(path: Path) -> NodeFile:
                 str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
                 for p in part["paths"]
             ]
+    node = raw.get("node")
+    if isinstance(node, dict):
+        state = node.get("state_dir", f"{path.stem}.state")
+        if isinstance(state, str):
+            node["state_dir"] = str((base / Path(state).expanduser()).resolve())
     try:
         return NodeFile.model_validate(raw)
     except ValidationError as exc:

@@ -41,6 +41,7 @@ class RoundPolicy:
     round_timeout: float = 3600.0  # seconds from sending the tasks to the last reply
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     ordered: bool = True  # hand replies over in task order (exact reproducibility)
+    rejoin_wait: float = 0.0  # seconds to wait for children that went away to attach again
 
 
 class GrpcTransport:
@@ -50,15 +51,34 @@ class GrpcTransport:
         self.server = server
         self.policy = policy or RoundPolicy()
         self.dropped: list[Dropout] = []  # exclusions not yet collected by `dropouts()`
+        self._waited_for: frozenset[str] = frozenset()  # the absent children last waited for
 
     def children(self, parent: str) -> list[ChildInfo]:
         if parent != self.server.node_path:
             return []
-        attached = self.server.children()
+        attached = self._await_rejoining()
         return [
             ChildInfo(path, attached[path].info.train_tokens, attached[path].info.resources)
             for path in sorted(attached)
         ]
+
+    def _await_rejoining(self) -> dict[str, ChildConnection]:
+        """The attached children, after waiting up to `rejoin_wait` for absent ones to attach
+        again (a restarted sub-federation rejoins the next round). The same absent set is
+        waited for once, so a child that is gone for good costs one wait, not one per round."""
+        attached = self.server.children()
+        absent = frozenset(self.server.child_paths - attached.keys())
+        if not absent:
+            self._waited_for = frozenset()
+        if not absent or absent == self._waited_for or self.policy.rejoin_wait <= 0:
+            return attached
+        log.info("waiting up to %ss for %s to attach", self.policy.rejoin_wait, sorted(absent))
+        deadline = time.monotonic() + self.policy.rejoin_wait
+        while time.monotonic() < deadline and not absent <= self.server.children().keys():
+            time.sleep(0.05)
+        attached = self.server.children()
+        self._waited_for = frozenset(self.server.child_paths - attached.keys())
+        return attached
 
     def dropouts(self) -> list[Dropout]:
         taken, self.dropped = self.dropped, []
@@ -140,7 +160,7 @@ class GrpcTransport:
                     arrivals.put((index, answer))
                     return
                 # Refused and recorded, but the child may still send its real answer in time.
-                self._drop(Dropout(conn.path, f"refused a {kind}: {answer}", left_out=False))
+                self._drop(Dropout(conn.path, f"refused its {kind}: {answer}", left_out=False))
         except (LinkError, WireError) as exc:
             arrivals.put((index, Dropout(conn.path, f"{type(exc).__name__}: {exc}")))
 

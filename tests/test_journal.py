@@ -1,0 +1,94 @@
+"""A deployed child's journal: it restarts from its last answered task, rolls back when its
+parent runs a round again after resuming, keeps its initial state, and refuses another run's
+state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from worldlm.checkpoint import list_checkpoints
+from worldlm.deploy.journal import JournaledNode, journal_keep
+from worldlm.errors import CheckpointError
+from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.transport.base import ChildInfo
+
+
+class Accumulator:
+    """A node whose state is the running sum of what it was sent: replaying a round without
+    rolling back would count it twice."""
+
+    def __init__(self, path: str = "world/a") -> None:
+        self.path = path
+        self.total = torch.zeros(3)
+
+    def info(self) -> ChildInfo:
+        return ChildInfo(self.path, 10)
+
+    def handle_train(self, task: TrainTask) -> Update:
+        self.total = self.total + task.state["w"]
+        return Update(self.path, task.round, task.nonce, {"w": self.total.clone()}, 1.0)
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        return EvalReport(self.path, task.nonce, {})
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"total": self.total.clone()}, {"kind": "accumulator"}
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        assert meta == {"kind": "accumulator"}
+        self.total = tensors["total"].clone()
+
+
+def _task(r: int) -> TrainTask:
+    return TrainTask("run", r, r + 1, "world", "world/a", f"n{r}", {"w": torch.full((3,), 2.0**r)})
+
+
+def test_a_resumed_parent_replays_rounds_and_nothing_counts_twice(tmp_path: Path) -> None:
+    node = JournaledNode(Accumulator(), tmp_path, "run", keep=4)
+    first = [node.handle_train(_task(r)).state["w"] for r in range(5)]
+    # the parent restarts from its checkpoint after round 2 and runs rounds 3 and 4 again
+    again = [node.handle_train(_task(r)).state["w"] for r in (3, 4)]
+    assert torch.equal(again[0], first[3]) and torch.equal(again[1], first[4])
+    assert torch.equal(first[4], torch.full((3,), 31.0))
+
+
+def test_a_restarted_child_continues_from_its_last_task(tmp_path: Path) -> None:
+    node = JournaledNode(Accumulator(), tmp_path, "run", keep=4)
+    for r in range(3):
+        node.handle_train(_task(r))
+    restarted = JournaledNode(Accumulator(), tmp_path, "run", keep=4)
+    assert restarted.done == 3
+    assert torch.equal(restarted.handle_train(_task(3)).state["w"], torch.full((3,), 15.0))
+
+
+def test_a_fresh_start_of_the_same_run_goes_back_to_the_initial_state(tmp_path: Path) -> None:
+    node = JournaledNode(Accumulator(), tmp_path, "run", keep=2)
+    for r in range(6):
+        node.handle_train(_task(r))
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["round-000000.wlm", "round-000005.wlm", "round-000006.wlm"]
+    restarted = JournaledNode(Accumulator(), tmp_path, "run", keep=2)
+    assert torch.equal(restarted.handle_train(_task(0)).state["w"], torch.ones(3))
+    with pytest.raises(CheckpointError, match="no longer holds the state from before it"):
+        restarted.handle_train(_task(1))
+        restarted.handle_train(_task(2))
+        restarted.handle_train(_task(3))
+        restarted.handle_train(_task(1))
+
+
+def test_state_of_another_run_or_node_is_refused(tmp_path: Path) -> None:
+    node = JournaledNode(Accumulator(), tmp_path, "run", keep=2)
+    node.handle_train(_task(0))
+    with pytest.raises(CheckpointError, match="not of 'world/a' in run 'other'"):
+        JournaledNode(Accumulator(), tmp_path, "other", keep=2)
+    with pytest.raises(CheckpointError, match="not of 'world/b'"):
+        JournaledNode(Accumulator("world/b"), tmp_path, "run", keep=2)
+
+
+def test_keep_covers_what_a_parent_can_run_again() -> None:
+    assert journal_keep(1, []) == 3
+    assert journal_keep(5, [2, 3]) == 32
