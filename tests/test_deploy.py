@@ -286,3 +286,28 @@ def test_a_killed_sub_federation_misses_one_round_and_rejoins_the_next(tmp_path:
     assert evals(deployed) == evals(reference)
     # world/med/a had started round 2 when its parent died: it trained it again, from before
     assert "rolled back" in (tmp_path / f"{safe_name('world/med/a')}.log").read_text("utf-8")
+
+
+def test_a_node_with_a_missing_or_foreign_certificate_stops_before_reading_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worldlm.cli import main
+
+    config = tiny_config(tmp_path, THREE_LEVEL, [shared_tokenizer(tmp_path)])
+    shared = tmp_path / "federation.toml"
+    shared.write_text(dump_config(config), encoding="utf-8")
+    pki = tmp_path / "pki"
+    assert main(["certs", "tree", str(shared), "--out", str(pki)]) == 0
+    leaf = "world/med/a"
+    borrowed = node_file(tmp_path / "borrowed.toml", "world/c", pki, parent="127.0.0.1:1")
+    # world/med/a with world/c's certificate, and data that does not exist
+    text = borrowed.read_text("utf-8").replace('path = "world/c"', f'path = "{leaf}"')
+    borrowed.write_text(text + '[data]\npaths = ["nowhere.jsonl"]\n', encoding="utf-8")
+    assert main(["join", str(shared), "--node", str(borrowed)]) == 2
+    err = capsys.readouterr().err
+    assert "expected 'world/med/a', but the certificate is for 'world/c'" in " ".join(err.split())
+
+    (pki / f"{safe_name(leaf)}.pem").unlink()
+    missing = node_file(tmp_path / "a.toml", leaf, pki, parent="127.0.0.1:1")
+    assert main(["join", str(shared), "--node", str(missing)]) == 2
+    assert "node certificate not found" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config import load_config
-    from worldlm.deploy.node import answer_as_child, open_node, run_root
+    from worldlm.deploy.node import answer_as_child, check_tls_files, open_node, run_root
     from worldlm.deploy.node_file import load_node_file
     from worldlm.progress import QuietProgress, RichProgress
     from worldlm.report_table import perplexity_table
@@ -48,6 +48,7 @@ def run_deploy(args: argparse.Namespace, console: Console) -> int:
     )
     config = load_config(args.config, args.overrides)
     node_file = load_node_file(args.node)
+    check_tls_files(node_file)  # before any data is read: a wrong certificate fails at once
     with QuietProgress() if args.quiet else RichProgress(console=Console(stderr=True)) as obs:
         rt = open_node(config, node_file, obs)
         is_root = rt.node.path == rt.tree.path

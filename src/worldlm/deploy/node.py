@@ -118,6 +118,14 @@ def tls_files(node_file: NodeFile) -> TlsFiles | None:
     return None if tls is None else TlsFiles(Path(tls.ca), Path(tls.cert), Path(tls.key))
 
 
+def check_tls_files(node_file: NodeFile) -> None:
+    """Refuse, with a plain message, certificate files that are missing, expired, from another
+    CA or for another node; plaintext is checked where the link is made (loopback only)."""
+    files = tls_files(node_file)
+    if files is not None:
+        files.check_identity(node_file.node.path)
+
+
 def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
     """Listen for this aggregator's children and wait until enough of them attached."""
     if node_file.node.listen is None:

@@ -148,7 +148,7 @@ def _read(path: Path, what: str) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise LinkConfigError(
-            f"{what} not found: {path}; create it with worldlm.security.certs"
+            f"{what} not found: {path}; create it with `worldlm certs` (ca, node or tree)"
         ) from exc
     except OSError as exc:
         raise LinkConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
