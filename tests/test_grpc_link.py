@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import xxhash
 
 from worldlm.errors import TransportError, WireError
 from worldlm.security.certs import create_ca, issue_node_cert
@@ -29,9 +30,15 @@ from worldlm.transport.grpc import (
     Reassembler,
     TlsFiles,
     is_loopback,
-    link_pb2,
-    link_pb2_grpc,
     split_payload,
+)
+from worldlm.transport.grpc.framing import (
+    BadFrame,
+    Chunk,
+    Frame,
+    attach_call,
+    decode_frame,
+    encode_frame,
 )
 
 PARENT = "world/eu"
@@ -100,18 +107,18 @@ def child_a(pki: Pki, server: ParentLinkServer) -> Iterator[ChildLink]:
 
 
 def _raw_attach(
-    address: str, creds: grpc.ChannelCredentials, claimed_path: str, *then: link_pb2.Frame
-) -> tuple[list[link_pb2.Frame], grpc.RpcError]:
+    address: str, creds: grpc.ChannelCredentials, claimed_path: str, *then: Frame
+) -> tuple[list[Frame], grpc.RpcError]:
     """Dial with plain gRPC (not ChildLink), as a misbehaving or foreign client would.
 
     Sends a Hello claiming `claimed_path`, then the frames `then`; returns what the parent sent
     back and the error status the stream ended with.
     """
     channel = grpc.secure_channel(address, creds)
-    frames: list[link_pb2.Frame] = []
+    frames: list[Frame] = []
     try:
         hello = HelloInfo(node_path=claimed_path).to_frame()
-        call = link_pb2_grpc.LinkStub(channel).Attach(iter([hello, *then]), timeout=5)
+        call = attach_call(channel)(iter([hello, *then]), timeout=5)
         with pytest.raises(grpc.RpcError) as err:
             frames.extend(call)
         return frames, err.value
@@ -212,9 +219,7 @@ def test_expired_certificate_cannot_attach(pki: Pki, server: ParentLinkServer, t
 def test_plaintext_client_cannot_attach_to_a_tls_parent(server: ParentLinkServer):
     channel = grpc.insecure_channel(server.address)
     try:
-        call = link_pb2_grpc.LinkStub(channel).Attach(
-            iter([HelloInfo(node_path=CHILD_A).to_frame()]), timeout=5
-        )
+        call = attach_call(channel)(iter([HelloInfo(node_path=CHILD_A).to_frame()]), timeout=5)
         with pytest.raises(grpc.RpcError) as err:
             list(call)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -278,8 +283,8 @@ def test_reconnecting_child_replaces_its_old_stream(pki: Pki, server: ParentLink
 def test_oversized_message_from_a_child_closes_its_stream(pki: Pki):
     srv = ParentLinkServer("127.0.0.1:0", PARENT, [CHILD_A], pki.parent, max_message_bytes=KIB)
     try:
-        huge = link_pb2.Chunk(message_id=1, seq=0, kind="update", total_bytes=1 << 40, data=b"x")
-        frames, err = _raw_attach(srv.address, _creds(pki.a), CHILD_A, link_pb2.Frame(chunk=huge))
+        huge = Chunk(message_id=1, seq=0, kind="update", total_bytes=1 << 40, data=b"x")
+        frames, err = _raw_attach(srv.address, _creds(pki.a), CHILD_A, huge)
         assert [f.hello.node_path for f in frames] == [PARENT]  # accepted, then cut off
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "declares 1099511627776 bytes, above the limit of 1024" in err.details()
@@ -292,12 +297,12 @@ def test_peer_that_never_says_hello_is_cut_off(pki: Pki):
     channel = grpc.secure_channel(srv.address, _creds(pki.a))
     silence = threading.Event()
 
-    def nothing() -> Iterator[link_pb2.Frame]:
+    def nothing() -> Iterator[Frame]:
         silence.wait(10)
         yield from ()
 
     try:
-        call = link_pb2_grpc.LinkStub(channel).Attach(nothing(), timeout=5)
+        call = attach_call(channel)(nothing(), timeout=5)
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             list(call)
@@ -444,7 +449,7 @@ def test_backoff_gives_up_with_a_clear_error(pki: Pki):
 # --- chunking, without a network ------------------------------------------------------------
 
 
-def _chunks(payload: bytes, chunk_bytes: int = CHUNK, message_id: int = 1) -> list[link_pb2.Chunk]:
+def _chunks(payload: bytes, chunk_bytes: int = CHUNK, message_id: int = 1) -> list[Chunk]:
     return list(split_payload(message_id, "blob", payload, chunk_bytes))
 
 
@@ -455,9 +460,22 @@ def test_split_payload_frames():
     assert chunks[0].kind == "blob" and chunks[0].total_bytes == len(payload)
     assert all(not c.kind and not c.total_bytes for c in chunks[1:])
     assert [c.last for c in chunks] == [False, False, False, True]
-    assert chunks[-1].sha256 == hashlib.sha256(payload).hexdigest()
+    assert chunks[-1].xxh3_128 == xxhash.xxh3_128_hexdigest(payload)
     assert max(len(c.data) for c in chunks) == CHUNK
     assert b"".join(c.data for c in chunks) == payload
+
+
+def test_a_payload_in_several_buffers_travels_as_one():
+    parts = [os.urandom(n) for n in (10, CHUNK - 3, 0, 2 * CHUNK + 7, 1)]
+    whole = b"".join(parts)
+    chunks = list(split_payload(1, "blob", [memoryview(p) for p in parts], CHUNK))
+    assert [len(c.data) for c in chunks] == [CHUNK, CHUNK, CHUNK, len(whole) - 3 * CHUNK]
+    assert b"".join(c.data for c in chunks) == whole
+    assert chunks[-1].xxh3_128 == xxhash.xxh3_128_hexdigest(whole)
+    r = Reassembler()
+    message = [r.feed(c) for c in chunks][-1]
+    assert message is not None and bytes(message.payload) == whole
+    assert not message.payload.readonly  # tensors may be built over it without a copy
 
 
 def test_reassembler_round_trip_and_message_order():
@@ -473,7 +491,7 @@ def test_reassembler_round_trip_and_message_order():
 
 def test_declared_size_above_limit_is_refused_before_allocation():
     r = Reassembler(max_message_bytes=1 << 20)
-    first = link_pb2.Chunk(message_id=1, seq=0, kind="model", total_bytes=1 << 62, data=b"x")
+    first = Chunk(message_id=1, seq=0, kind="model", total_bytes=1 << 62, data=b"x")
     with pytest.raises(ChunkError, match=r"declares 4611686018427387904 bytes, above the limit"):
         r.feed(first)
     assert r.in_progress is None  # nothing of the message was kept
@@ -481,11 +499,11 @@ def test_declared_size_above_limit_is_refused_before_allocation():
 
 def test_sizes_above_2_gib_are_representable_without_allocating():
     big = 5 << 30
-    frame = link_pb2.Frame(chunk=link_pb2.Chunk(message_id=1, kind="model", total_bytes=big))
-    decoded = link_pb2.Frame.FromString(frame.SerializeToString())
-    assert decoded.chunk.total_bytes == big
+    frame = Chunk(message_id=1, seq=0, kind="model", total_bytes=big)
+    decoded = decode_frame(encode_frame(frame))
+    assert isinstance(decoded, Chunk) and decoded.total_bytes == big
     r = Reassembler(max_message_bytes=8 << 30)
-    first = link_pb2.Chunk(message_id=1, seq=0, kind="model", total_bytes=big, data=b"abc")
+    first = Chunk(message_id=1, seq=0, kind="model", total_bytes=big, data=b"abc")
     assert r.feed(first) is None
     assert r.in_progress == ("model", big, 3)
 
@@ -510,7 +528,7 @@ def test_corrupted_chunk_fails_the_digest():
         (lambda cs: cs.pop(1), "expected chunk 1, got chunk 2"),
         (lambda cs: setattr(cs[0], "total_bytes", cs[0].total_bytes - 1), "declared"),
         (lambda cs: setattr(cs[0], "total_bytes", cs[0].total_bytes + 1), "ended after"),
-        (lambda cs: setattr(cs[-1], "sha256", ""), "no valid sha256"),
+        (lambda cs: setattr(cs[-1], "xxh3_128", ""), "no valid xxh3_128"),
         (lambda cs: setattr(cs[2], "message_id", 9), "must not interleave"),
     ],
 )
@@ -521,3 +539,44 @@ def test_reassembler_refuses_malformed_streams(mutate, message):
     with pytest.raises(ChunkError, match=message):
         for chunk in chunks:
             r.feed(chunk)
+
+
+def test_chunk_frames_round_trip_raw_and_garbage_is_named():
+    chunk = Chunk(7, 3, b"payload bytes", True, "", 0, "ab" * 16)
+    decoded = decode_frame(encode_frame(chunk))
+    assert isinstance(decoded, Chunk)
+    assert (decoded.message_id, decoded.seq, decoded.last, decoded.xxh3_128) == (
+        7,
+        3,
+        True,
+        "ab" * 16,
+    )
+    assert bytes(decoded.data) == b"payload bytes"
+    hello = HelloInfo(node_path=CHILD_A).to_frame()
+    assert decode_frame(encode_frame(hello)) == hello
+    for raw, reason in (
+        (b"", "unknown tag"),
+        (b"Xabc", "unknown tag"),
+        (b"Cshort", "shorter than its header"),
+        (encode_frame(chunk)[:26], "does not fit"),
+        (b"P\xff\xff\xff", "not valid protobuf"),
+    ):
+        bad = decode_frame(raw)
+        assert isinstance(bad, BadFrame) and reason in bad.reason, (raw, bad)
+
+
+def test_a_garbage_frame_after_the_handshake_closes_the_stream_with_its_reason(
+    pki: Pki, server: ParentLinkServer
+):
+    channel = grpc.secure_channel(server.address, _creds(pki.a))
+    try:
+        call = channel.stream_stream("/worldlm.link.Link/Attach")(
+            iter([b"P" + HelloInfo(node_path=CHILD_A).to_frame().SerializeToString(), b"Zjunk"]),
+            timeout=5,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown tag" in err.value.details()
+    finally:
+        channel.close()

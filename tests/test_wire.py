@@ -60,3 +60,40 @@ def test_hostile_headers_are_wire_errors(head: bytes) -> None:
     payload = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(head)) + head
     with pytest.raises(WireError, match="not valid JSON"):
         wire.decode(payload)
+
+
+def test_parts_share_the_tensors_memory_and_decode_can_share_the_buffer() -> None:
+    big = torch.randn(64, 64)
+    parts, total = wire.encode_parts({"big": big, "b": torch.ones(3, dtype=torch.bfloat16)})
+    assert total == sum(memoryview(p).nbytes for p in parts)
+    payload = bytearray(b"".join(parts))
+    tensors, _ = wire.decode(payload, copy=False)
+    assert torch.equal(tensors["big"], big)
+    big[0, 0] = 7.0  # no copy was made on the way out: the part shows the change
+    assert torch.frombuffer(bytearray(parts[1]), dtype=torch.float32)[0] == 7.0
+    tensors["big"][1, 1] = 42.0  # and none on the way in: the tensor lives in the buffer,
+    with pytest.raises(WireError, match="digest"):  # which therefore no longer matches
+        wire.decode(payload)
+    with pytest.raises(WireError, match="writable"):
+        wire.decode(wire.encode({"x": torch.ones(2)}), copy=False)  # bytes are read-only
+
+
+def test_payloads_with_a_sha256_body_digest_still_decode() -> None:
+    import hashlib
+    import json
+    import struct
+
+    parts, _ = wire.encode_parts({"w": torch.arange(4.0)}, {"m": 1})
+    prefix, body = parts[0], b"".join(parts[1:])
+    head_len = struct.unpack_from("<4sHI", prefix)[2]
+    header = json.loads(bytes(prefix[10 : 10 + head_len]))
+    del header["body_xxh3_128"]
+    header["body_sha256"] = hashlib.sha256(body).hexdigest()
+    head = json.dumps(header).encode()
+    legacy = struct.pack("<4sHI", b"WLMW", 1, len(head)) + head + body
+    tensors, meta = wire.decode(legacy)
+    assert torch.equal(tensors["w"], torch.arange(4.0)) and meta == {"m": 1}
+    header.pop("body_sha256")
+    head = json.dumps(header).encode()
+    with pytest.raises(WireError, match="no body digest"):
+        wire.decode(struct.pack("<4sHI", b"WLMW", 1, len(head)) + head + body)

@@ -153,6 +153,7 @@ class Aggregator:
         weight = 0.0
         answered: set[str] = set()
         round_keys: set[str] | None = None  # every reply of a round carries the same keys
+        residuals: dict[str, Residual] = {}  # kept only if the round is not skipped
         for update in self.transport.train(list(tasks.values())):
             try:
                 check_reply(update, tasks, answered, round_keys, self.settings.max_change)
@@ -166,7 +167,7 @@ class Aggregator:
             if key_round is not None:
                 key_round.add(update)
             if self.router is not None and update.residual:
-                self.residuals[update.sender] = update.residual
+                residuals[update.sender] = update.residual
             weight += update.weight
         records.extend(_incident(global_round, self.path, d) for d in self.transport.dropouts())
         benched = update_stragglers(chosen, answered, self.misses, self.benched_until, sample, r)
@@ -179,6 +180,7 @@ class Aggregator:
             self.rounds_done += 1
             self.state = state
             return RoundOutcome(state, state, 1.0, 0.0, records)
+        self.residuals.update(residuals)
         exact, scale = aggregation.result()
         # Keys no child sent (the root's K under WorldLM) keep their current value.
         model = {**state, **(exact if scale == 1.0 else {k: v / scale for k, v in exact.items()})}

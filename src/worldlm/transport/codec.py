@@ -55,6 +55,13 @@ _PREFIXES: dict[str, tuple[str, ...]] = {
 
 def encode_message(message: Message) -> tuple[str, bytes]:
     """The message's kind and its one wire payload; refuses what `decode_message` would refuse."""
+    kind, parts = encode_message_parts(message)
+    return kind, b"".join(parts)
+
+
+def encode_message_parts(message: Message) -> tuple[str, list[wire.Buffer]]:
+    """Like `encode_message`, but the payload as buffers that share the tensors' memory, for a
+    link to stream without a copy (`wire.encode_parts`)."""
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(message, TrainTask | EvalTask):
         tensors.update(_prefixed(_STATE, message.state))
@@ -108,18 +115,23 @@ def encode_message(message: Message) -> tuple[str, bytes]:
         raise WireError(f"cannot encode a {type(message).__name__}: it is not a message")
     # The receiver runs the same checks; failing here names the field on the side that has it.
     _read_fields(kind, meta)
-    return kind, wire.encode(tensors, {"kind": kind, **meta})
+    return kind, wire.encode_parts(tensors, {"kind": kind, **meta})[0]
 
 
 def decode_message(
-    kind: str, payload: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+    kind: str,
+    payload: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int | None = None,
+    copy: bool = True,
 ) -> Message:
     """The message in `payload`, which must be of `kind`; any malformed part raises `WireError`.
 
-    `max_bytes` bounds the body size the payload declares, checked before allocation."""
+    `max_bytes` bounds the body size the payload declares, checked before allocation. With
+    `copy=False` the tensors share the payload's memory (a buffer the caller gives up)."""
     if kind not in _FIELDS:
         raise WireError(f"unknown message kind {kind!r}; expected one of {sorted(_FIELDS)}")
-    tensors, meta = wire.decode(payload, max_bytes=max_bytes)
+    tensors, meta = wire.decode(payload, max_bytes=max_bytes, copy=copy)
     sent = meta.get("kind")
     if sent != kind:
         what = "names no message kind" if sent is None else f"is of kind {sent!r}"

@@ -8,10 +8,11 @@ opaque byte payloads of any size as checked chunks; what the bytes mean is up to
 - child: `ChildLink(parent_address, node_path, tls).connect_with_backoff()`
 - both: `send(kind, payload)` and `receive(timeout) -> (kind, payload)`
 
-README: `link_pb2.py`, `link_pb2.pyi` and `link_pb2_grpc.py` are generated and committed, so
+Framing (`framing.py`): chunks travel as raw bytes behind a small header, control frames
+(Hello, Refusal) as protobuf. `link_pb2.py` and `link_pb2.pyi` are generated and committed, so
 installing worldlm needs no grpcio-tools. After editing `link.proto`, regenerate them from the
 repository root with grpcio-tools==1.85.1:
-`python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src
+`python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src
 src/worldlm/transport/grpc/link.proto`
 """
 

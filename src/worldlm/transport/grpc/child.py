@@ -12,7 +12,7 @@ import logging
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalTask, TrainTask
 from worldlm.transport.base import NodeHandler
-from worldlm.transport.codec import decode_message, encode_message
+from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.client import ChildLink
 from worldlm.transport.grpc.errors import LinkDisconnected
@@ -60,9 +60,8 @@ def answer_parent(
             log.info("%s: the parent ended the run after %d tasks", handler.path, answered)
             return answered
         try:
-            task = check_task(
-                decode_message(kind, payload, max_bytes=max_message_bytes), handler.path, run_id
-            )
+            message = decode_message(kind, payload, max_bytes=max_message_bytes, copy=False)
+            task = check_task(message, handler.path, run_id)
         except WireError as exc:
             log.error("%s: refused a message from the parent: %s", handler.path, exc)
             continue
@@ -70,7 +69,7 @@ def answer_parent(
         reply = (
             handler.handle_train(task) if isinstance(task, TrainTask) else handler.handle_eval(task)
         )
-        reply_kind, reply_payload = encode_message(reply)
+        reply_kind, reply_payload = encode_message_parts(reply)
         try:
             link.send(reply_kind, reply_payload)
         except LinkDisconnected as exc:  # the parent restarted: this reply is lost with it

@@ -6,18 +6,24 @@ are uint64 on the wire, so payloads above 2 GiB are representable.
 
 The receiving side trusts nothing it is sent: the declared size is checked against a limit on
 the first chunk, before any byte is stored; sequence numbers must follow each other; the bytes
-must add up exactly to the declared size; and the SHA-256 on the last chunk must match.
+must add up exactly to the declared size; and the XXH3-128 on the last chunk must match.
+
+A payload may be handed over as several buffers (`wire.encode_parts`: a header, then tensors'
+own memory), so the sender copies each byte once, into its chunk; the receiver copies each
+byte once, from the chunks into one writable buffer that tensors can then share.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from worldlm.transport.grpc import link_pb2
+import numpy as np
+import xxhash
+
 from worldlm.transport.grpc.errors import ChunkError
+from worldlm.transport.grpc.framing import Chunk
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Far below gRPC's ~2 GiB ceiling per protobuf message, and beyond any useful chunk size.
@@ -26,9 +32,10 @@ MAX_CHUNK_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 30
 MAX_KIND_CHARS = 128
 _UINT32_MAX = (1 << 32) - 1
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST_HEX = re.compile(r"[0-9a-f]{32}")
 
 Payload = bytes | bytearray | memoryview
+Payloads = Payload | Sequence[Payload]  # one buffer, or several sent back to back as one
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class Message:
 
     message_id: int
     kind: str
-    payload: bytes
+    payload: memoryview  # writable, owned by the receiver alone
 
 
 def check_kind(kind: str) -> str:
@@ -64,8 +71,8 @@ def check_chunk_bytes(chunk_bytes: int) -> int:
 
 
 def split_payload(
-    message_id: int, kind: str, payload: Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[link_pb2.Chunk]:
+    message_id: int, kind: str, payload: Payloads, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Chunk]:
     """The Chunk frames carrying `payload`, produced lazily one chunk at a time.
 
     Lazily, so that sending a multi-gigabyte payload never holds more than one extra chunk. The
@@ -76,35 +83,62 @@ def split_payload(
     if isinstance(message_id, bool) or not isinstance(message_id, int) or message_id < 1:
         raise ChunkError(f"invalid message id {message_id!r}: it must be an integer >= 1")
     check_chunk_bytes(chunk_bytes)
+    buffers = [payload] if isinstance(payload, bytes | bytearray | memoryview) else payload
     try:
-        view = memoryview(payload).cast("B")
+        views = [memoryview(b).cast("B") for b in buffers]
     except (TypeError, ValueError) as exc:
         raise ChunkError(f"payload must be contiguous bytes: {exc}") from exc
-    n_chunks = max(1, -(-view.nbytes // chunk_bytes))
+    total = sum(v.nbytes for v in views)
+    n_chunks = max(1, -(-total // chunk_bytes))
     if n_chunks - 1 > _UINT32_MAX:
         raise ChunkError(
-            f"a payload of {view.nbytes} bytes needs {n_chunks} chunks of {chunk_bytes} bytes, "
+            f"a payload of {total} bytes needs {n_chunks} chunks of {chunk_bytes} bytes, "
             f"more than the {_UINT32_MAX + 1} a uint32 sequence number can count; use larger chunks"
         )
-    return _chunks(message_id, kind, view, chunk_bytes, n_chunks)
+    return _chunks(message_id, kind, views, total, chunk_bytes, n_chunks)
 
 
 def _chunks(
-    message_id: int, kind: str, view: memoryview, chunk_bytes: int, n_chunks: int
-) -> Iterator[link_pb2.Chunk]:
+    message_id: int,
+    kind: str,
+    views: list[memoryview],
+    total: int,
+    chunk_bytes: int,
+    n_chunks: int,
+) -> Iterator[Chunk]:
     # The digest is computed as the chunks go, so the payload is read once.
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
+    pieces = _pieces(views, chunk_bytes)
     for seq in range(n_chunks):
-        data = bytes(view[seq * chunk_bytes : (seq + 1) * chunk_bytes])
+        data: memoryview | bytes = next(pieces, b"")
         digest.update(data)
         last = seq == n_chunks - 1
-        chunk = link_pb2.Chunk(message_id=message_id, seq=seq, data=data, last=last)
+        chunk = Chunk(message_id=message_id, seq=seq, data=data, last=last)
         if seq == 0:
             chunk.kind = kind
-            chunk.total_bytes = view.nbytes
+            chunk.total_bytes = total
         if last:
-            chunk.sha256 = digest.hexdigest()
+            chunk.xxh3_128 = digest.hexdigest()
         yield chunk
+
+
+def _pieces(views: list[memoryview], size: int) -> Iterator[memoryview | bytes]:
+    """The concatenation of `views` cut into `size`-byte pieces: slices of the buffers (no
+    copy), or, for a piece that spans two buffers, the joined bytes."""
+    pending: list[memoryview] = []
+    have = 0
+    for view in views:
+        start = 0
+        while start < view.nbytes:
+            take = min(size - have, view.nbytes - start)
+            pending.append(view[start : start + take])
+            have += take
+            start += take
+            if have == size:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, have = [], 0
+    if have:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
 @dataclass
@@ -116,18 +150,18 @@ class _Partial:
     total_bytes: int
     received: int = 0
     next_seq: int = 1
-    parts: list[bytes] = field(default_factory=list)
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    parts: list[bytes | bytearray | memoryview] = field(default_factory=list)
+    digest: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
 
 
 class Reassembler:
     """Rebuilds messages from their chunks, one message at a time, refusing anything off.
 
     Nothing is allocated up front for the declared size: chunks are kept as they arrive, so a
-    peer that declares a huge size and sends little costs only what it sent. Joining them at
-    the end briefly holds the payload twice. After a `ChunkError` the partial message is
-    dropped; the stream it came from should be closed, since its framing can no longer be
-    trusted.
+    peer that declares a huge size and sends little costs only what it sent. Copying them into
+    one writable buffer at the end briefly holds the payload twice. After a `ChunkError` the
+    partial message is dropped; the stream it came from should be closed, since its framing can
+    no longer be trusted.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -147,7 +181,7 @@ class Reassembler:
         p = self._partial
         return None if p is None else (p.kind, p.total_bytes, p.received)
 
-    def feed(self, chunk: link_pb2.Chunk) -> Message | None:
+    def feed(self, chunk: Chunk) -> Message | None:
         """Take the next chunk; return the whole message when this chunk completes it."""
         try:
             return self._feed(chunk)
@@ -155,7 +189,7 @@ class Reassembler:
             self._partial = None
             raise
 
-    def _feed(self, chunk: link_pb2.Chunk) -> Message | None:
+    def _feed(self, chunk: Chunk) -> Message | None:
         p = self._partial
         if p is None:
             p = self._partial = self._start(chunk)
@@ -191,14 +225,14 @@ class Reassembler:
             p.digest.update(chunk.data)
             p.received += size
         if not chunk.last:
-            if chunk.sha256:
+            if chunk.xxh3_128:
                 raise ChunkError(
-                    f"message {p.message_id}: chunk {chunk.seq} carries a sha256 but is not last"
+                    f"message {p.message_id}: chunk {chunk.seq} carries a digest but is not last"
                 )
             return None
-        return self._finish(p, chunk.sha256)
+        return self._finish(p, chunk.xxh3_128)
 
-    def _start(self, chunk: link_pb2.Chunk) -> _Partial:
+    def _start(self, chunk: Chunk) -> _Partial:
         if chunk.seq != 0:
             raise ChunkError(
                 f"message {chunk.message_id} starts at chunk {chunk.seq}; the first chunk is 0"
@@ -220,24 +254,30 @@ class Reassembler:
             raise ChunkError(f"message {chunk.message_id}: its first chunk is empty but not last")
         return _Partial(message_id=chunk.message_id, kind=kind, total_bytes=chunk.total_bytes)
 
-    def _finish(self, p: _Partial, sha256: str) -> Message:
+    def _finish(self, p: _Partial, declared: str) -> Message:
         if p.received != p.total_bytes:
             raise ChunkError(
                 f"message {p.message_id} ({p.kind!r}) ended after {p.received} bytes but "
                 f"declared {p.total_bytes}"
             )
-        if not _SHA256_HEX.fullmatch(sha256):
+        if not _DIGEST_HEX.fullmatch(declared):
             raise ChunkError(
-                f"message {p.message_id} ({p.kind!r}): its last chunk has no valid sha256 "
-                f"(got {sha256[:80]!r}; expected 64 lowercase hex digits)"
+                f"message {p.message_id} ({p.kind!r}): its last chunk has no valid xxh3_128 "
+                f"(got {declared[:80]!r}; expected 32 lowercase hex digits)"
             )
         actual = p.digest.hexdigest()
-        if actual != sha256:
+        if actual != declared:
             raise ChunkError(
-                f"message {p.message_id} ({p.kind!r}) failed its digest: sha256 {actual} "
-                f"differs from the declared {sha256}; the payload was corrupted"
+                f"message {p.message_id} ({p.kind!r}) failed its digest: xxh3_128 {actual} "
+                f"differs from the declared {declared}; the payload was corrupted"
             )
-        payload = b"".join(p.parts)
+        # One copy into memory of its own (uninitialized: every byte is written next), so the
+        # decoder can build tensors over it without copying again.
+        payload = np.empty(p.total_bytes, dtype=np.uint8).data.cast("B")
+        offset = 0
+        for part in p.parts:
+            payload[offset : offset + len(part)] = part
+            offset += len(part)
         p.parts.clear()
         self._partial = None
         self._last_id = p.message_id

@@ -19,9 +19,9 @@ from typing import Any
 import grpc
 
 from worldlm.security.certs import CertError, validate_node_path
-from worldlm.transport.grpc import link_pb2_grpc
+from worldlm.transport.grpc import link_pb2
 from worldlm.transport.grpc.backoff import backoff_delays
-from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Payload
+from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Payloads
 from worldlm.transport.grpc.endpoint import Endpoint, describe_rpc_error
 from worldlm.transport.grpc.errors import (
     HelloError,
@@ -31,6 +31,7 @@ from worldlm.transport.grpc.errors import (
     LinkRefused,
     LinkUnreachable,
 )
+from worldlm.transport.grpc.framing import attach_call, frame_body
 from worldlm.transport.grpc.hello import HelloInfo
 from worldlm.transport.grpc.options import channel_options, check_limits
 from worldlm.transport.grpc.tls import TlsFiles, channel_credentials, check_plaintext_allowed
@@ -164,7 +165,7 @@ class ChildLink:
             inbox_messages=self._inbox_messages,
             on_close=cancel_call,
         )
-        call = link_pb2_grpc.LinkStub(channel).Attach(endpoint.frames(first=self._hello))
+        call = attach_call(channel)(endpoint.frames(first=self._hello))
         calls.append(call)
         handshake = _Handshake()
         threading.Thread(
@@ -239,11 +240,11 @@ class ChildLink:
 
     # --- messages --------------------------------------------------------------------------
 
-    def send(self, kind: str, payload: Payload, timeout: float | None = None) -> None:
+    def send(self, kind: str, payload: Payloads, timeout: float | None = None) -> None:
         """Send one message to the parent; returns once gRPC has taken all of it."""
         self._current().send(kind, payload, timeout)
 
-    def receive(self, timeout: float | None) -> tuple[str, bytes]:
+    def receive(self, timeout: float | None) -> tuple[str, memoryview]:
         """The next whole message from the parent as (kind, payload).
 
         Raises `LinkTimeout` if none arrives within `timeout` seconds, `LinkDisconnected` once
@@ -298,13 +299,13 @@ class ChildLink:
                 handshake.finish(error=text, code=code)
             endpoint.close(text)
             return
-        body = first.WhichOneof("body")
-        if body == "refusal":
+        body = frame_body(first)
+        if isinstance(first, link_pb2.Frame) and body == "refusal":
             handshake.finish(refusal=first.refusal.reason, code=grpc.StatusCode.PERMISSION_DENIED)
             endpoint.close(f"refused: {first.refusal.reason}")
             return
         try:
-            if body != "hello":
+            if not isinstance(first, link_pb2.Frame) or body != "hello":
                 raise HelloError(f"the parent answered the Hello with a {body or 'empty'} frame")
             parent = HelloInfo.from_proto(first.hello)
         except HelloError as exc:

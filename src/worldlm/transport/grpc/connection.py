@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worldlm.transport.grpc.chunking import Payload
+from worldlm.transport.grpc.chunking import Payloads
 from worldlm.transport.grpc.endpoint import Endpoint
 from worldlm.transport.grpc.hello import HelloInfo
 
@@ -39,14 +39,14 @@ class ChildConnection:
     def close_reason(self) -> str | None:
         return self._endpoint.close_reason
 
-    def send(self, kind: str, payload: Payload, timeout: float | None = None) -> None:
+    def send(self, kind: str, payload: Payloads, timeout: float | None = None) -> None:
         """Send one message; returns once gRPC has taken all of it.
 
         Raises `LinkDisconnected` if the child is gone, `LinkTimeout` after `timeout` seconds.
         """
         self._endpoint.send(kind, payload, timeout)
 
-    def receive(self, timeout: float | None) -> tuple[str, bytes]:
+    def receive(self, timeout: float | None) -> tuple[str, memoryview]:
         """The next whole message from the child as (kind, payload).
 
         Raises `LinkTimeout` if none arrives within `timeout` seconds, `LinkDisconnected` if

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 import grpc
 
 from worldlm.transport.grpc import link_pb2
-from worldlm.transport.grpc.chunking import Message, Payload, Reassembler, split_payload
+from worldlm.transport.grpc.chunking import Message, Payloads, Reassembler, split_payload
 from worldlm.transport.grpc.errors import ChunkError, LinkDisconnected, LinkTimeout
+from worldlm.transport.grpc.framing import BadFrame, Chunk, Frame, frame_body
 
 
 @dataclass
 class _Outgoing:
     kind: str
-    chunks: Iterator[link_pb2.Chunk]
+    chunks: Iterator[Chunk]
     started: bool = False
     done: bool = False
 
@@ -90,7 +91,7 @@ class Endpoint:
 
     # --- sending ---------------------------------------------------------------------------
 
-    def send(self, kind: str, payload: Payload, timeout: float | None = None) -> None:
+    def send(self, kind: str, payload: Payloads, timeout: float | None = None) -> None:
         """Queue one message and wait until gRPC has taken its last chunk.
 
         On timeout, a message that has not started is withdrawn; one that has started closes
@@ -120,7 +121,7 @@ class Endpoint:
         self.close(reason, grpc.StatusCode.DEADLINE_EXCEEDED)
         raise LinkTimeout(reason)
 
-    def frames(self, first: link_pb2.Frame | None = None) -> Iterator[link_pb2.Frame]:
+    def frames(self, first: link_pb2.Frame | None = None) -> Iterator[Frame]:
         """The outgoing frames, for gRPC to pull: `first`, then chunks of queued messages.
 
         Ends when the endpoint closes, which ends (client) or lets the server end the stream.
@@ -137,7 +138,7 @@ class Endpoint:
             for chunk in item.chunks:
                 if self._closed is not None:
                     return
-                yield link_pb2.Frame(chunk=chunk)
+                yield chunk
             # Resumed after the last yield: gRPC has finished sending the last chunk.
             with self._cond:
                 item.done = True
@@ -147,7 +148,7 @@ class Endpoint:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def receive(self, timeout: float | None) -> tuple[str, bytes]:
+    def receive(self, timeout: float | None) -> tuple[str, memoryview]:
         """The next whole message as (kind, payload); waits at most `timeout` seconds."""
         with self._cond:
             self._cond.wait_for(lambda: bool(self._inbox) or self._closed is not None, timeout)
@@ -158,22 +159,22 @@ class Endpoint:
             self._raise_if_closed()
         raise LinkTimeout(f"no message from {self.peer} within {timeout}s")
 
-    def pump(self, frames: Iterable[link_pb2.Frame]) -> None:
+    def pump(self, frames: Iterable[Frame]) -> None:
         """Read incoming frames until the stream ends; run on a thread of its own."""
         try:
             for frame in frames:
-                body = frame.WhichOneof("body")
-                if body == "refusal":
+                if isinstance(frame, link_pb2.Frame) and frame_body(frame) == "refusal":
                     self.close(f"{self.peer} refused: {frame.refusal.reason}")
                     return
-                if body != "chunk":
+                if not isinstance(frame, Chunk):
+                    what = frame.reason if isinstance(frame, BadFrame) else frame_body(frame)
                     self.close(
-                        f"{self.peer} broke the protocol: sent a {body or 'empty'} frame "
+                        f"{self.peer} broke the protocol: sent {what or 'an empty frame'} "
                         "after the handshake",
                         grpc.StatusCode.INVALID_ARGUMENT,
                     )
                     return
-                message = self._reassembler.feed(frame.chunk)
+                message = self._reassembler.feed(frame)
                 if message is not None and not self._deliver(message):
                     return
             self.close(f"{self.peer} ended the link")

@@ -24,21 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!worldlm/transport/grpc/link.proto\x12\x0cworldlm.link\"\x85\x01\n\x05\x46rame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.worldlm.link.HelloH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.worldlm.link.ChunkH\x00\x12(\n\x07refusal\x18\x03 \x01(\x0b\x32\x15.worldlm.link.RefusalH\x00\x42\x06\n\x04\x62ody\"X\n\x05Hello\x12\x11\n\tnode_path\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0ctrain_tokens\x18\x03 \x01(\x04\x12\x16\n\x0eresources_json\x18\x04 \x01(\t\"w\n\x05\x43hunk\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x0e\n\x06sha256\x18\x07 \x01(\t\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t2>\n\x04Link\x12\x36\n\x06\x41ttach\x12\x13.worldlm.link.Frame\x1a\x13.worldlm.link.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!worldlm/transport/grpc/link.proto\x12\x0cworldlm.link\"e\n\x05\x46rame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.worldlm.link.HelloH\x00\x12(\n\x07refusal\x18\x03 \x01(\x0b\x32\x15.worldlm.link.RefusalH\x00\x42\x06\n\x04\x62odyJ\x04\x08\x02\x10\x03\"X\n\x05Hello\x12\x11\n\tnode_path\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0ctrain_tokens\x18\x03 \x01(\x04\x12\x16\n\x0eresources_json\x18\x04 \x01(\t\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worldlm.transport.grpc.link_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAME']._serialized_start=52
-  _globals['_FRAME']._serialized_end=185
-  _globals['_HELLO']._serialized_start=187
-  _globals['_HELLO']._serialized_end=275
-  _globals['_CHUNK']._serialized_start=277
-  _globals['_CHUNK']._serialized_end=396
-  _globals['_REFUSAL']._serialized_start=398
-  _globals['_REFUSAL']._serialized_end=423
-  _globals['_LINK']._serialized_start=425
-  _globals['_LINK']._serialized_end=487
+  _globals['_FRAME']._serialized_start=51
+  _globals['_FRAME']._serialized_end=152
+  _globals['_HELLO']._serialized_start=154
+  _globals['_HELLO']._serialized_end=242
+  _globals['_REFUSAL']._serialized_start=244
+  _globals['_REFUSAL']._serialized_end=269
 # @@protoc_insertion_point(module_scope)

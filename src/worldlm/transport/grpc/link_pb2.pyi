@@ -6,14 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "chunk", "refusal")
+    __slots__ = ("hello", "refusal")
     HELLO_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
-    chunk: Chunk
     refusal: Refusal
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_path", "run_id", "train_tokens", "resources_json")
@@ -26,24 +24,6 @@ class Hello(_message.Message):
     train_tokens: int
     resources_json: str
     def __init__(self, node_path: _Optional[str] = ..., run_id: _Optional[str] = ..., train_tokens: _Optional[int] = ..., resources_json: _Optional[str] = ...) -> None: ...
-
-class Chunk(_message.Message):
-    __slots__ = ("message_id", "seq", "kind", "total_bytes", "data", "last", "sha256")
-    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    LAST_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    message_id: int
-    seq: int
-    kind: str
-    total_bytes: int
-    data: bytes
-    last: bool
-    sha256: str
-    def __init__(self, message_id: _Optional[int] = ..., seq: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("reason",)

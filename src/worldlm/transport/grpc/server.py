@@ -13,16 +13,16 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
 from worldlm.security.certs import CertError, node_identity, validate_node_path
-from worldlm.transport.grpc import link_pb2, link_pb2_grpc
+from worldlm.transport.grpc import link_pb2
 from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
 from worldlm.transport.grpc.endpoint import Endpoint
 from worldlm.transport.grpc.errors import HelloError, LinkConfigError, LinkTimeout
+from worldlm.transport.grpc.framing import Frame, attach_handler, frame_body
 from worldlm.transport.grpc.hello import HelloInfo
 from worldlm.transport.grpc.options import check_limits, server_options
 from worldlm.transport.grpc.tls import TlsFiles, check_plaintext_allowed, server_credentials
@@ -101,7 +101,7 @@ class ParentLinkServer:
             options=server_options(self._chunk_bytes),
             maximum_concurrent_rpcs=workers,
         )
-        link_pb2_grpc.add_LinkServicer_to_server(_Servicer(self), self._server)
+        self._server.add_generic_rpc_handlers((attach_handler(self._attach),))
         try:
             if tls is None:
                 self.port = self._server.add_insecure_port(address)
@@ -177,9 +177,7 @@ class ParentLinkServer:
 
     # --- stream handling -------------------------------------------------------------------
 
-    def _attach(
-        self, requests: Iterator[link_pb2.Frame], context: grpc.ServicerContext
-    ) -> Iterator[link_pb2.Frame]:
+    def _attach(self, requests: Iterator[Frame], context: grpc.ServicerContext) -> Iterator[Frame]:
         peer = context.peer()
         if self._stopped:
             # UNAVAILABLE, not a refusal: the child should retry once the parent is back.
@@ -220,8 +218,8 @@ class ParentLinkServer:
         context.abort(endpoint.close_code, endpoint.close_reason or "the link closed")
 
     def _first_frame(
-        self, requests: Iterator[link_pb2.Frame], context: grpc.ServicerContext, peer: str
-    ) -> link_pb2.Frame | None:
+        self, requests: Iterator[Frame], context: grpc.ServicerContext, peer: str
+    ) -> Frame | None:
         # A peer that passed TLS but never speaks would otherwise hold a worker thread forever.
         timer = threading.Timer(self._hello_timeout, context.cancel)
         timer.daemon = True
@@ -236,10 +234,10 @@ class ParentLinkServer:
         finally:
             timer.cancel()
 
-    def _admit(self, first: link_pb2.Frame, context: grpc.ServicerContext) -> HelloInfo:
-        body = first.WhichOneof("body")
-        if body != "hello":
-            raise _Refused(f"the first frame must be a Hello, got {body or 'an empty frame'}")
+    def _admit(self, first: Frame, context: grpc.ServicerContext) -> HelloInfo:
+        if not isinstance(first, link_pb2.Frame) or frame_body(first) != "hello":
+            got = frame_body(first) or "an empty frame"
+            raise _Refused(f"the first frame must be a Hello, got {got}")
         try:
             info = HelloInfo.from_proto(first.hello)
         except HelloError as exc:
@@ -280,14 +278,6 @@ class ParentLinkServer:
             )
         else:
             log.info("parent %s: %s attached", self.node_path, conn.path)
-
-
-class _Servicer(link_pb2_grpc.LinkServicer):
-    def __init__(self, owner: ParentLinkServer) -> None:
-        self._owner = owner
-
-    def Attach(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        return self._owner._attach(request_iterator, context)
 
 
 def _certificate_identity(context: grpc.ServicerContext) -> str:

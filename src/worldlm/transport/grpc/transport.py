@@ -24,7 +24,7 @@ from typing import TypeVar
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.transport.base import ChildInfo, Dropout
-from worldlm.transport.codec import decode_message, encode_message
+from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
 from worldlm.transport.grpc.errors import LinkError
@@ -150,11 +150,13 @@ class GrpcTransport:
     ) -> None:
         """Send one task and wait for its reply; anything else it reads is refused."""
         try:
-            kind, payload = encode_message(task)
-            conn.send(kind, payload, timeout=_remaining(deadline))
+            kind, parts = encode_message_parts(task)
+            conn.send(kind, parts, timeout=_remaining(deadline))
             while True:
                 kind, payload = conn.receive(timeout=_remaining(deadline))
-                reply = decode_message(kind, payload, max_bytes=self.policy.max_message_bytes)
+                reply = decode_message(
+                    kind, payload, max_bytes=self.policy.max_message_bytes, copy=False
+                )
                 answer = _as_answer(reply, reply_type, task, conn.path)
                 if not isinstance(answer, str):
                     arrivals.put((index, answer))
