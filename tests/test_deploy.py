@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worldlm.config import RunConfig, dump_config
+from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.data.tokenizer import train_tokenizer
 from worldlm.deploy.node_file import load_node_file
 from worldlm.errors import ConfigError
@@ -153,13 +153,27 @@ def same_global_model(a: Path, b: Path) -> bool:
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
-def test_processes_over_mtls_equal_the_in_process_engine(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, THREE_LEVEL, [shared_tokenizer(tmp_path), "stop.rounds=2"])
-    reference = run(config, QuietProgress(), out=tmp_path / "in-process")
-    deployed = deploy(tmp_path, config)
-    assert same_global_model(deployed, reference.run_dir)
-    assert evals(deployed) == evals(reference.run_dir)
-    summary = json.loads((deployed / "summary.json").read_text("utf-8"))
+def test_deploy_local_then_start_sh_equals_the_in_process_engine(tmp_path: Path) -> None:
+    """The README's path: `worldlm deploy-local` writes the files, `start.sh` starts five
+    processes over mTLS; the same config run in one process ends with the same model."""
+    from worldlm.cli import main
+
+    config = tiny_config(tmp_path, THREE_LEVEL, ["stop.rounds=2"])
+    (tmp_path / "fed.toml").write_text(dump_config(config), encoding="utf-8")
+    out = tmp_path / "deploy"
+    args = ["deploy-local", str(tmp_path / "fed.toml"), "--out", str(out)]
+    assert main([*args, "--base-port", str(free_port())]) == 0
+    for path in ["world", "world/med", *THREE_LEVEL]:
+        node = load_node_file(out / "nodes" / f"{safe_name(path)}.toml")
+        assert node.tls is not None and Path(node.tls.cert).is_file()
+    started = subprocess.run(["bash", str(out / "start.sh")], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "validation perplexity per leaf" in started.stdout
+    shared = tmp_path / "deploy" / "federation.toml"
+    reference = run(load_config(shared), QuietProgress(), out=tmp_path / "in-process")
+    assert same_global_model(out / "run", reference.run_dir)
+    assert evals(out / "run") == evals(reference.run_dir)
+    summary = json.loads((out / "run" / "summary.json").read_text("utf-8"))
     assert summary["rounds"] == 2
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from worldlm import __version__
 from worldlm.cli_args import add_override_arg
-from worldlm.deploy.cli import add_deploy_parsers, run_deploy
+from worldlm.deploy.cli import add_deploy_parsers, run_deploy, run_deploy_local
 from worldlm.errors import WorldLMError
 from worldlm.security.certs_cli import add_certs_parser, run_certs
 
@@ -132,6 +132,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return run_certs(args, console)
     if args.command in ("serve", "join"):
         return run_deploy(args, console)
+    if args.command == "deploy-local":
+        return run_deploy_local(args, console)
     if args.command == "presets":
         from worldlm.model.presets import PRESETS
 

@@ -34,6 +34,33 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "(still running, or restarted) roll back to match",
     )
 
+    local = sub.add_parser(
+        "deploy-local",
+        help="write a one-machine deployment of a config: certificates, node files, start.sh",
+    )
+    local.add_argument("config", type=Path, help="the federation config")
+    local.add_argument("--out", type=Path, required=True, help="a new directory for the files")
+    local.add_argument(
+        "--base-port", type=int, default=7100, help="aggregators listen from this port on"
+    )
+    add_override_arg(local, "; written into the shared config")
+
+
+def run_deploy_local(args: argparse.Namespace, console: Console) -> int:
+    from worldlm.config import load_config
+    from worldlm.deploy.local import write_local_deployment
+    from worldlm.progress import RichProgress
+
+    config = load_config(args.config, args.overrides)
+    with RichProgress(console=Console(stderr=True)) as obs:
+        made = write_local_deployment(config, args.out, obs, base_port=args.base_port)
+    console.print(
+        f"wrote {made.config}, {len(made.node_files)} node files with their certificates, "
+        f"and {made.start_script}\nstart every node (one process each): bash {made.start_script}",
+        highlight=False,
+    )
+    return 0
+
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config import load_config
