@@ -150,18 +150,20 @@ class _Partial:
     total_bytes: int
     received: int = 0
     next_seq: int = 1
-    parts: list[bytes | bytearray | memoryview] = field(default_factory=list)
+    # Reserved, not touched: the OS commits pages only as chunks are copied in, so a peer
+    # that declares a large size and sends little costs only what it sent.
+    buffer: memoryview = field(default_factory=lambda: memoryview(bytearray()))
     digest: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
 
 
 class Reassembler:
     """Rebuilds messages from their chunks, one message at a time, refusing anything off.
 
-    Nothing is allocated up front for the declared size: chunks are kept as they arrive, so a
-    peer that declares a huge size and sends little costs only what it sent. Copying them into
-    one writable buffer at the end briefly holds the payload twice. After a `ChunkError` the
-    partial message is dropped; the stream it came from should be closed, since its framing can
-    no longer be trusted.
+    Each chunk is copied, as it arrives, into one buffer reserved for the declared size (after
+    the limit check): memory is committed only as bytes arrive, so a peer that declares a huge
+    size and sends little costs only what it sent, and a whole message is held once. After a
+    `ChunkError` the partial message is dropped; the stream it came from should be closed,
+    since its framing can no longer be trusted.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -221,7 +223,7 @@ class Reassembler:
                 f"at least {p.received + size}"
             )
         if size:
-            p.parts.append(chunk.data)
+            p.buffer[p.received : p.received + size] = chunk.data  # the one copy, as it comes
             p.digest.update(chunk.data)
             p.received += size
         if not chunk.last:
@@ -252,7 +254,14 @@ class Reassembler:
             )
         if not chunk.data and not chunk.last:
             raise ChunkError(f"message {chunk.message_id}: its first chunk is empty but not last")
-        return _Partial(message_id=chunk.message_id, kind=kind, total_bytes=chunk.total_bytes)
+        try:
+            buffer = np.empty(chunk.total_bytes, dtype=np.uint8).data.cast("B")
+        except MemoryError:
+            raise ChunkError(
+                f"message {chunk.message_id} ({kind!r}): cannot reserve memory for its declared "
+                f"{chunk.total_bytes} bytes"
+            ) from None
+        return _Partial(chunk.message_id, kind, chunk.total_bytes, buffer=buffer)
 
     def _finish(self, p: _Partial, declared: str) -> Message:
         if p.received != p.total_bytes:
@@ -271,14 +280,7 @@ class Reassembler:
                 f"message {p.message_id} ({p.kind!r}) failed its digest: xxh3_128 {actual} "
                 f"differs from the declared {declared}; the payload was corrupted"
             )
-        # One copy into memory of its own (uninitialized: every byte is written next), so the
-        # decoder can build tensors over it without copying again.
-        payload = np.empty(p.total_bytes, dtype=np.uint8).data.cast("B")
-        offset = 0
-        for part in p.parts:
-            payload[offset : offset + len(part)] = part
-            offset += len(part)
-        p.parts.clear()
+        payload = p.buffer
         self._partial = None
         self._last_id = p.message_id
         return Message(message_id=p.message_id, kind=p.kind, payload=payload)
