@@ -26,7 +26,6 @@ Results and how to read them: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import hashlib
 import json
@@ -34,7 +33,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -50,6 +48,7 @@ import xxhash
 from rich.console import Console
 from rich.table import Table
 
+from machine_info import load_average, machine_info
 from worldlm.config import NodeConfig
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
@@ -289,10 +288,6 @@ def run_interleaved(units: dict[str, Unit], reps: int, warmup: int) -> dict[str,
             for key, seconds in units[name]().items():
                 out[name].setdefault(key, []).append(seconds)
     return out
-
-
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def peak_rss_gb(pid: int | str = "self") -> float | None:
@@ -745,20 +740,7 @@ def verdicts(transfer: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> li
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "date": datetime.date.today().isoformat(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "grpcio": grpc.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "nice": os.nice(0),
-        "load_before": _load(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    return machine_info(args, grpcio=grpc.__version__, nice=os.nice(0))
 
 
 def main() -> None:
@@ -788,7 +770,7 @@ def main() -> None:
             rounds = round_rows(seconds)
             round_info["seconds"] = seconds
             print_round(console, rounds, round_info)
-    info["load_after"] = _load()
+    info["load_after"] = load_average()
     record_peak(peaks, "parent", os.getpid())
     info["peak_rss_gb"] = peaks
     console.print(

@@ -18,11 +18,8 @@ Results and how to read them: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
+from machine_info import load_average, machine_info
 from worldlm.config import EvalConfig, ModelConfig, TrainConfig
 from worldlm.federation.context import RunContext
 from worldlm.federation.leaf import Leaf, LeafData
@@ -203,25 +201,7 @@ def overhead_parts(leaf: Leaf, incoming: State, reps: int) -> dict[str, list[flo
 
 
 def machine(args: argparse.Namespace, params: int) -> dict[str, Any]:
-    return {
-        "date": datetime.date.today().isoformat(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_before": _load(),
-        "parameters": params,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
-
-
-def _load() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other work on the machine skews every variant."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return machine_info(args, transformers=transformers.__version__, parameters=params)
 
 
 def summarize(seconds: dict[str, list[float]], tokens: int) -> dict[str, dict[str, float]]:
@@ -309,7 +289,7 @@ def main() -> None:
 
     seconds = interleaved(variants, args.reps, args.warmup)
     parts = overhead_parts(leaf, incoming, reps=max(10, args.reps))
-    info["load_after"] = _load()
+    info["load_after"] = load_average()
     rows = summarize(seconds, tokens)
     print_results(Console(), info, rows, parts, tokens)
     if args.json is not None:

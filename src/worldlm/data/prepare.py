@@ -83,18 +83,14 @@ def choose_tokenizer(
     return train_tokenizer(train_texts, vocab_size=cfg.vocab_size, cache_dir=cache_dir)
 
 
-def prepare_data(
-    tree: FederationNode,
-    *,
-    data_cfg: DataConfig,
-    tokenizer_cfg: TokenizerConfig,
-    model_cfg: ModelConfig,
-    seed: int,
-    cache_dir: Path,
-    status: Status = lambda _msg: None,
-) -> PreparedData:
-    """Blocks for every leaf of the configured tree (leaf names are unique)."""
-    splits: dict[str, tuple[list[str], list[str]]] = {}
+Splits = dict[str, tuple[list[str], list[str]]]  # leaf name -> (train, validation) documents
+
+
+def read_splits(
+    tree: FederationNode, data_cfg: DataConfig, seed: int, cache_dir: Path, status: Status
+) -> tuple[Splits, dict[str, str]]:
+    """Every leaf's documents split into train and validation, and their digests."""
+    splits: Splits = {}
     digests: dict[str, str] = {}
     for leaf in tree.leaves():
         status(f"reading {leaf.path}")
@@ -107,9 +103,28 @@ def prepare_data(
             leaf=leaf.name,
             chunk_chars=data_cfg.chunk_chars,
         )
+    return splits, digests
+
+
+def training_union(splits: Splits) -> list[str]:
+    """The tokenizer's training text: every leaf's training split, never a validation split."""
+    return [doc for name in sorted(splits) for doc in splits[name][0]]
+
+
+def prepare_data(
+    tree: FederationNode,
+    *,
+    data_cfg: DataConfig,
+    tokenizer_cfg: TokenizerConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    cache_dir: Path,
+    status: Status = lambda _msg: None,
+) -> PreparedData:
+    """Blocks for every leaf of the configured tree (leaf names are unique)."""
+    splits, digests = read_splits(tree, data_cfg, seed, cache_dir, status)
     status("preparing the tokenizer")
-    union = [doc for name in sorted(splits) for doc in splits[name][0]]
-    tokenizer = choose_tokenizer(tokenizer_cfg, model_cfg, union, cache_dir)
+    tokenizer = choose_tokenizer(tokenizer_cfg, model_cfg, training_union(splits), cache_dir)
     leaves: dict[str, LeafData] = {}
     for name, (train_docs, val_docs) in splits.items():
         status(f"tokenizing {name}")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worldlm.config import RunConfig, dump_config
-from worldlm.data.prepare import check_sources
+from worldlm.data.prepare import check_sources, choose_tokenizer, read_splits, training_union
 from worldlm.errors import ConfigError
-from worldlm.run import RunObserver, prepare_config_data
+from worldlm.run import RunObserver, cache_dir_of
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
 from worldlm.tree import FederationNode, build_tree
 
@@ -50,7 +50,13 @@ def write_local_deployment(
     if config.tokenizer.path is None and config.model.path is None:
         observer.status("training the shared tokenizer on the leaves' training text")
         tokenizer_file = out / "tokenizer.json"
-        prepare_config_data(tree, config, observer).tokenizer.save(str(tokenizer_file))
+        splits, _ = read_splits(
+            tree, config.data, config.run.seed, cache_dir_of(config), observer.status
+        )
+        tokenizer = choose_tokenizer(
+            config.tokenizer, config.model, training_union(splits), cache_dir_of(config)
+        )
+        tokenizer.save(str(tokenizer_file))
         config = config.model_copy(
             update={"tokenizer": config.tokenizer.model_copy(update={"path": str(tokenizer_file)})}
         )
