@@ -97,3 +97,16 @@ def test_payloads_with_a_sha256_body_digest_still_decode() -> None:
     head = json.dumps(header).encode()
     with pytest.raises(WireError, match="no body digest"):
         wire.decode(struct.pack("<4sHI", b"WLMW", 1, len(head)) + head + body)
+
+
+def test_a_payload_without_body_digest_decodes_only_when_the_carrier_checked_it() -> None:
+    # The gRPC link digests whole payloads, so it sends them without the body digest.
+    parts, _ = wire.encode_parts(_tensors(), {"m": 2}, body_digest=False)
+    payload = b"".join(parts)
+    assert len(payload) < len(wire.encode(_tensors(), {"m": 2}))
+    with pytest.raises(WireError, match="no body digest"):
+        wire.decode(payload)
+    decoded, meta = wire.decode(payload, verify_body=False)
+    assert meta == {"m": 2} and torch.equal(decoded["a.weight"], _tensors()["a.weight"])
+    with pytest.raises(WireError, match="declares"):  # sizes are still checked
+        wire.decode(payload[:-10], verify_body=False)

@@ -51,14 +51,21 @@ Buffer = bytes | bytearray | memoryview
 
 
 def encode_parts(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None = None,
+    *,
+    body_digest: bool = True,
 ) -> tuple[list[Buffer], int]:
     """The payload as a list of buffers (header, then each tensor's own memory and padding)
     and its total size: nothing is copied for contiguous CPU tensors. The buffers are valid as
-    long as the tensors are not modified."""
+    long as the tensors are not modified.
+
+    `body_digest=False` leaves the body digest out, for a carrier that checks its own digest
+    over the whole payload (the gRPC link's chunks): hashing twice would cost a pass over the
+    bytes for nothing. Such a payload only decodes with `verify_body=False`."""
     entries = []
     body: list[Buffer] = []
-    digest = xxhash.xxh3_128()
+    digest = xxhash.xxh3_128() if body_digest else None
     offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in _NAMES:
@@ -67,7 +74,8 @@ def encode_parts(
         pad = (-offset) % _ALIGN
         if pad:
             body.append(bytes(pad))
-            digest.update(body[-1])
+            if digest is not None:
+                digest.update(body[-1])
             offset += pad
         entries.append(
             {
@@ -80,14 +88,12 @@ def encode_parts(
         )
         if raw.nbytes:
             body.append(raw)
-            digest.update(raw)
+            if digest is not None:
+                digest.update(raw)
         offset += raw.nbytes
-    header = {
-        "tensors": entries,
-        "meta": dict(meta or {}),
-        "body_bytes": offset,
-        "body_xxh3_128": digest.hexdigest(),
-    }
+    header: dict[str, Any] = {"tensors": entries, "meta": dict(meta or {}), "body_bytes": offset}
+    if digest is not None:
+        header["body_xxh3_128"] = digest.hexdigest()
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     prefix = _PREFIX.pack(MAGIC, VERSION, len(head)) + head
     return [prefix, *body], len(prefix) + offset
@@ -129,12 +135,18 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any]
 
 
 def decode(
-    payload: bytes | bytearray | memoryview, *, max_bytes: int | None = None, copy: bool = True
+    payload: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int | None = None,
+    copy: bool = True,
+    verify_body: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata from a payload; refuses oversize, truncated or corrupted payloads.
 
     The tensors share memory with a private copy of the body (one copy, no pickle); with
-    `copy=False` they share the payload's own memory, which must be writable and not reused."""
+    `copy=False` they share the payload's own memory, which must be writable and not reused.
+    `verify_body=False` skips the body digest, for a caller that has already checked a digest
+    over the whole payload (a gRPC link); sizes and the tensor table are checked regardless."""
     header, start = read_header(payload)
     body_bytes = header.get("body_bytes")
     if not isinstance(body_bytes, int) or body_bytes < 0:
@@ -144,7 +156,8 @@ def decode(
     view = memoryview(payload)[start:]
     if len(view) != body_bytes:
         raise WireError(f"payload body has {len(view)} bytes but its header declares {body_bytes}")
-    _check_body_digest(header, view)
+    if verify_body:
+        _check_body_digest(header, view)
     if body_bytes and not copy and view.readonly:
         raise WireError("decode(copy=False) needs a writable payload buffer")
     body = bytearray(view) if copy else view

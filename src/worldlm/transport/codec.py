@@ -59,9 +59,12 @@ def encode_message(message: Message) -> tuple[str, bytes]:
     return kind, b"".join(parts)
 
 
-def encode_message_parts(message: Message) -> tuple[str, list[wire.Buffer]]:
+def encode_message_parts(
+    message: Message, *, body_digest: bool = True
+) -> tuple[str, list[wire.Buffer]]:
     """Like `encode_message`, but the payload as buffers that share the tensors' memory, for a
-    link to stream without a copy (`wire.encode_parts`)."""
+    link to stream without a copy (`wire.encode_parts`). `body_digest=False` is for a link that
+    digests the whole payload itself."""
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(message, TrainTask | EvalTask):
         tensors.update(_prefixed(_STATE, message.state))
@@ -115,7 +118,7 @@ def encode_message_parts(message: Message) -> tuple[str, list[wire.Buffer]]:
         raise WireError(f"cannot encode a {type(message).__name__}: it is not a message")
     # The receiver runs the same checks; failing here names the field on the side that has it.
     _read_fields(kind, meta)
-    return kind, wire.encode_parts(tensors, {"kind": kind, **meta})[0]
+    return kind, wire.encode_parts(tensors, {"kind": kind, **meta}, body_digest=body_digest)[0]
 
 
 def decode_message(
@@ -124,14 +127,16 @@ def decode_message(
     *,
     max_bytes: int | None = None,
     copy: bool = True,
+    verify_body: bool = True,
 ) -> Message:
     """The message in `payload`, which must be of `kind`; any malformed part raises `WireError`.
 
     `max_bytes` bounds the body size the payload declares, checked before allocation. With
-    `copy=False` the tensors share the payload's memory (a buffer the caller gives up)."""
+    `copy=False` the tensors share the payload's memory (a buffer the caller gives up).
+    `verify_body=False` trusts a digest the caller checked over the whole payload."""
     if kind not in _FIELDS:
         raise WireError(f"unknown message kind {kind!r}; expected one of {sorted(_FIELDS)}")
-    tensors, meta = wire.decode(payload, max_bytes=max_bytes, copy=copy)
+    tensors, meta = wire.decode(payload, max_bytes=max_bytes, copy=copy, verify_body=verify_body)
     sent = meta.get("kind")
     if sent != kind:
         what = "names no message kind" if sent is None else f"is of kind {sent!r}"

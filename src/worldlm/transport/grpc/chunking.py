@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import xxhash
 
+from worldlm.transport.grpc.buffers import SHARED_POOL, BufferPool
 from worldlm.transport.grpc.errors import ChunkError
 from worldlm.transport.grpc.framing import Chunk
 
@@ -150,8 +150,9 @@ class _Partial:
     total_bytes: int
     received: int = 0
     next_seq: int = 1
-    # Reserved, not touched: the OS commits pages only as chunks are copied in, so a peer
-    # that declares a large size and sends little costs only what it sent.
+    # Fresh memory is reserved, not touched: the OS commits pages only as chunks are copied
+    # in, so a peer that declares a large size and sends little costs only what it sent. A
+    # reused buffer (buffers.py) is memory this process already had.
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray()))
     digest: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
 
@@ -160,13 +161,16 @@ class Reassembler:
     """Rebuilds messages from their chunks, one message at a time, refusing anything off.
 
     Each chunk is copied, as it arrives, into one buffer reserved for the declared size (after
-    the limit check): memory is committed only as bytes arrive, so a peer that declares a huge
-    size and sends little costs only what it sent, and a whole message is held once. After a
+    the limit check), lent by a `BufferPool` that reuses buffers whose users are gone. Fresh
+    memory is committed only as bytes arrive, so a peer that declares a huge size and sends
+    little costs only what it sent, and a whole message is held once. After a
     `ChunkError` the partial message is dropped; the stream it came from should be closed,
     since its framing can no longer be trusted.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, pool: BufferPool | None = None
+    ) -> None:
         if (
             isinstance(max_message_bytes, bool)
             or not isinstance(max_message_bytes, int)
@@ -174,6 +178,7 @@ class Reassembler:
         ):
             raise ChunkError(f"invalid max_message_bytes {max_message_bytes!r}: need an int >= 0")
         self.max_message_bytes = max_message_bytes
+        self._pool = SHARED_POOL if pool is None else pool
         self._partial: _Partial | None = None
         self._last_id = 0
 
@@ -255,7 +260,7 @@ class Reassembler:
         if not chunk.data and not chunk.last:
             raise ChunkError(f"message {chunk.message_id}: its first chunk is empty but not last")
         try:
-            buffer = np.empty(chunk.total_bytes, dtype=np.uint8).data.cast("B")
+            buffer = self._pool.acquire(chunk.total_bytes)
         except MemoryError:
             raise ChunkError(
                 f"message {chunk.message_id} ({kind!r}): cannot reserve memory for its declared "
