@@ -1,18 +1,25 @@
 """TESTPLAN D16 and B6 on a live aggregator: each malformed reply alone inside a round is refused
 with its own reason, and the round's result is FedAvg over the valid replies; too few valid
-replies leave the model as it was; chronic stragglers are benched and tried again later."""
+replies leave the model as it was; chronic stragglers are benched and tried again later.
+Refusals and accepted digests are in the metrics and in the audit log alike."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from worldlm.audit.digest import state_digest
+from worldlm.audit.log import AuditLog, verify
 from worldlm.config import NodeConfig
 from worldlm.federation.aggregator import Aggregator
-from worldlm.federation.context import RunContext
+from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.messages import (
     EvalReport,
     EvalTask,
@@ -66,7 +73,9 @@ class SilentTransport(InProcessTransport):
 
 
 def _federation(
-    tamper: Tamper | None = None, settings: dict[str, object] | None = None
+    tamper: Tamper | None = None,
+    settings: dict[str, object] | None = None,
+    audit: AuditLog | None = None,
 ) -> tuple[Aggregator, list[HonestChild]]:
     children = [HonestChild(f"root/c{i}", 0.1 * (i + 1), float(i + 1)) for i in range(5)]
     children[2].tamper = tamper
@@ -78,7 +87,7 @@ def _federation(
         NodeConfig.model_validate(settings or {}),
         transport=transport,
         strategy=build_strategy("fedavg"),
-        ctx=RunContext("run-1", 0, torch.device("cpu")),
+        ctx=RunContext("run-1", 0, torch.device("cpu"), audit=audit or NoAudit()),
     )
     return root, children
 
@@ -127,9 +136,10 @@ CASES: dict[str, tuple[Tamper, str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str) -> None:
+def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str, tmp_path: Path) -> None:
     tamper, reason = CASES[case]
-    root, children = _federation(tamper)
+    audit = AuditLog.open(tmp_path / "audit.sqlite", "run-1")
+    root, children = _federation(tamper, audit=audit)
     model = _model()
     outcome = root.run_round(model, 1)
     valid = [c for c in children if c.tamper is None]
@@ -140,6 +150,21 @@ def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str) -> Non
     assert len(rejected) == 1 and reason in rejected[0]["reason"], rejected
     aggregate = _aggregate_row(outcome.records)
     assert aggregate["status"] == "ok" and len(aggregate["participants"]) == 4
+    # The audit log holds the same story: four accepted digests, one refusal and its reason.
+    entries = _audit_entries(tmp_path / "audit.sqlite")
+    refused = [f for event, f in entries if event == "update_rejected"]
+    assert len(refused) == 1 and reason in refused[0]["reason"]
+    accepted = {f["sender"]: f["digest"] for event, f in entries if event == "update_accepted"}
+    assert accepted == {c.path: state_digest(_shift(model, c.shift)) for c in valid}
+    (round_entry,) = [f for event, f in entries if event == "round"]
+    assert round_entry["result_digest"] == state_digest(outcome.state)
+    assert verify(tmp_path / "audit.sqlite").ok
+
+
+def _audit_entries(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT event, fields FROM entries ORDER BY seq").fetchall()
+    return [(event, json.loads(fields)) for event, fields in rows]
 
 
 def test_teeth_without_validation_the_poisoned_reply_would_wreck_the_model() -> None:

@@ -9,9 +9,11 @@ from pathlib import Path
 from rich.console import Console
 
 from worldlm import __version__
+from worldlm.audit.cli import add_audit_parser, run_audit
 from worldlm.cli_args import add_override_arg
 from worldlm.deploy.cli import add_deploy_parsers, run_deploy, run_deploy_local
 from worldlm.errors import WorldLMError
+from worldlm.metrics.report_cli import add_report_parser, run_report
 from worldlm.security.certs_cli import add_certs_parser, run_certs
 
 
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-docs", type=int, help="documents per leaf at most")
 
     add_certs_parser(sub)
+    add_report_parser(sub)
+    add_audit_parser(sub)
     add_deploy_parsers(sub)
     sub.add_parser("presets", help="list model size presets")
     sub.add_parser("corpora", help="list the named corpora a leaf can use")
@@ -130,6 +134,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _build_tree_data(args, console)
     if args.command == "certs":
         return run_certs(args, console)
+    if args.command == "report":
+        return run_report(args, console)
+    if args.command == "audit":
+        return run_audit(args, console)
     if args.command in ("serve", "join"):
         return run_deploy(args, console)
     if args.command == "deploy-local":

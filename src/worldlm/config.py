@@ -100,6 +100,27 @@ class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate every N root rounds (and always at the end).")
     max_blocks: int = Field(64, ge=0, description="Validation blocks per leaf at most; 0 = all.")
     batch_size: int = Field(16, ge=1, description="Blocks per evaluation forward pass.")
+    global_model: bool = Field(
+        True,
+        description=(
+            "Also evaluate the global model on every leaf (eval_global rows); for methods that "
+            "personalize (worldlm, fedper, local) this costs a second evaluation."
+        ),
+    )
+
+
+class MonitorConfig(Section):
+    tensorboard: bool = Field(
+        True, description="Write metrics as TensorBoard scalars under <run>/tensorboard."
+    )
+    mlflow: bool = Field(
+        False,
+        description=(
+            "Also log metrics to MLflow (needs `pip install mlflow`; the tracking URI comes "
+            "from MLFLOW_TRACKING_URI, default ./mlruns)."
+        ),
+    )
+    mlflow_experiment: str = Field("worldlm", description="MLflow experiment name.")
 
 
 class StopConfig(Section):
@@ -213,6 +234,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     worldlm: WorldLMConfig = Field(default_factory=WorldLMConfig)
     nodes: dict[str, NodeConfig] = Field(description="The federation tree, keyed by node path.")
 

@@ -11,12 +11,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
 
 from worldlm import __version__
+from worldlm.audit.cli import AUDIT_FILE
+from worldlm.audit.log import AuditLog
 from worldlm.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.data.corpora import default_cache_dir
@@ -24,13 +26,16 @@ from worldlm.data.prepare import PreparedData, check_sources, prepare_data
 from worldlm.errors import CheckpointError, ConfigError, ModelError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
-from worldlm.federation.messages import EvalTask, Record, State
+from worldlm.federation.messages import State
 from worldlm.federation.methods import MethodPlan, plan_method
 from worldlm.federation.snapshot import restore, snapshot
 from worldlm.metrics.jsonl import MetricsWriter, read_metrics
+from worldlm.metrics.sinks import make_sinks
 from worldlm.model.build import build_model, count_parameters
+from worldlm.model.card import Provenance, latest_privacy, participation_by_leaf, render_card
 from worldlm.model.io import save_hf_model
 from worldlm.model.state import get_state
+from worldlm.monitoring import eval_rows, fairness_rows, leaf_results
 from worldlm.seeding import derive_seed
 from worldlm.train.device import pick_device
 from worldlm.train.evaluate import EvalResult, merge_results
@@ -88,6 +93,14 @@ class Session:
     data: PreparedData
     run_dir: Path
     metrics: MetricsWriter
+    # Whether leaves deploy something other than the global model (worldlm, fedper, local).
+    personalized: bool = True
+    audit: AuditLog | None = None  # audit.sqlite; None where a caller keeps no audit log
+
+
+def open_metrics(config: RunConfig, run_dir: Path) -> MetricsWriter:
+    """metrics.jsonl plus the sinks `config.monitor` asks for."""
+    return MetricsWriter(run_dir / "metrics.jsonl", make_sinks(config.monitor, run_dir))
 
 
 def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Session:
@@ -98,10 +111,30 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     data = prepare_config_data(tree, config, observer)
     observer.status("building the model")
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
-    ctx = RunContext(config_digest(config)[:16], config.run.seed, device, observer)
+    run_id = config_digest(config)[:16]
+    audit = AuditLog.open(run_dir / AUDIT_FILE, run_id)
+    ctx = RunContext(run_id, config.run.seed, device, observer, audit)
     fed = federation_from_config(config, plan, data, model, ctx)
-    return Session(
-        config, tree, fed, model, data, run_dir, MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = open_metrics(config, run_dir)
+    return Session(config, tree, fed, model, data, run_dir, metrics, plan.personalizes, audit)
+
+
+def audit_run_start(session: Session) -> None:
+    """What an auditor needs to know the run by: its config, code, method and data digests."""
+    if session.audit is None:
+        return
+    config = session.config
+    session.audit.append(
+        "run_start",
+        node=session.tree.path,
+        round=0,
+        run_id=session.fed.root.ctx.run_id,
+        config_sha256=config_digest(config),
+        worldlm=__version__,
+        method=config.run.method,
+        seed=config.run.seed,
+        leaves=[leaf.path for leaf in session.tree.leaves()],
+        data_sha256=dict(sorted(session.data.digests.items())),
     )
 
 
@@ -171,6 +204,7 @@ def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) ->
     (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
     observer.status(f"run directory: {run_dir}")
     session = open_session(config, observer, run_dir)
+    audit_run_start(session)
     observer.status("evaluating the initial model")
     before = evaluate_tree(session, session.fed.root.state, 0)
     return round_loop(session, observer, before, first_round=1, tokens=0.0)
@@ -191,7 +225,10 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
     rows = read_metrics(session.metrics.path) if session.metrics.path.exists() else []
     if not list_checkpoints(run_dir / "checkpoints"):
         observer.status("no checkpoint yet: starting the run again from round 1")
-        session.metrics.path.unlink(missing_ok=True)
+        session.metrics.replace([])
+        if session.audit is not None:
+            session.audit.truncate_after(0)
+            audit_run_start(session)
         before = evaluate_tree(session, session.fed.root.state, 0)
         return round_loop(session, observer, before, first_round=1, tokens=0.0)
     path, tensors, meta = load_latest(run_dir / "checkpoints")
@@ -202,10 +239,14 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
     restore(session.fed, tensors, meta)
     done = int(meta["global_round"])
     observer.status(f"resuming after round {done} from {path.name}")
+    if session.audit is not None:
+        resume_audit(session.audit, path, session.tree.path, done)
+        session.audit.append(
+            "run_resumed", node=session.tree.path, round=done, checkpoint=path.name
+        )
     # Rows written after the checkpoint belong to a round that will be run again.
     kept = [row for row in rows if int(row["round"]) <= done]
-    session.metrics.path.write_text("", encoding="utf-8")
-    session.metrics.write(kept)
+    session.metrics.replace(kept)
     before = {
         row["node"]: EvalResult(float(row["loss"]), int(row["tokens"]))
         for row in kept
@@ -245,14 +286,7 @@ def round_loop(
         observer.round_finished(r, mean_ppl(after) if evaluated else None)
         finished = stop_reason or ("rounds" if last else "")
         if r % config.checkpoint.every == 0 or finished:
-            tensors, meta = snapshot(fed, r, tokens, fed.root.ctx.run_id)
-            save_checkpoint(
-                session.run_dir / "checkpoints",
-                r,
-                tensors,
-                {**meta, "finished": finished},
-                keep=config.checkpoint.keep,
-            )
+            write_checkpoint(session, r, tokens, finished)
         if stop_reason:
             break
     observer.status("saving final models")
@@ -267,8 +301,98 @@ def round_loop(
         count_parameters(session.model),
         final_dirs,
     )
-    write_summary(result, session.run_dir, session.data.digests)
+    write_model_cards(session, result)
+    audit_head = audit_run_end(session, result)
+    write_summary(result, session.run_dir, session.data.digests, audit_head)
+    session.metrics.close()
     return result
+
+
+def resume_audit(audit: AuditLog, path: Path, root: str, round_index: int) -> None:
+    """Like the metrics: drop the entries of the rounds that will run again, and make sure the
+    checkpoint resumed from has its entry (written late if the crash came between the
+    checkpoint and its entry)."""
+    audit.truncate_after(audit.last_seq_through(round_index))
+    recorded = audit.checkpoint_entry(path.name)
+    if recorded is None or recorded[1].get("sha256") != file_sha256(path):
+        audit_checkpoint(audit, root, path, round_index)
+
+
+def write_model_cards(session: Session, result: RunResult) -> None:
+    """A README.md model card in every final model directory (see `model.card`)."""
+    tree, config = session.tree, session.config
+    rows = read_metrics(session.metrics.path)
+    leaves = [leaf.path for leaf in tree.leaves()]
+    digests = {leaf.path: session.data.digests.get(leaf.name, "unknown") for leaf in tree.leaves()}
+    for path, directory in result.final_dirs.items():
+        node = tree.find(path)  # final_dirs are keyed by configured paths
+        kind = "global" if path == tree.path else ("leaf" if node.is_leaf else "sub-federation")
+        below = [leaf.path for leaf in node.leaves()]
+        merged = [result.after[leaf] for leaf in below if leaf in result.after]
+        card = Provenance(
+            node=path,
+            kind=kind,
+            run_id=session.fed.root.ctx.run_id,
+            config_sha256=config_digest(config),
+            worldlm_version=__version__,
+            method=config.run.method,
+            rounds=result.rounds,
+            stop_reason=result.stop_reason,
+            contributors=leaves,
+            participation=participation_by_leaf(rows),
+            data_sha256=digests,
+            val_ppl=merge_results(merged).ppl if merged else None,
+            personal_from=below if kind != "global" and session.personalized else (),
+            privacy=latest_privacy(rows),
+        )
+        (directory / "README.md").write_text(render_card(card), encoding="utf-8")
+
+
+def write_checkpoint(session: Session, round_index: int, tokens: float, finished: str) -> None:
+    """The whole run state after `round_index`, then the audit entry naming the file and its
+    SHA-256. The checkpoint itself holds nothing of the audit log (whose hashes cover
+    timestamps): two runs of one config must write identical checkpoints (TESTPLAN A2)."""
+    fed, audit = session.fed, session.audit
+    tensors, meta = snapshot(fed, round_index, tokens, fed.root.ctx.run_id)
+    meta["finished"] = finished
+    path = save_checkpoint(
+        session.run_dir / "checkpoints",
+        round_index,
+        tensors,
+        meta,
+        keep=session.config.checkpoint.keep,
+    )
+    if audit is not None:
+        audit_checkpoint(audit, fed.root.path, path, round_index)
+
+
+def audit_checkpoint(audit: AuditLog, root: str, path: Path, round_index: int) -> None:
+    audit.append(
+        "checkpoint", node=root, round=round_index, file=path.name, sha256=file_sha256(path)
+    )
+
+
+def audit_run_end(session: Session, result: RunResult) -> list[Any] | None:
+    """The run's end and the digests of its final models; returns the head to anchor."""
+    if session.audit is None:
+        return None
+    session.audit.append(
+        "run_end",
+        node=session.tree.path,
+        round=result.rounds,
+        stop_reason=result.stop_reason,
+        tokens=result.tokens,
+        final_models={
+            path: file_sha256(directory / "model.safetensors")
+            for path, directory in sorted(result.final_dirs.items())
+        },
+    )
+    return list(session.audit.head())
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _stop_reason(config: RunConfig, tokens: float, elapsed: float) -> str:
@@ -281,28 +405,20 @@ def _stop_reason(config: RunConfig, tokens: float, elapsed: float) -> str:
 
 def evaluate_tree(session: Session, state: State, round_index: int) -> dict[str, EvalResult]:
     """Each leaf of the configured tree on its own validation split, with the model it would
-    deploy; rows for every node of the configured tree go to the metrics."""
+    deploy (and with the global model, if configured); eval, eval_global and fairness rows go
+    to the metrics (see `monitoring`). Returns the deployed models' results by leaf path."""
     fed, tree = session.fed, session.tree
-    task = EvalTask(fed.root.ctx.run_id, round_index, "", fed.root.path, "eval", state)
-    by_name = fed.root.handle_eval(task).results
-    # A deployed leaf that dropped out of this evaluation has no row; the rest still report.
-    per_leaf = {leaf.path: by_name[leaf.name] for leaf in tree.leaves() if leaf.name in by_name}
-    rows: list[Record] = []
-    for node in tree.walk():
-        present = [per_leaf[leaf.path] for leaf in node.leaves() if leaf.path in per_leaf]
-        if not present:
-            continue
-        merged = merge_results(present)
-        rows.append(
-            {
-                "round": round_index,
-                "node": node.path,
-                "kind": "eval",
-                "loss": merged.loss,
-                "ppl": merged.ppl,
-                "tokens": merged.tokens,
-            }
+    per_leaf = leaf_results(fed, tree, state, round_index, deployed=True)
+    rows = eval_rows(tree, per_leaf, round_index, "eval")
+    rows += fairness_rows(tree, per_leaf, round_index)
+    if session.config.eval.global_model:
+        # Without personalization the deployed model is the global one: no second pass.
+        global_results = (
+            leaf_results(fed, tree, state, round_index, deployed=False)
+            if session.personalized
+            else per_leaf
         )
+        rows += eval_rows(tree, global_results, round_index, "eval_global")
     session.metrics.write(rows)
     return per_leaf
 
@@ -335,7 +451,12 @@ def save_final_models(session: Session) -> dict[str, Path]:
     return dirs
 
 
-def write_summary(result: RunResult, run_dir: Path, digests: dict[str, str]) -> None:
+def write_summary(
+    result: RunResult,
+    run_dir: Path,
+    digests: dict[str, str],
+    audit_head: list[Any] | None = None,
+) -> None:
     summary = {
         "worldlm": __version__,
         "rounds": result.rounds,
@@ -352,4 +473,6 @@ def write_summary(result: RunResult, run_dir: Path, digests: dict[str, str]) -> 
         },
         "final_models": {k: str(v.relative_to(run_dir)) for k, v in result.final_dirs.items()},
     }
+    if audit_head is not None:
+        summary["audit_head"] = audit_head  # `worldlm audit verify` checks the log against it
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from worldlm.audit.cli import AUDIT_FILE
+from worldlm.audit.log import AuditLog
 from worldlm.config import RunConfig, dump_config
 from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
 from worldlm.deploy.journal import JournaledNode, journal_keep
@@ -24,14 +26,14 @@ from worldlm.deploy.node_file import NodeFile
 from worldlm.errors import ConfigError
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation
-from worldlm.federation.context import RunContext
+from worldlm.federation.context import AuditRelay, RunContext
 from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
-from worldlm.metrics.jsonl import MetricsWriter
 from worldlm.run import (
     RunObserver,
     RunResult,
     Session,
+    audit_run_start,
     build_workspace,
     cache_dir_of,
     config_digest,
@@ -39,6 +41,7 @@ from worldlm.run import (
     evaluate_tree,
     federation_from_config,
     make_run_dir,
+    open_metrics,
     prepare_config_data,
     round_loop,
 )
@@ -62,6 +65,7 @@ class NodeRuntime:
     data: PreparedData
     model: PreTrainedModel
     run_id: str
+    audit: AuditRelay  # attached to this node's audit.sqlite once its directory is known
 
 
 def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> NodeRuntime:
@@ -102,15 +106,16 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
         data = PreparedData(tokenizer, {}, {})
     device = pick_device(config.run.device)
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
+    audit = AuditRelay()
     fed = federation_from_config(
         config,
         plan_method(config.run.method, tree),
         data,
         model,
-        RunContext(run_id, config.run.seed, device, observer),
+        RunContext(run_id, config.run.seed, device, observer, audit),
         partial=True,
     )
-    return NodeRuntime(config, tree, node, fed, data, model, run_id)
+    return NodeRuntime(config, tree, node, fed, data, model, run_id, audit)
 
 
 def tls_files(node_file: NodeFile) -> TlsFiles | None:
@@ -192,6 +197,8 @@ def run_root(
         run_dir = make_run_dir(rt.config, out)
         (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
     transport = serve_children(rt, node_file)
+    audit = AuditLog.open(run_dir / AUDIT_FILE, rt.run_id)
+    rt.audit.attach(audit)
     try:
         session = Session(
             rt.config,
@@ -200,11 +207,14 @@ def run_root(
             rt.model,
             rt.data,
             run_dir,
-            MetricsWriter(run_dir / "metrics.jsonl"),
+            open_metrics(rt.config, run_dir),
+            plan_method(rt.config.run.method, rt.tree).personalizes,
+            audit,
         )
         if resume is not None:
             result = continue_session(session, observer)
         else:
+            audit_run_start(session)
             before = evaluate_tree(session, rt.fed.root.state, 0)
             result = round_loop(session, observer, before, first_round=1, tokens=0.0)
         transport.stop_children()
@@ -220,12 +230,17 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
     node: Leaf | Aggregator = (
         rt.fed.leaves[rt.node.path] if rt.node.is_leaf else rt.fed.aggregators[rt.node.path]
     )
+    state_dir = Path(node_file.node.state_dir or f"{safe_name(rt.node.path)}.state")
     handler = JournaledNode(
         node,
-        Path(node_file.node.state_dir or f"{safe_name(rt.node.path)}.state"),
+        state_dir,
         rt.run_id,
         keep=journal_keep(rt.config.checkpoint.every, _inner_rounds_above(rt.tree, rt.node)),
     )
+    if not rt.node.is_leaf:
+        # An inner aggregator's own log, beside its journal. It is not cut back when the
+        # node rolls back to replay a round: the replayed round's entries appear again.
+        rt.audit.attach(AuditLog.open(state_dir / AUDIT_FILE, rt.run_id))
     transport = None if rt.node.is_leaf else serve_children(rt, node_file)
     link = ChildLink(
         node_file.node.parent,

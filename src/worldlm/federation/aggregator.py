@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from worldlm.audit.digest import state_digest
 from worldlm.config import NodeConfig
 from worldlm.errors import UpdateRejected
 from worldlm.federation.context import RunContext
@@ -26,6 +27,7 @@ from worldlm.federation.messages import (
     State,
     TrainTask,
     Update,
+    tensor_bytes,
 )
 from worldlm.federation.selection import eligible, select_children, update_stragglers
 from worldlm.model.state import cast_like
@@ -154,12 +156,25 @@ class Aggregator:
         answered: set[str] = set()
         round_keys: set[str] | None = None  # every reply of a round carries the same keys
         residuals: dict[str, Residual] = {}  # kept only if the round is not skipped
+        traffic = {"bytes_down": sum(tensor_bytes(t) for t in tasks.values()), "bytes_up": 0}
         for update in self.transport.train(list(tasks.values())):
+            traffic["bytes_up"] += tensor_bytes(update)  # refused replies crossed the link too
             try:
-                check_reply(update, tasks, answered, round_keys, self.settings.max_change)
+                change = check_reply(update, tasks, answered, round_keys, self.settings.max_change)
             except UpdateRejected as exc:
                 records.append(_rejection(global_round, self.path, exc))
+                self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
                 continue
+            self._audit(
+                "update_accepted",
+                global_round,
+                local_round=r,
+                sender=update.sender,
+                digest=state_digest(update.state),
+                weight=update.weight,
+                scale=update.scale,
+                change_norm=change,
+            )
             round_keys = set(update.state)
             answered.add(update.sender)
             records.extend(update.records)
@@ -169,14 +184,18 @@ class Aggregator:
             if self.router is not None and update.residual:
                 residuals[update.sender] = update.residual
             weight += update.weight
-        records.extend(_incident(global_round, self.path, d) for d in self.transport.dropouts())
+        for dropout in self.transport.dropouts():
+            records.append(_incident(global_round, self.path, dropout))
+            kind = records[-1]["kind"]
+            self._audit(kind, global_round, sender=dropout.path, reason=dropout.reason)
         benched = update_stragglers(chosen, answered, self.misses, self.benched_until, sample, r)
         if len(answered) < self.settings.min_replies:
             # Too few replies to trust an aggregate: this round changes nothing (TESTPLAN B6).
             records.append(
                 self._aggregate_record(global_round, r, chosen, answered, 0.0, started, benched)
             )
-            records[-1]["status"] = "too_few_replies"
+            records[-1].update(traffic, status="too_few_replies")
+            self._audit_round(records[-1], None)
             self.rounds_done += 1
             self.state = state
             return RoundOutcome(state, state, 1.0, 0.0, records)
@@ -195,6 +214,8 @@ class Aggregator:
         records.append(
             self._aggregate_record(global_round, r, chosen, answered, weight, started, benched)
         )
+        records[-1].update(traffic)
+        self._audit_round(records[-1], new_state)
         self.rounds_done += 1
         self.state = new_state
         return RoundOutcome(new_state, exact, scale, weight, records)
@@ -223,6 +244,26 @@ class Aggregator:
             "seconds": time.perf_counter() - started,
         }
 
+    def _audit(self, event: str, global_round: int, **fields: Any) -> None:
+        self.ctx.audit.append(event, node=self.path, round=global_round, **fields)
+
+    def _audit_round(self, row: Record, result: State | None) -> None:
+        """Who was asked and who took part, how the replies were combined, and the digest of
+        the result (none when the round was skipped)."""
+        self._audit(
+            "round",
+            row["round"],
+            local_round=row["local_round"],
+            status=row["status"],
+            selected=row["selected"],
+            participants=row["participants"],
+            missing=row["missing"],
+            benched=row["benched"],
+            rule=self.settings.strategy,
+            tokens=row["tokens"],
+            result_digest=None if result is None else state_digest(result),
+        )
+
     def state_for(self, child: str, state: State) -> State:
         """What `child` is sent: the model, with its own attended K when it has one."""
         return {**state, **self.child_keys[child]} if child in self.child_keys else state
@@ -234,8 +275,9 @@ class Aggregator:
         )
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
-        """Every child (not a sample) evaluates the model it would deploy."""
-        state = self.with_own_key_layers(task.state)
+        """Every child (not a sample) evaluates the model it would deploy, or, for a task that
+        is not `deployed`, the model it was sent, with no key layers of this level on top."""
+        state = self.with_own_key_layers(task.state) if task.deployed else task.state
         tasks = [
             EvalTask(
                 self.ctx.run_id,
@@ -243,7 +285,8 @@ class Aggregator:
                 self.path,
                 c.path,
                 secrets.token_hex(8),
-                self.state_for(c.path, state),
+                self.state_for(c.path, state) if task.deployed else state,
+                task.deployed,
             )
             for c in self.transport.children(self.path)
         ]
@@ -304,9 +347,10 @@ def check_reply(
     answered: set[str],
     round_keys: set[str] | None,
     max_change: float,
-) -> None:
+) -> float:
     """Refuse a reply that is not this round's answer of its sender, or whose tensors could
-    not be part of the model it was sent (TESTPLAN D16). Each refusal names its check."""
+    not be part of the model it was sent (TESTPLAN D16). Each refusal names its check.
+    Returns the L2 norm of the change the reply makes to the model it was sent."""
     task = tasks.get(update.sender)
     if task is None:
         raise UpdateRejected(update.sender, "not selected this round")
@@ -351,6 +395,7 @@ def check_reply(
             f"the update moves the model by {math.sqrt(change):.3g}, more than max_change "
             f"{max_change:g} times the model's norm {math.sqrt(norm):.3g}",
         )
+    return math.sqrt(change)
 
 
 def _incident(global_round: int, path: str, dropout: Dropout) -> Record:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -24,9 +24,38 @@ class SilentObserver:
         del path, step, loss
 
 
+class AuditTrail(Protocol):
+    """Receives the events an auditor needs (who took part, what was accepted or refused and
+    why, digests of what was combined); `worldlm.audit.log.AuditLog` keeps them hash-chained."""
+
+    def append(self, event: str, *, node: str, round: int, **fields: Any) -> object: ...
+
+
+class NoAudit:
+    def append(self, event: str, *, node: str, round: int, **fields: Any) -> None:
+        del event, node, round, fields
+
+
+class AuditRelay:
+    """Forwards events to a log attached later: a deployed node builds its federation before
+    it knows where its log lives (the root's run directory, an inner aggregator's state
+    directory). Events before `attach` have no log to go to and are dropped."""
+
+    def __init__(self) -> None:
+        self.target: AuditTrail | None = None
+
+    def attach(self, target: AuditTrail) -> None:
+        self.target = target
+
+    def append(self, event: str, *, node: str, round: int, **fields: Any) -> None:
+        if self.target is not None:
+            self.target.append(event, node=node, round=round, **fields)
+
+
 @dataclass(frozen=True)
 class RunContext:
     run_id: str
     seed: int
     device: torch.device
     observer: Observer = field(default_factory=SilentObserver)
+    audit: AuditTrail = field(default_factory=NoAudit)

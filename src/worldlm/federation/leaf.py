@@ -122,7 +122,7 @@ class Leaf:
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         model = self.workspace
-        set_state(model, self.deployed_state(task.state))
+        set_state(model, self.deployed_state(task.state) if task.deployed else task.state)
         limit = self.eval_cfg.max_blocks
         results = {
             name: evaluate(

@@ -38,7 +38,8 @@ class TrainTask:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """Evaluate the model each leaf would deploy, starting from `state`."""
+    """Evaluate the model each leaf would deploy, starting from `state`; with `deployed`
+    False, evaluate `state` itself (the global model) on each leaf's validation data."""
 
     run_id: str
     global_round: int
@@ -46,6 +47,7 @@ class EvalTask:
     recipient: str
     nonce: str
     state: State
+    deployed: bool = True
 
 
 @dataclass
@@ -79,3 +81,19 @@ class EvalReport:
     sender: str
     nonce: str
     results: dict[str, EvalResult]
+
+
+def tensor_bytes(message: TrainTask | Update) -> int:
+    """Bytes of the tensors a message carries (its weights and residual factors): what a link
+    without compression moves for it, whatever the transport, so that rows compare across
+    in-process and deployed runs. Headers and metadata are left out (a few hundred bytes)."""
+    tensors = list(message.state.values())
+    residuals = (
+        [r.residual for r in message.routed]
+        if isinstance(message, TrainTask)
+        else [message.residual]
+    )
+    for residual in residuals:
+        for u, v in residual.values():
+            tensors += [u, v]
+    return sum(t.numel() * t.element_size() for t in tensors)

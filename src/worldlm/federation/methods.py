@@ -31,6 +31,11 @@ class MethodPlan:
     pooled: bool = False  # one leaf trains on every leaf's training data (centralized)
     key_layers: bool = False  # aggregators below the root personalize K (WorldLM)
 
+    @property
+    def personalizes(self) -> bool:
+        """Whether a leaf may deploy something other than the global model."""
+        return self.personal != "none" or self.key_layers
+
 
 def plan_method(method: str, tree: FederationNode) -> MethodPlan:
     """The tree and leaf policy that `method` runs on the shared engine."""

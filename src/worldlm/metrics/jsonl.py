@@ -1,23 +1,44 @@
-"""Append metrics rows to `metrics.jsonl`, one JSON object per line, flushed as written."""
+"""Append metrics rows to `metrics.jsonl`, one JSON object per line, flushed as written, and
+hand them to the configured sinks (TensorBoard, MLflow)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worldlm.metrics.sinks import MetricsSink
 
 
 class MetricsWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sinks: Sequence[MetricsSink] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
         with self.path.open("a", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(_finite(row), sort_keys=True) + "\n")
+        for sink in self.sinks:
+            sink.write(rows)
+
+    def replace(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Make the file hold exactly `rows` (a resumed run drops the rows of rounds it will
+        run again); the sinks already have them and are not told again."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(_finite(row), sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ _FACTORS = ("U", "V")
 # Metadata fields of each kind (besides "kind" itself) and the tensor prefixes it may carry.
 _FIELDS: dict[str, tuple[str, ...]] = {
     "train_task": ("run_id", "round", "global_round", "sender", "recipient", "nonce", "routed"),
-    "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce"),
+    "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce", "deployed"),
     "update": ("sender", "round", "nonce", "weight", "scale", "records"),
     "eval_report": ("sender", "nonce", "results"),
 }
@@ -89,6 +89,7 @@ def encode_message_parts(
             "sender": message.sender,
             "recipient": message.recipient,
             "nonce": message.nonce,
+            "deployed": message.deployed,
         }
     elif isinstance(message, Update):
         kind = "update"
@@ -170,6 +171,7 @@ def decode_message(
             fields["recipient"],
             fields["nonce"],
             groups.state,
+            fields["deployed"],
         )
     if kind == "update":
         return Update(
@@ -242,6 +244,12 @@ def _json_type(value: Any) -> str:
 def _text(where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise WireError(f"{where} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _boolean(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise WireError(f"{where} must be a boolean, got {_json_type(value)}")
     return value
 
 
@@ -327,6 +335,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "routed": _routed,
     "records": _records,
     "results": _results,
+    "deployed": _boolean,
 }
 
 
