@@ -186,6 +186,104 @@ class SampleConfig(Section):
     )
 
 
+class RobustConfig(Section):
+    byzantine: int = Field(
+        0,
+        ge=0,
+        description="f, the children per round that may be Byzantine: what krum, multi_krum "
+        "and bulyan defend against (krum and multi_krum need n > 2f + 2, bulyan n >= 4f + 3).",
+    )
+    trim_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.5,
+        description="trimmed_mean: share of the replies dropped at each end, per coordinate.",
+    )
+    multi_krum_keep: int | None = Field(
+        None, ge=1, description="multi_krum: replies averaged (m); default n - f."
+    )
+    norm_bound: float | None = Field(
+        None,
+        gt=0.0,
+        description="Scale each child's change (its reply minus the model it was sent) down to "
+        "this L2 norm before any rule combines it; none by default.",
+    )
+
+
+class DPConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="User-level DP at this aggregator (DP-FedAvg): clip each child's change, "
+        "add Gaussian noise to the sum once, account the privacy spent.",
+    )
+    clip: float = Field(1.0, gt=0.0, description="C: L2 bound of each child's change (start).")
+    noise_multiplier: float = Field(
+        1.0, ge=0.0, description="z: the noise's standard deviation is z * C on the sum."
+    )
+    adaptive_clip: bool = Field(
+        False, description="Move C toward a quantile of the changes' norms (Andrew et al. 2021)."
+    )
+    target_quantile: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Adaptive clipping: share of changes left unclipped."
+    )
+    clip_learning_rate: float = Field(
+        0.2, gt=0.0, description="Adaptive clipping: step of the geometric update of C."
+    )
+    clip_count_stddev: float | None = Field(
+        None,
+        ge=0.0,
+        description="Adaptive clipping: noise on the count of unclipped changes; default "
+        "expected children / 20, as Andrew et al. suggest.",
+    )
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ at which ε is reported.")
+    epsilon_budget: float | None = Field(
+        None,
+        gt=0.0,
+        description="Stop the run before a round would take this federation's ε above it.",
+    )
+    seeded_noise: bool = Field(
+        False,
+        description="Draw the noise from the run seed (reproducible runs and bit-exact resume, "
+        "for experiments) instead of the OS's secure randomness: anyone who knows the seed "
+        "can subtract seeded noise, so it protects nothing against them.",
+    )
+    local_noise_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        description="A leaf adds N(0, (z_local * C)^2) to its own clipped change before "
+        "sending it (local DP); 0 = off.",
+    )
+
+
+class SecAggConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Secure aggregation among this aggregator's children: it learns only "
+        "their sum (Bonawitz et al. 2017, SecAgg+ of Bell et al. 2020).",
+    )
+    neighbours: int = Field(
+        0,
+        ge=0,
+        description="SecAgg+: pairwise masks with this many neighbours per child (about "
+        "log n is enough); 0 = every other child (the original protocol).",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of a child's neighbours needed to rebuild its secrets; fewer "
+        "survivors abort the round.",
+    )
+    bits: int = Field(
+        32, ge=8, le=62, description="Fixed-point width of each masked value (the field size)."
+    )
+    clip_range: float = Field(
+        1.0,
+        gt=0.0,
+        description="Values are clipped to [-clip_range, clip_range] before quantizing.",
+    )
+
+
 class LeafDataConfig(Section):
     paths: list[str] | None = Field(None, description="Files or directories (jsonl, txt, parquet).")
     corpus: str | None = Field(
@@ -205,7 +303,11 @@ class LeafDataConfig(Section):
 
 
 class NodeConfig(Section):
-    strategy: str = Field("fedavg", description="Aggregation rule of an aggregator (fedavg, none).")
+    strategy: str = Field(
+        "fedavg",
+        description="Aggregation rule of an aggregator: fedavg, none, or a Byzantine-robust "
+        "rule (median, trimmed_mean, krum, multi_krum, bulyan; see robust).",
+    )
     inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
     sample: SampleConfig = Field(
         default_factory=SampleConfig, description="How children are sampled each round."
@@ -221,6 +323,13 @@ class NodeConfig(Section):
         gt=0.0,
         description="Refuse a reply whose distance from the model it was sent is above this "
         "many times that model's norm (a blown-up or hostile update).",
+    )
+    robust: RobustConfig = Field(
+        default_factory=RobustConfig, description="Settings of the robust aggregation rules."
+    )
+    dp: DPConfig = Field(default_factory=DPConfig, description="Differential privacy here.")
+    secure_aggregation: SecAggConfig = Field(
+        default_factory=SecAggConfig, description="Secure aggregation of this node's children."
     )
     data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
 

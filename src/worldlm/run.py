@@ -278,6 +278,9 @@ def round_loop(
         session.metrics.write(outcome.records)
         last = r == config.stop.rounds
         stop_reason = _stop_reason(config, tokens, time.monotonic() - started)
+        if any(a.privacy_exhausted for a in fed.aggregators.values()):
+            # A federation refused a round that would have exceeded its ε budget.
+            stop_reason = "privacy_budget"
         evaluated = r % config.eval.every == 0 or last or stop_reason != ""
         if evaluated:
             after = evaluate_tree(session, state, r)
@@ -303,7 +306,8 @@ def round_loop(
     )
     write_model_cards(session, result)
     audit_head = audit_run_end(session, result)
-    write_summary(result, session.run_dir, session.data.digests, audit_head)
+    privacy = latest_privacy(read_metrics(session.metrics.path))
+    write_summary(result, session.run_dir, session.data.digests, audit_head, privacy)
     session.metrics.close()
     return result
 
@@ -456,8 +460,9 @@ def write_summary(
     run_dir: Path,
     digests: dict[str, str],
     audit_head: list[Any] | None = None,
+    privacy: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    summary = {
+    summary: dict[str, Any] = {
         "worldlm": __version__,
         "rounds": result.rounds,
         "stop_reason": result.stop_reason,
@@ -473,6 +478,7 @@ def write_summary(
         },
         "final_models": {k: str(v.relative_to(run_dir)) for k, v in result.final_dirs.items()},
     }
+    summary["privacy"] = privacy or {}  # ε and δ spent per federation with DP
     if audit_head is not None:
         summary["audit_head"] = audit_head  # `worldlm audit verify` checks the log against it
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

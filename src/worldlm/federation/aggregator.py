@@ -29,7 +29,13 @@ from worldlm.federation.messages import (
     Update,
     tensor_bytes,
 )
-from worldlm.federation.selection import eligible, select_children, update_stragglers
+from worldlm.federation.privacy_policy import DPPolicy, check_dp_settings
+from worldlm.federation.selection import (
+    eligible,
+    sample_count,
+    select_children,
+    update_stragglers,
+)
 from worldlm.model.state import cast_like
 from worldlm.strategies.registry import Strategy
 from worldlm.strategies.routing import Residual, route
@@ -81,6 +87,11 @@ class Aggregator:
         self.misses: dict[str, int] = {}  # selected rounds in a row without a valid reply
         self.benched_until: dict[str, int] = {}  # stragglers sit out until this round index
         self.state: State = {}
+        check_dp_settings(
+            path, settings.dp, settings.strategy, key_policy is not None and key_policy.per_child
+        )
+        self.dp = DPPolicy(settings.dp, path, ctx.seed) if settings.dp.enabled else None
+        self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
 
     def info(self) -> ChildInfo:
         tokens = sum(c.train_tokens for c in self.transport.children(self.path))
@@ -121,6 +132,10 @@ class Aggregator:
         started = time.perf_counter()
         r = self.rounds_done
         infos = self.transport.children(self.path)
+        if self.dp is not None and self.dp.would_exceed_budget(
+            len(infos), sample_count(len(infos), self.settings.sample)
+        ):
+            return self._out_of_budget(state, global_round, r, started)
         sizes = {c.path: c.train_tokens for c in infos}
         sample = self.settings.sample
         pool = eligible({c.path: c.resources for c in infos}, sample, self.benched_until, r)
@@ -145,10 +160,15 @@ class Aggregator:
             )
             for child in chosen
         }
-        aggregation = self.strategy.start_round(state)
+        dp_round = (
+            self.dp.start_round(state, len(infos), len(chosen), r) if self.dp is not None else None
+        )
+        aggregation = dp_round if dp_round is not None else self.strategy.start_round(state)
+        # Under DP the key layers are the noisy mean like the rest (see privacy_policy):
+        # attention over the children's raw K would release them without noise.
         key_round = (
             KeyLayerRound(self.key_policy, self.key_state, self.key_ref, self.routed)
-            if self.key_policy is not None
+            if self.key_policy is not None and self.dp is None
             else None
         )
         records: list[Record] = []
@@ -161,6 +181,8 @@ class Aggregator:
             traffic["bytes_up"] += tensor_bytes(update)  # refused replies crossed the link too
             try:
                 change = check_reply(update, tasks, answered, round_keys, self.settings.max_change)
+                # DP clips here; a change whose norm overflows is refused like any bad reply.
+                clipped = aggregation.add(update)
             except UpdateRejected as exc:
                 records.append(_rejection(global_round, self.path, exc))
                 self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
@@ -174,11 +196,11 @@ class Aggregator:
                 weight=update.weight,
                 scale=update.scale,
                 change_norm=change,
+                clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
             )
             round_keys = set(update.state)
             answered.add(update.sender)
             records.extend(update.records)
-            aggregation.add(update)
             if key_round is not None:
                 key_round.add(update)
             if self.router is not None and update.residual:
@@ -201,6 +223,19 @@ class Aggregator:
             return RoundOutcome(state, state, 1.0, 0.0, records)
         self.residuals.update(residuals)
         exact, scale = aggregation.result()
+        if dp_round is not None and self.dp is not None:
+            records.append(self.dp.finish_round(dp_round, global_round))
+            privacy = records[-1]
+            self._audit(
+                "dp_noise",
+                global_round,
+                local_round=r,
+                noise_stddev=privacy["noise_stddev"],
+                clip=privacy["clip"],
+                clipped=privacy["clipped"],
+                epsilon=privacy["epsilon"],
+                delta=privacy["delta"],
+            )
         # Keys no child sent (the root's K under WorldLM) keep their current value.
         model = {**state, **(exact if scale == 1.0 else {k: v / scale for k, v in exact.items()})}
         if key_round is not None:
@@ -208,6 +243,9 @@ class Aggregator:
             model.update(self.key_state)
             for child, keys in key_round.per_child().items():  # absent children keep theirs
                 self.child_keys[child] = cast_like(keys, self.key_state)
+        elif self.key_policy is not None:  # DP: K_p is the noisy mean, kept like attended K
+            names = self.key_policy.partition.key_names
+            self.key_state = cast_like({k: model[k] for k in names}, self.key_state)
         new_state = cast_like(model, state)
         if self.router is not None and len(self.residuals) > 1:
             self.routes = route(self.residuals, top_k=self.router.top_k, tau=self.router.tau)
@@ -243,6 +281,17 @@ class Aggregator:
             "tokens": weight,
             "seconds": time.perf_counter() - started,
         }
+
+    def _out_of_budget(
+        self, state: State, global_round: int, r: int, started: float
+    ) -> RoundOutcome:
+        """A round not run because it would take ε above the budget: nothing changes."""
+        self.privacy_exhausted = True
+        row = self._aggregate_record(global_round, r, [], set(), 0.0, started, [])
+        row["status"] = "privacy_budget_exhausted"
+        self._audit_round(row, None)
+        self.state = state
+        return RoundOutcome(state, state, 1.0, 0.0, [row])
 
     def _audit(self, event: str, global_round: int, **fields: Any) -> None:
         self.ctx.audit.append(event, node=self.path, round=global_round, **fields)
@@ -313,12 +362,16 @@ class Aggregator:
             "misses": self.misses,
             "benched_until": self.benched_until,
         }
+        if self.dp is not None:
+            meta["dp"] = self.dp.state_dict()
         return tensors, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.rounds_done = int(meta["rounds_done"])
         self.misses = {k: int(v) for k, v in meta.get("misses", {}).items()}
         self.benched_until = {k: int(v) for k, v in meta.get("benched_until", {}).items()}
+        if self.dp is not None:
+            self.dp.load_state_dict(meta.get("dp", {}))
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
         self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}

@@ -14,8 +14,9 @@ from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf, LeafData
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
+from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
-from worldlm.strategies.registry import build_strategy
+from worldlm.strategies.registry import build_strategy, check_strategy
 from worldlm.transport.inprocess import InProcessTransport
 from worldlm.tree import FederationNode
 
@@ -64,11 +65,15 @@ def build_federation(
     personal = {"none": frozenset(), "keys": partition.key_names, "all": all_keys}[plan.personal]
     for node in tree.walk():
         if not node.is_leaf:
+            settings = node.settings
+            # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
+            selected = sample_count(len(node.children), settings.sample)
+            check_strategy(settings.strategy, settings.robust, selected, path=node.path)
             aggregators[node.path] = Aggregator(
                 node.path,
-                node.settings,
+                settings,
                 transport=transport,
-                strategy=build_strategy(node.settings.strategy),
+                strategy=build_strategy(settings.strategy, settings.robust),
                 ctx=ctx,
                 key_policy=_key_policy(plan, node, tree, partition, worldlm_cfg),
                 router=(

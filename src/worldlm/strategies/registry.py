@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from worldlm.config import RobustConfig
+from worldlm.errors import ConfigError
 from worldlm.federation.messages import State, Update
 
 
@@ -32,29 +34,80 @@ class Strategy(Protocol):
     def load_state_dict(self, state: State) -> None: ...
 
 
-STRATEGIES: dict[str, Callable[[], Strategy]] = {}
+StrategyFactory = Callable[[RobustConfig], Strategy]
+# Why `robust` settings cannot work with n children per round, or None if they can.
+Requirement = Callable[[RobustConfig, int], str | None]
+
+STRATEGIES: dict[str, StrategyFactory] = {}
+REQUIREMENTS: dict[str, Requirement] = {}
+
+
+def _add(name: str, factory: StrategyFactory) -> None:
+    if name in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is registered twice")
+    STRATEGIES[name] = factory
 
 
 def register_strategy(name: str) -> Callable[[Callable[[], Strategy]], Callable[[], Strategy]]:
-    """Class decorator: make a strategy available under `name` in configs."""
+    """Class decorator: make a strategy that takes no settings available under `name`."""
 
     def wrap(factory: Callable[[], Strategy]) -> Callable[[], Strategy]:
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = factory
+        _add(name, lambda robust: factory())
         return factory
 
     return wrap
 
 
-def build_strategy(name: str) -> Strategy:
-    # Importing the package modules runs their registrations.
-    from worldlm.strategies import fedavg, none  # noqa: F401
+def register_robust_strategy(
+    name: str, requirement: Requirement
+) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator: a strategy built from the node's `robust` settings, with the check that
+    rejects settings it cannot honour (see `check_strategy`)."""
 
-    return STRATEGIES[name]()
+    def wrap(factory: StrategyFactory) -> StrategyFactory:
+        _add(name, factory)
+        REQUIREMENTS[name] = requirement
+        return factory
+
+    return wrap
+
+
+def _load_plugins() -> None:
+    # Importing the package modules runs their registrations.
+    from worldlm.strategies import fedavg, none, robust_rounds  # noqa: F401
+
+
+def build_strategy(name: str, robust: RobustConfig | None = None) -> Strategy:
+    """The strategy `name`; with `robust.norm_bound` set, wrapped so that every reply's change
+    is bounded before the rule sees it."""
+    _load_plugins()
+    from worldlm.strategies.norm_bound import NormBounded
+
+    settings = RobustConfig() if robust is None else robust
+    strategy = STRATEGIES[name](settings)
+    if settings.norm_bound is not None:
+        return NormBounded(strategy, settings.norm_bound)
+    return strategy
+
+
+def check_strategy(
+    name: str, robust: RobustConfig | None, n_children: int, *, path: str | None = None
+) -> None:
+    """Raise ConfigError if `name` cannot honour `robust` with `n_children` replies per
+    round (e.g. Krum with n <= 2f + 2); the message names the node, the rule, n and f."""
+    _load_plugins()
+    requirement = REQUIREMENTS.get(name)
+    settings = RobustConfig() if robust is None else robust
+    problem = None if requirement is None else requirement(settings, n_children)
+    if problem is None:
+        return
+    where = f"nodes.{path}" if path else "a node"
+    raise ConfigError(
+        f"{where}: strategy {name!r} with robust.byzantine f={settings.byzantine} cannot run "
+        f"with n={n_children} children per round: {problem}"
+    )
 
 
 def strategy_names() -> list[str]:
-    from worldlm.strategies import fedavg, none  # noqa: F401
-
+    _load_plugins()
     return sorted(STRATEGIES)

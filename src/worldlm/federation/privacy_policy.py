@@ -1,0 +1,135 @@
+"""An aggregator's differential privacy policy: DP-FedAvg rounds, adaptive clipping, and the
+accountant that says what each round spent and refuses a round that would exceed the budget.
+
+A wrapper around aggregation, not a flag inside a strategy: the aggregator asks the policy for
+the round's aggregation instead of its strategy's, and hands it each round's outcome. Each
+federation (node) sets its own policy in its config (`[nodes."<path>".dp]`).
+
+Under WorldLM a sub-federation with DP makes its key layers K_p the same noisy mean as the
+backbone, instead of attending over its children's raw K (which would release them without
+noise): everything it sends up (the backbone, the residual of K_p) and down (K_p) is then a
+post-processing of DP outputs. K still never leaves the sub-federation, which is what keeps
+WorldLM's personalization under DP; routed residuals are not mixed in under DP.
+
+Accounting: each round of this aggregator is one step of the sampled Gaussian mechanism with
+sampling rate q = children selected / children (fixed-size sampling, accounted as Poisson
+sampling, the usual approximation) and the configured noise multiplier z. With adaptive
+clipping the update is noised at z_delta > z so that update and clipped count together spend
+what z alone would (Andrew et al. 2021, Thm 1); the accountant is given z.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worldlm.config import DPConfig
+from worldlm.errors import CheckpointError, ConfigError
+from worldlm.federation.messages import Record, State
+from worldlm.privacy.accountant import PrivacyAccountant
+from worldlm.privacy.adaptive import AdaptiveClip, default_count_stddev, update_noise_multiplier
+from worldlm.privacy.dp_round import DPRound, noise_generator
+
+
+class DPPolicy:
+    """The DP state of one aggregator across rounds (clip bound, privacy spent)."""
+
+    def __init__(self, config: DPConfig, path: str, seed: int) -> None:
+        self.config, self.path, self.seed = config, path, seed
+        self.clip = config.clip
+        self.adaptive: AdaptiveClip | None = None
+        self.accountant: PrivacyAccountant | None = None
+        self._restored: dict[str, Any] = {}  # applied once the first round fixes q
+
+    def _setup(self, n_children: int, n_selected: int) -> PrivacyAccountant:
+        """Build the accountant (and adaptive clipping) once the tree fixes q and n."""
+        if self.accountant is None:
+            cfg = self.config
+            if cfg.adaptive_clip:
+                sigma_b = (
+                    cfg.clip_count_stddev
+                    if cfg.clip_count_stddev is not None
+                    else default_count_stddev(n_selected)
+                )
+                update_noise_multiplier(cfg.noise_multiplier, sigma_b)  # checks 2 sigma_b > z
+                self.adaptive = AdaptiveClip(
+                    self.clip, cfg.target_quantile, cfg.clip_learning_rate, sigma_b
+                )
+            self.accountant = PrivacyAccountant(
+                cfg.noise_multiplier, n_selected / n_children, cfg.delta
+            )
+            if self._restored:
+                self.accountant.load_state_dict(self._restored["accountant"])
+                if self.adaptive is not None and "adaptive" in self._restored:
+                    self.adaptive.load_state_dict(self._restored["adaptive"])
+                    self.clip = self.adaptive.clip
+        return self.accountant
+
+    def would_exceed_budget(self, n_children: int, n_selected: int) -> bool:
+        """Whether one more round would take ε above the configured budget."""
+        budget = self.config.epsilon_budget
+        accountant = self._setup(n_children, n_selected)
+        return budget is not None and accountant.epsilon_after(1) > budget
+
+    def start_round(
+        self, current: State, n_children: int, n_selected: int, local_round: int
+    ) -> DPRound:
+        self._setup(n_children, n_selected)
+        z = self.config.noise_multiplier
+        if self.adaptive is not None:
+            z = update_noise_multiplier(z, self.adaptive.count_stddev)
+        generator = noise_generator(
+            self.config.seeded_noise, self.seed, self.path, "dp", local_round
+        )
+        return DPRound(current, self.clip, z, n_selected, generator, self.adaptive)
+
+    def finish_round(self, dp_round: DPRound, global_round: int) -> Record:
+        """Count the round's step and return its `privacy` metrics row."""
+        assert self.accountant is not None
+        self.accountant.step()
+        if self.adaptive is not None:
+            self.clip = self.adaptive.clip  # updated by the round's result
+        return {
+            "round": global_round,
+            "node": self.path,
+            "kind": "privacy",
+            "epsilon": self.accountant.epsilon(),
+            "delta": self.config.delta,
+            "steps": self.accountant.steps,
+            "clip": dp_round.clip,
+            "next_clip": self.clip,
+            "noise_multiplier": dp_round.noise_multiplier,
+            "noise_stddev": dp_round.mean_noise_stddev,
+            "clipped": dp_round.clipped,
+            "replies": dp_round.count,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.accountant is None:
+            return dict(self._restored)
+        state: dict[str, Any] = {"accountant": self.accountant.state_dict()}
+        if self.adaptive is not None:
+            state["adaptive"] = self.adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and "accountant" not in state:
+            raise CheckpointError(f"{self.path}: the checkpoint's DP state has no accountant")
+        self._restored = dict(state)
+        self.accountant = None  # rebuilt with the restored steps at the next round
+
+
+def check_dp_settings(path: str, config: DPConfig, strategy: str, per_child_keys: bool) -> None:
+    """Refuse DP where this engine cannot give its guarantee (yet)."""
+    if not config.enabled:
+        return
+    if strategy != "fedavg":
+        raise ConfigError(
+            f"nodes.{path}.dp: differential privacy runs DP-FedAvg and needs strategy "
+            f"'fedavg', not {strategy!r}"
+        )
+    if per_child_keys:
+        raise ConfigError(
+            f"nodes.{path}.dp: worldlm.child_key_layers = 'attended' gives each child its own "
+            "attention mix of its siblings' key layers, which DP noise does not cover; use "
+            "'shared' with DP"
+        )
