@@ -309,6 +309,8 @@ def round_loop(
     privacy = latest_privacy(read_metrics(session.metrics.path))
     write_summary(result, session.run_dir, session.data.digests, audit_head, privacy)
     session.metrics.close()
+    if session.audit is not None:
+        session.audit.close()  # folds the write-ahead log into audit.sqlite
     return result
 
 
