@@ -16,6 +16,7 @@ from worldlm.progress import QuietProgress
 from worldlm.run import open_session, resume, run
 
 from .conftest import TWO_LEVEL, tiny_config
+from .test_engine import StopAtRound
 
 DP = [
     "run.method=fedavg",
@@ -78,27 +79,6 @@ def test_the_run_stops_before_its_budget_is_exceeded(tmp_path: Path) -> None:
         if r["kind"] == "aggregate"
     ]
     assert statuses == ["ok", "ok", "privacy_budget_exhausted"]
-
-
-class StopAtRound:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def status(self, message: str) -> None:
-        del message
-
-    def round_started(self, round_index: int, total: int) -> None:
-        if round_index == self.at:
-            raise KeyboardInterrupt
-
-    def round_finished(self, round_index: int, mean_ppl: float | None) -> None:
-        del round_index, mean_ppl
-
-    def leaf_started(self, path: str, steps: int) -> None:
-        del path, steps
-
-    def leaf_step(self, path: str, step: int, loss: float | None) -> None:
-        del path, step, loss
 
 
 def test_resume_keeps_the_privacy_spent_and_the_seeded_noise(tmp_path: Path) -> None:
