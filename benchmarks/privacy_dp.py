@@ -20,14 +20,13 @@ import json
 import math
 import sqlite3
 import statistics
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from worldlm.config import RunConfig, apply_overrides, load_config, validate_config
+from worldlm.config import RunConfig, load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
@@ -92,15 +91,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
     console = Console()
-    path = args.config or Path(str(resources.files("worldlm.configs") / "default.toml"))
-    base = load_config(path)
     results: dict[str, dict[str, Any]] = {}
     for method in args.methods:
-        plain = validate_config(
-            apply_overrides(
-                base.model_dump(), [f"run.method={method}", f"stop.rounds={args.rounds}"]
-            )
-        )
+        plain = load_config(args.config, [f"run.method={method}", f"stop.rounds={args.rounds}"])
         console.print(f"{method}: without DP")
         results[f"{method}|none"] = run_once(plain, args.out / f"{method}-none")
         clip = median_change_norm(args.out / f"{method}-none")
@@ -117,7 +110,7 @@ def main() -> None:
                     f"nodes.{node}.dp.delta={args.delta}",
                     f"nodes.{node}.dp.seeded_noise=true",
                 ]
-            config = validate_config(apply_overrides(base.model_dump(), overrides))
+            config = load_config(args.config, overrides)
             console.print(f"{method}: ε = {epsilon:g}, z = {z:.3f}, C = {clip:.3g} at {nodes}")
             figures = run_once(config, args.out / f"{method}-eps{epsilon:g}")
             figures.update(epsilon=epsilon, noise_multiplier=z, clip=clip, dp_nodes=nodes)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_child import SecureChild
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.progress import QuietProgress
 from worldlm.run import Session, evaluate_tree, open_session, round_loop, run
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
@@ -28,6 +30,7 @@ class OneAtATime:
 
     def __init__(self, handler: NodeHandler, lock: threading.Lock) -> None:
         self.handler, self.lock, self.path = handler, lock, handler.path
+        self.secure_child = SecureChild(self)  # secure rounds train through handle_train
 
     def info(self) -> ChildInfo:
         return self.handler.info()
@@ -39,6 +42,9 @@ class OneAtATime:
     def handle_eval(self, task: EvalTask) -> EvalReport:
         with self.lock:
             return self.handler.handle_eval(task)
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        return self.secure_child.handle(message)
 
 
 @contextmanager

@@ -11,9 +11,13 @@ import pytest
 import torch
 
 from worldlm.checkpoint import list_checkpoints
+from worldlm.config import SecAggConfig
 from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.errors import CheckpointError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_child import vector_length
+from worldlm.federation.secure_messages import Declined, SecureSetup, SecureStage, TrainedKeys
+from worldlm.privacy.secagg import KeysBroadcast, plan_round
 from worldlm.transport.base import ChildInfo
 
 
@@ -92,3 +96,26 @@ def test_state_of_another_run_or_node_is_refused(tmp_path: Path) -> None:
 def test_keep_covers_what_a_parent_can_run_again() -> None:
     assert journal_keep(1, []) == 3
     assert journal_keep(5, [2, 3]) == 32
+
+
+def test_a_secure_round_trains_through_the_journal_and_a_restart_drops_out_of_it(
+    tmp_path: Path,
+) -> None:
+    task = _task(0)
+    plan = plan_round(
+        ["world/a", "world/b", "world/c"],
+        SecAggConfig(),
+        length=vector_length(task.state),
+        graph_seed=0,
+    )
+    node = JournaledNode(Accumulator(), tmp_path, "run", keep=4)
+    reply = node.handle_secure(SecureSetup(task, plan.setup_for("world/a")))
+    assert isinstance(reply.body, TrainedKeys) and node.done == 1  # trained, and journaled
+    # The round's secrets live in memory only: after a restart the child declines the rest
+    # of the round, and its parent counts it as dropped there.
+    restarted = JournaledNode(Accumulator(), tmp_path, "run", keep=4)
+    assert restarted.done == 1
+    keys = KeysBroadcast(c_public={}, s_public={})
+    stage = SecureStage("run", 0, 1, "world", "world/a", task.nonce, keys)
+    answer = restarted.handle_secure(stage)
+    assert isinstance(answer.body, Declined) and "no secure round" in answer.body.reason

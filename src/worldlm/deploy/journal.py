@@ -29,6 +29,8 @@ from worldlm.checkpoint import (
 )
 from worldlm.errors import CheckpointError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_child import SecureChild
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.transport.base import ChildInfo, NodeHandler
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ class JournaledNode:
         # Tags of every state in the current timeline, pruned or not: a rewind must land on
         # the newest of them, or the state it lands on would miss a round.
         self.history: list[int] = []
+        # Secure rounds train through `handle_train` below, so they are journaled the same way;
+        # their secrets are not: a restarted child declines the rest of a round in flight.
+        self.secure_child = SecureChild(self)
         self._open()
 
     @property
@@ -116,6 +121,9 @@ class JournaledNode:
         update = self.node.handle_train(task)
         self._save(task.round + 1)
         return update
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        return self.secure_child.handle(message)
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         return self.node.handle_eval(task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ from worldlm.federation.messages import (
     tensor_bytes,
 )
 from worldlm.federation.privacy_policy import DPPolicy, check_dp_settings
+from worldlm.federation.secure_child import SecureChild
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
+from worldlm.federation.secure_round import SecureSum, run_secure_round
 from worldlm.federation.selection import (
     eligible,
     sample_count,
@@ -37,7 +40,9 @@ from worldlm.federation.selection import (
     update_stragglers,
 )
 from worldlm.model.state import cast_like
-from worldlm.strategies.registry import Strategy
+from worldlm.privacy.dp_round import DPRound
+from worldlm.seeding import derive_seed
+from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import Residual, route
 from worldlm.train.evaluate import EvalResult
 from worldlm.transport.base import ChildInfo, Dropout, Transport
@@ -56,6 +61,22 @@ class RoundOutcome:
     scale: float
     weight: float  # tokens trained by the children that took part
     records: list[Record]
+
+
+@dataclass
+class Collected:
+    """What a round's exchange with its children gave: the aggregation to finish and the rest
+    of the round's record."""
+
+    aggregation: RoundAggregation | DPRound | SecureSum
+    records: list[Record] = field(default_factory=list)
+    answered: set[str] = field(default_factory=set)
+    weight: float = 0.0  # tokens trained by the children that took part
+    residuals: dict[str, Residual] = field(default_factory=dict)  # WorldLM, for routing
+    traffic: dict[str, int] = field(default_factory=lambda: {"bytes_down": 0, "bytes_up": 0})
+    dropouts: list[Dropout] = field(default_factory=list)  # besides the transport's own
+    row: Record = field(default_factory=dict)  # extra fields of the aggregate row
+    status: str = "ok"
 
 
 class Aggregator:
@@ -92,6 +113,7 @@ class Aggregator:
         )
         self.dp = DPPolicy(settings.dp, path, ctx.seed) if settings.dp.enabled else None
         self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
+        self.secure_child = SecureChild(self)  # answers its parent's secure rounds
 
     def info(self) -> ChildInfo:
         tokens = sum(c.train_tokens for c in self.transport.children(self.path))
@@ -126,6 +148,10 @@ class Aggregator:
             else {}
         )
         return Update(self.path, task.round, task.nonce, exact, weight, records, scale, residual)
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        """A stage of the parent's secure round; the first trains, like `handle_train`."""
+        return self.secure_child.handle(message)
 
     def run_round(self, state: State, global_round: int) -> RoundOutcome:
         """One round over this node's children: select, send, fold replies in, finalize."""
@@ -171,58 +197,32 @@ class Aggregator:
             if self.key_policy is not None and self.dp is None
             else None
         )
-        records: list[Record] = []
-        weight = 0.0
-        answered: set[str] = set()
-        round_keys: set[str] | None = None  # every reply of a round carries the same keys
-        residuals: dict[str, Residual] = {}  # kept only if the round is not skipped
-        traffic = {"bytes_down": sum(tensor_bytes(t) for t in tasks.values()), "bytes_up": 0}
-        for update in self.transport.train(list(tasks.values())):
-            traffic["bytes_up"] += tensor_bytes(update)  # refused replies crossed the link too
-            try:
-                change = check_reply(update, tasks, answered, round_keys, self.settings.max_change)
-                # DP clips here; a change whose norm overflows is refused like any bad reply.
-                clipped = aggregation.add(update)
-            except UpdateRejected as exc:
-                records.append(_rejection(global_round, self.path, exc))
-                self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
-                continue
-            self._audit(
-                "update_accepted",
-                global_round,
-                local_round=r,
-                sender=update.sender,
-                digest=state_digest(update.state),
-                weight=update.weight,
-                scale=update.scale,
-                change_norm=change,
-                clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
-            )
-            round_keys = set(update.state)
-            answered.add(update.sender)
-            records.extend(update.records)
-            if key_round is not None:
-                key_round.add(update)
-            if self.router is not None and update.residual:
-                residuals[update.sender] = update.residual
-            weight += update.weight
-        for dropout in self.transport.dropouts():
+        if self.settings.secure_aggregation.enabled:
+            got = self._collect_secure(tasks, state, dp_round, r, global_round)
+        else:
+            got = self._collect(tasks, aggregation, key_round, r, global_round)
+        records, answered, weight = got.records, got.answered, got.weight
+        for dropout in [*got.dropouts, *self.transport.dropouts()]:
             records.append(_incident(global_round, self.path, dropout))
             kind = records[-1]["kind"]
             self._audit(kind, global_round, sender=dropout.path, reason=dropout.reason)
         benched = update_stragglers(chosen, answered, self.misses, self.benched_until, sample, r)
-        if len(answered) < self.settings.min_replies:
-            # Too few replies to trust an aggregate: this round changes nothing (TESTPLAN B6).
+        status = got.status
+        if status == "ok" and len(answered) < self.settings.min_replies:
+            status = "too_few_replies"
+        if status != "ok":
+            # Too few replies to trust an aggregate, or a secure round that released nothing:
+            # this round changes nothing (TESTPLAN B6, F23).
             records.append(
                 self._aggregate_record(global_round, r, chosen, answered, 0.0, started, benched)
             )
-            records[-1].update(traffic, status="too_few_replies")
+            records[-1].update(got.traffic, **got.row, status=status)
             self._audit_round(records[-1], None)
             self.rounds_done += 1
             self.state = state
             return RoundOutcome(state, state, 1.0, 0.0, records)
-        self.residuals.update(residuals)
-        exact, scale = aggregation.result()
+        self.residuals.update(got.residuals)
+        exact, scale = got.aggregation.result()
         if dp_round is not None and self.dp is not None:
             records.append(self.dp.finish_round(dp_round, global_round))
             privacy = records[-1]
@@ -252,11 +252,108 @@ class Aggregator:
         records.append(
             self._aggregate_record(global_round, r, chosen, answered, weight, started, benched)
         )
-        records[-1].update(traffic)
+        records[-1].update(got.traffic, **got.row)
         self._audit_round(records[-1], new_state)
         self.rounds_done += 1
         self.state = new_state
         return RoundOutcome(new_state, exact, scale, weight, records)
+
+    def _collect(
+        self,
+        tasks: dict[str, TrainTask],
+        aggregation: RoundAggregation | DPRound,
+        key_round: KeyLayerRound | None,
+        r: int,
+        global_round: int,
+    ) -> Collected:
+        """A plain round: validate each reply as it arrives and fold it into `aggregation`."""
+        got = Collected(aggregation)
+        round_keys: set[str] | None = None  # every reply of a round carries the same keys
+        got.traffic["bytes_down"] = sum(tensor_bytes(t) for t in tasks.values())
+        for update in self.transport.train(list(tasks.values())):
+            got.traffic["bytes_up"] += tensor_bytes(update)  # refused replies crossed the link
+            try:
+                limit = self.settings.max_change
+                change = check_reply(update, tasks, got.answered, round_keys, limit)
+                # DP clips here; a change whose norm overflows is refused like any bad reply.
+                clipped = aggregation.add(update)
+            except UpdateRejected as exc:
+                got.records.append(_rejection(global_round, self.path, exc))
+                self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
+                continue
+            self._audit(
+                "update_accepted",
+                global_round,
+                local_round=r,
+                sender=update.sender,
+                digest=state_digest(update.state),
+                weight=update.weight,
+                scale=update.scale,
+                change_norm=change,
+                clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
+            )
+            round_keys = set(update.state)
+            got.answered.add(update.sender)
+            got.records.extend(update.records)
+            if key_round is not None:
+                key_round.add(update)
+            if self.router is not None and update.residual:
+                got.residuals[update.sender] = update.residual
+            got.weight += update.weight
+        return got
+
+    def _collect_secure(
+        self,
+        tasks: dict[str, TrainTask],
+        state: State,
+        dp_round: DPRound | None,
+        r: int,
+        global_round: int,
+    ) -> Collected:
+        """A secure round: only the sum of the children's changes arrives (secure_round)."""
+        out = run_secure_round(
+            self.transport,
+            tasks,
+            state,
+            self.settings.secure_aggregation,
+            dp_clip=None if dp_round is None else dp_round.clip,
+            graph_seed=derive_seed(self.ctx.seed, self.path, r, "secagg"),
+        )
+        aggregation: RoundAggregation | DPRound | SecureSum = (
+            dp_round if dp_round is not None else SecureSum(state, {}, 1.0)
+        )
+        max_error = None
+        if out.changes is not None:
+            if dp_round is not None:
+                dp_round.add_sum(out.changes, len(out.included), out.dp_clipped)
+                max_error = out.error / dp_round.expected_children
+            else:
+                aggregation = SecureSum(state, out.changes, out.weight)
+                max_error = out.error / out.weight
+        self._audit(
+            "secure_aggregation",
+            global_round,
+            local_round=r,
+            status=out.status,
+            reason=out.reason,
+            included=list(out.included),
+            weights=out.weights,
+            dropouts=out.dropouts,
+            clipped_coordinates=out.clipped_coordinates,
+            sum_digest=None if out.changes is None else state_digest(out.changes),
+        )
+        got = Collected(aggregation, out.records, set(out.included), out.weight, out.residuals)
+        got.traffic.update(bytes_down=out.bytes_down, bytes_up=out.bytes_up)
+        got.dropouts, got.status = out.incidents, out.status
+        got.row = {
+            "secure_aggregation": True,
+            "secagg_dropouts": out.dropouts,
+            "secagg_clipped": out.clipped_coordinates,
+            "secagg_max_error": max_error,  # bound on |new model - exact mean| per value
+        }
+        if out.reason is not None:
+            got.row["reason"] = out.reason
+        return got
 
     def _aggregate_record(
         self,

@@ -14,6 +14,8 @@ from dataclasses import replace
 from worldlm.federation.build import Federation
 from worldlm.federation.leaf import Leaf
 from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.federation.secure_child import SecureChild
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.transport.base import ChildInfo
 
 # (model the leaf was sent, its honest model) -> the model it replies with
@@ -50,6 +52,7 @@ class ByzantineLeaf:
         self.leaf = leaf
         self.attack = attack
         self.path = leaf.path
+        self.secure_child = SecureChild(self)  # masks the altered reply, not the honest one
 
     def info(self) -> ChildInfo:
         return self.leaf.info()
@@ -58,6 +61,9 @@ class ByzantineLeaf:
         honest = self.leaf.handle_train(task)
         assert honest.scale == 1.0, "a leaf replies with its model itself"
         return replace(honest, state=self.attack(task.state, honest.state))
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        return self.secure_child.handle(message)
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         return self.leaf.handle_eval(task)

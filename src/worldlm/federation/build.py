@@ -14,6 +14,7 @@ from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf, LeafData
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
+from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
 from worldlm.strategies.registry import build_strategy, check_strategy
@@ -69,13 +70,17 @@ def build_federation(
             # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
             selected = sample_count(len(node.children), settings.sample)
             check_strategy(settings.strategy, settings.robust, selected, path=node.path)
+            key_policy = _key_policy(plan, node, tree, partition, worldlm_cfg)
+            check_secure_aggregation(
+                node.path, settings, selected, key_attention=key_policy is not None
+            )
             aggregators[node.path] = Aggregator(
                 node.path,
                 settings,
                 transport=transport,
                 strategy=build_strategy(settings.strategy, settings.robust),
                 ctx=ctx,
-                key_policy=_key_policy(plan, node, tree, partition, worldlm_cfg),
+                key_policy=key_policy,
                 router=(
                     RouterPolicy(worldlm_cfg.route_top_k, worldlm_cfg.route_tau)
                     if plan.key_layers and partition.groups and node.path == tree.path

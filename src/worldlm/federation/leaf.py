@@ -12,6 +12,8 @@ import torch
 from worldlm.config import EvalConfig, TrainConfig
 from worldlm.federation.context import RunContext
 from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.federation.secure_child import SecureChild
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.model.state import get_state, set_state
 from worldlm.seeding import generator
 from worldlm.train.evaluate import evaluate
@@ -65,6 +67,7 @@ class Leaf:
         self.own_state: State = {}  # personal weights, kept between rounds
         self.adapted_state: State = {}  # adapted weights, deployed but not trained from
         self.optimizer_state: dict[str, Any] | None = None
+        self.secure_child = SecureChild(self)  # answers its parent's secure rounds
 
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, self.data.train_tokens)
@@ -119,6 +122,10 @@ class Leaf:
         # Personal weights stay here (FedPer's K, or everything for the local baseline).
         shared = {k: v for k, v in new_state.items() if k not in self.personal_keys}
         return Update(self.path, task.round, task.nonce, shared, float(result.tokens), [record])
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        """A stage of the parent's secure round; the first trains, like `handle_train`."""
+        return self.secure_child.handle(message)
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         model = self.workspace

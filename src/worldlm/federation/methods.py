@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from worldlm.config import NodeConfig, SampleConfig
+from worldlm.config import NodeConfig, SampleConfig, SecAggConfig
 from worldlm.tree import FederationNode, flatten
 
 CENTRAL_LEAF = "centralized"
@@ -49,7 +49,10 @@ def plan_method(method: str, tree: FederationNode) -> MethodPlan:
         return MethodPlan(flatten(tree), personal="keys")
     if method == "local":
         flat = flatten(tree)
-        settings = flat.settings.model_copy(update={"strategy": "none", "sample": SampleConfig()})
+        # Nothing is aggregated, so there is nothing for secure aggregation to hide.
+        off = SecAggConfig()
+        update = {"strategy": "none", "sample": SampleConfig(), "secure_aggregation": off}
+        settings = flat.settings.model_copy(update=update)
         return MethodPlan(replace(flat, settings=settings), personal="all")
     if method == "centralized":
         settings = NodeConfig.model_validate({"strategy": "fedavg"})

@@ -125,6 +125,19 @@ class DPRound:
         self.last_norm, self.last_clip_factor = norm, factor
         return norm, factor
 
+    def add_sum(self, changes: State, count: int, clipped: int) -> None:
+        """Fold in the sum of `count` changes that their children clipped to C themselves, of
+        which `clipped` were scaled down (secure aggregation: the parent sees only the sum)."""
+        if self._result is not None:
+            raise RuntimeError("DPRound.add_sum after result(): the round's noise is drawn")
+        for key, total in changes.items():
+            if key in self._sums:
+                self._sums[key].add_(total.double())
+            else:
+                self._sums[key] = total.double().clone()
+        self._count += count
+        self.clipped += clipped
+
     def result(self) -> tuple[State, float]:
         """current + (sum + N(0, (z C)²)) / expected children, float64, scale 1.0.
 

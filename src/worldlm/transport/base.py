@@ -1,7 +1,9 @@
 """The narrow protocol between the round engine and its children.
 
 The engine only asks who its children are and sends them tasks; replies come back one at a time
-as they arrive, so an aggregator never holds more than one child's update.
+as they arrive, so an aggregator never holds more than one child's update. A secure aggregation
+round sends its four stages through the one generic `exchange` (there the parent holds every
+child's masked vector until the sum is unmasked: the protocol needs them all at once).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class NodeHandler(Protocol):
 
     def handle_eval(self, task: EvalTask) -> EvalReport: ...
 
+    def handle_secure(self, message: SecureMessage) -> SecureReply: ...
+
 
 class Transport(Protocol):
     def children(self, parent: str) -> list[ChildInfo]:
@@ -56,6 +61,11 @@ class Transport(Protocol):
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
         """Send each evaluation task; yield reports as they arrive."""
+        ...
+
+    def exchange(self, messages: Sequence[SecureMessage]) -> Iterator[SecureReply]:
+        """Send each message of a secure aggregation stage to its recipient; yield replies as
+        they arrive (children that do not answer show up in `dropouts`)."""
         ...
 
     def dropouts(self) -> list[Dropout]:

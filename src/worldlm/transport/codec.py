@@ -2,15 +2,16 @@
 
 One message is one `wire` payload. Tensors travel under prefixed names (`state/<param>`,
 `routed/<i>/<param>/U|V`, `residual/<param>/U|V`) and keep their dtype; every other field is
-in the JSON metadata, which also names the message kind. The bytes come from another machine,
-so decoding trusts nothing: the body size is checked against the caller's limit before anything
-is allocated, then every metadata field and tensor name is checked before a message is built.
+in the JSON metadata, which also names the message kind. Secure aggregation's messages are
+kinds of their own (`secure_codec`); its first request carries a train_task's fields too. The
+bytes come from another machine, so decoding trusts nothing: the body size is checked against
+the caller's limit before anything is allocated, then every metadata field and tensor name is
+checked before a message is built.
 Nothing here unpickles or evaluates. Tensor values are not checked: the aggregator does that.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +29,24 @@ from worldlm.federation.messages import (
     TrainTask,
     Update,
 )
+from worldlm.federation.secure_messages import SecureReply, SecureSetup, SecureStage, TrainedKeys
 from worldlm.strategies.routing import Residual
 from worldlm.train.evaluate import EvalResult
+from worldlm.transport import secure_codec
+from worldlm.transport.fields import (
+    array,
+    boolean,
+    check_json,
+    finite,
+    integer,
+    json_object,
+    number,
+    text,
+)
 
 __all__ = ["Message", "decode_message", "encode_message"]
 
-Message = TrainTask | EvalTask | Update | EvalReport
+Message = TrainTask | EvalTask | Update | EvalReport | SecureSetup | SecureStage | SecureReply
 
 _STATE, _ROUTED, _RESIDUAL = "state/", "routed/", "residual/"
 _FACTORS = ("U", "V")
@@ -45,12 +58,18 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "update": ("sender", "round", "nonce", "weight", "scale", "records"),
     "eval_report": ("sender", "nonce", "results"),
 }
+_FIELDS.update(secure_codec.FIELDS)
+_FIELDS["secagg_setup"] = (*_FIELDS["train_task"], *secure_codec.SETUP_FIELDS)
+_FIELDS["secagg_trained"] += ("records",)
 _PREFIXES: dict[str, tuple[str, ...]] = {
     "train_task": (_STATE, _ROUTED),
     "eval_task": (_STATE,),
     "update": (_STATE, _RESIDUAL),
     "eval_report": (),
 }
+_PREFIXES.update(secure_codec.PREFIXES)
+_PREFIXES["secagg_setup"] += _PREFIXES["train_task"]
+_PREFIXES["secagg_trained"] += (_RESIDUAL,)
 
 
 def encode_message(message: Message) -> tuple[str, bytes]:
@@ -66,21 +85,21 @@ def encode_message_parts(
     link to stream without a copy (`wire.encode_parts`). `body_digest=False` is for a link that
     digests the whole payload itself."""
     tensors: dict[str, torch.Tensor] = {}
-    if isinstance(message, TrainTask | EvalTask):
+    if isinstance(message, EvalTask):
         tensors.update(_prefixed(_STATE, message.state))
     if isinstance(message, TrainTask):
         kind = "train_task"
-        meta: dict[str, Any] = {
-            "run_id": message.run_id,
-            "round": message.round,
-            "global_round": message.global_round,
-            "sender": message.sender,
-            "recipient": message.recipient,
-            "nonce": message.nonce,
-            "routed": [{"source": r.source, "weight": r.weight} for r in message.routed],
-        }
-        for i, routed in enumerate(message.routed):
-            tensors.update(_factor_tensors(f"{_ROUTED}{i}/", routed.residual))
+        meta: dict[str, Any] = _train_task_parts(message, tensors)
+    elif isinstance(message, SecureSetup | SecureStage | SecureReply):
+        kind, own, meta = secure_codec.encode(message)
+        tensors.update(own)
+        if isinstance(message, SecureSetup):
+            meta.update(_train_task_parts(message.task, tensors))
+        if isinstance(message, SecureReply) and isinstance(message.body, TrainedKeys):
+            for i, record in enumerate(message.body.records):
+                check_json(f"{kind} field records[{i}]", record)
+            meta["records"] = message.body.records
+            tensors.update(_factor_tensors(_RESIDUAL, message.body.residual))
     elif isinstance(message, EvalTask):
         kind = "eval_task"
         meta = {
@@ -94,7 +113,7 @@ def encode_message_parts(
     elif isinstance(message, Update):
         kind = "update"
         for i, record in enumerate(message.records):
-            _check_json(f"update field records[{i}]", record)
+            check_json(f"update field records[{i}]", record)
         meta = {
             "sender": message.sender,
             "round": message.round,
@@ -146,23 +165,17 @@ def decode_message(
     routed_meta: list[tuple[str, float]] = fields.get("routed", [])
     groups = _sort_tensors(kind, tensors, len(routed_meta))
     if kind == "train_task":
-        routed = tuple(
-            RoutedResidual(source, weight, _pair(kind, f"routed[{i}]", groups.routed.get(i, {})))
-            for i, (source, weight) in enumerate(routed_meta)
-        )
-        for i, entry in enumerate(routed):
-            if not entry.residual:
-                raise WireError(f"train_task field routed[{i}] has no factor tensors")
-        return TrainTask(
-            fields["run_id"],
-            fields["round"],
-            fields["global_round"],
-            fields["sender"],
-            fields["recipient"],
-            fields["nonce"],
-            groups.state,
-            routed,
-        )
+        return _train_task(kind, fields, groups)
+    if kind == "secagg_setup":
+        setup = secure_codec.read_setup(fields, groups.other.get(secure_codec.OWN, {}))
+        return SecureSetup(_train_task(kind, fields, groups), setup, fields["dp_clip"])
+    if kind == "secagg_trained":
+        keys = secure_codec.read_keys(fields["sender"], groups.other.get(secure_codec.OWN, {}))
+        residual = _pair(kind, "residual", groups.residual)
+        trained = TrainedKeys(keys, fields["weight"], fields["names"], fields["records"], residual)
+        return SecureReply(fields["sender"], fields["nonce"], trained)
+    if kind in secure_codec.FIELDS:
+        return secure_codec.decode(kind, fields, groups.other)
     if kind == "eval_task":
         return EvalTask(
             fields["run_id"],
@@ -190,6 +203,42 @@ def decode_message(
 # --- encoding helpers ---------------------------------------------------------------------------
 
 
+def _train_task_parts(task: TrainTask, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A train task's metadata; its tensors go into `tensors`."""
+    tensors.update(_prefixed(_STATE, task.state))
+    for i, routed in enumerate(task.routed):
+        tensors.update(_factor_tensors(f"{_ROUTED}{i}/", routed.residual))
+    return {
+        "run_id": task.run_id,
+        "round": task.round,
+        "global_round": task.global_round,
+        "sender": task.sender,
+        "recipient": task.recipient,
+        "nonce": task.nonce,
+        "routed": [{"source": r.source, "weight": r.weight} for r in task.routed],
+    }
+
+
+def _train_task(kind: str, fields: Mapping[str, Any], groups: _Groups) -> TrainTask:
+    routed = tuple(
+        RoutedResidual(source, weight, _pair(kind, f"routed[{i}]", groups.routed.get(i, {})))
+        for i, (source, weight) in enumerate(fields["routed"])
+    )
+    for i, entry in enumerate(routed):
+        if not entry.residual:
+            raise WireError(f"{kind} field routed[{i}] has no factor tensors")
+    return TrainTask(
+        fields["run_id"],
+        fields["round"],
+        fields["global_round"],
+        fields["sender"],
+        fields["recipient"],
+        fields["nonce"],
+        groups.state,
+        routed,
+    )
+
+
 def _prefixed(prefix: str, state: State) -> dict[str, torch.Tensor]:
     return {prefix + name: tensor for name, tensor in state.items()}
 
@@ -200,23 +249,6 @@ def _factor_tensors(prefix: str, residual: Residual) -> dict[str, torch.Tensor]:
         for which, tensor in zip(_FACTORS, factors, strict=True):
             out[f"{prefix}{param}/{which}"] = tensor
     return out
-
-
-def _check_json(where: str, value: Any) -> None:
-    """Refuse values json.dumps would reject or silently change (non-string keys)."""
-    if value is None or isinstance(value, str | int | float):  # bool is an int
-        return
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_json(f"{where}[{i}]", item)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise WireError(f"{where} has key {key!r}; JSON object keys must be strings")
-            _check_json(f"{where}[{key!r}]", item)
-        return
-    raise WireError(f"{where} holds a {type(value).__name__}, which is not a JSON value")
 
 
 # --- metadata checks ----------------------------------------------------------------------------
@@ -234,88 +266,33 @@ def _read_fields(kind: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     return {name: _CHECKS[name](f"{kind} field {name}", meta[name]) for name in expected}
 
 
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "object" if isinstance(value, dict) else type(value).__name__)
-
-
-def _text(where: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise WireError(f"{where} must be a string, got {_json_type(value)}")
-    return value
-
-
-def _boolean(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise WireError(f"{where} must be a boolean, got {_json_type(value)}")
-    return value
-
-
-def _integer(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise WireError(f"{where} must be an integer, got {_json_type(value)}")
-    return value
-
-
-def _number(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise WireError(f"{where} must be a number, got {_json_type(value)}")
-    try:
-        return float(value)
-    except OverflowError as exc:  # an integer too large for a float
-        raise WireError(f"{where} is out of range") from exc
-
-
-def _finite(where: str, value: Any) -> float:
-    number = _number(where, value)
-    if not math.isfinite(number):  # a NaN weight or scale would poison the whole aggregate
-        raise WireError(f"{where} must be finite, got {number}")
-    return number
-
-
-def _array(where: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise WireError(f"{where} must be an array, got {_json_type(value)}")
-    return value
-
-
-def _object(where: str, value: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise WireError(f"{where} must be an object with string keys, got {_json_type(value)}")
-    if keys is not None and set(value) != set(keys):
-        raise WireError(f"{where} must have exactly the keys {list(keys)}, got {sorted(value)}")
-    return value
-
-
 def _routed(where: str, value: Any) -> list[tuple[str, float]]:
     out = []
-    for i, item in enumerate(_array(where, value)):
-        entry = _object(f"{where}[{i}]", item, ("source", "weight"))
+    for i, item in enumerate(array(where, value)):
+        entry = json_object(f"{where}[{i}]", item, ("source", "weight"))
         out.append(
             (
-                _text(f"{where}[{i}].source", entry["source"]),
-                _finite(f"{where}[{i}].weight", entry["weight"]),
+                text(f"{where}[{i}].source", entry["source"]),
+                finite(f"{where}[{i}].weight", entry["weight"]),
             )
         )
     return out
 
 
 def _records(where: str, value: Any) -> list[Record]:
-    return [_object(f"{where}[{i}]", item) for i, item in enumerate(_array(where, value))]
+    return [json_object(f"{where}[{i}]", item) for i, item in enumerate(array(where, value))]
 
 
 def _results(where: str, value: Any) -> dict[str, EvalResult]:
     out: dict[str, EvalResult] = {}
-    for i, item in enumerate(_array(where, value)):
-        entry = _object(f"{where}[{i}]", item, ("name", "loss", "tokens"))
-        name = _text(f"{where}[{i}].name", entry["name"])
+    for i, item in enumerate(array(where, value)):
+        entry = json_object(f"{where}[{i}]", item, ("name", "loss", "tokens"))
+        name = text(f"{where}[{i}].name", entry["name"])
         if name in out:
             raise WireError(f"{where}[{i}].name repeats {name!r}")
         # A diverged model's loss may be NaN or inf: that is a result to report, not malformed.
-        loss = _number(f"{where}[{i}].loss", entry["loss"])
-        tokens = _integer(f"{where}[{i}].tokens", entry["tokens"])
+        loss = number(f"{where}[{i}].loss", entry["loss"])
+        tokens = integer(f"{where}[{i}].tokens", entry["tokens"])
         if tokens < 0:
             raise WireError(f"{where}[{i}].tokens must not be negative, got {tokens}")
         out[name] = EvalResult(loss, tokens)
@@ -324,18 +301,19 @@ def _results(where: str, value: Any) -> dict[str, EvalResult]:
 
 # One checker per field name: a field means the same thing in every kind that has it.
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "run_id": _text,
-    "round": _integer,
-    "global_round": _integer,
-    "sender": _text,
-    "recipient": _text,
-    "nonce": _text,
-    "weight": _finite,
-    "scale": _finite,
+    "run_id": text,
+    "round": integer,
+    "global_round": integer,
+    "sender": text,
+    "recipient": text,
+    "nonce": text,
+    "weight": finite,
+    "scale": finite,
     "routed": _routed,
     "records": _records,
     "results": _results,
-    "deployed": _boolean,
+    "deployed": boolean,
+    **secure_codec.CHECKS,
 }
 
 
@@ -349,6 +327,7 @@ class _Groups:
     state: State = field(default_factory=dict)
     residual: _Halves = field(default_factory=dict)
     routed: dict[int, _Halves] = field(default_factory=dict)
+    other: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # prefix -> rest
 
 
 def _sort_tensors(kind: str, tensors: Mapping[str, torch.Tensor], n_routed: int) -> _Groups:
@@ -364,6 +343,8 @@ def _sort_tensors(kind: str, tensors: Mapping[str, torch.Tensor], n_routed: int)
             groups.state[rest] = tensor
         elif prefix == _RESIDUAL:
             _add_half(groups.residual, name, rest, tensor)
+        elif prefix != _ROUTED:
+            groups.other.setdefault(prefix, {})[rest] = tensor
         else:
             index_text, _, rest = rest.partition("/")
             # Canonical decimal only, so "routed/01/..." cannot alias "routed/1/...".

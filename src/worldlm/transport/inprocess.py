@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from worldlm.errors import TransportError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.transport.base import ChildInfo, Dropout, NodeHandler
 
 
@@ -37,6 +38,10 @@ class InProcessTransport:
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
         for task in tasks:
             yield self.handler(task.recipient).handle_eval(task)
+
+    def exchange(self, messages: Sequence[SecureMessage]) -> Iterator[SecureReply]:
+        for message in messages:
+            yield self.handler(message.recipient).handle_secure(message)
 
     def dropouts(self) -> list[Dropout]:
         return []  # a child in this process either answers or raises

@@ -11,6 +11,7 @@ import logging
 
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalTask, TrainTask
+from worldlm.federation.secure_messages import SecureSetup, SecureStage
 from worldlm.transport.base import NodeHandler
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
@@ -25,9 +26,12 @@ class TaskRefused(WireError):
     """A well-formed message that this node must not act on (wrong recipient or run)."""
 
 
-def check_task(task: object, path: str, run_id: str) -> TrainTask | EvalTask:
+Task = TrainTask | EvalTask | SecureSetup | SecureStage
+
+
+def check_task(task: object, path: str, run_id: str) -> Task:
     """The task, if it is one and is meant for this node in this run."""
-    if not isinstance(task, TrainTask | EvalTask):
+    if not isinstance(task, Task):
         raise TaskRefused(f"{path}: the parent sent a {type(task).__name__}, not a task")
     if task.recipient != path:
         raise TaskRefused(f"{path}: a task addressed to {task.recipient!r}")
@@ -70,7 +74,11 @@ def answer_parent(
             continue
         log.info("%s: %s of round %d", handler.path, kind, task.global_round)
         reply = (
-            handler.handle_train(task) if isinstance(task, TrainTask) else handler.handle_eval(task)
+            handler.handle_train(task)
+            if isinstance(task, TrainTask)
+            else handler.handle_eval(task)
+            if isinstance(task, EvalTask)
+            else handler.handle_secure(task)  # a stage of the parent's secure round
         )
         reply_kind, reply_payload = encode_message_parts(reply, body_digest=False)
         try:

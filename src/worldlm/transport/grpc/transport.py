@@ -23,6 +23,13 @@ from typing import TypeVar
 
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.federation.secure_messages import (
+    SecureMessage,
+    SecureReply,
+    SecureSetup,
+    SecureStage,
+    answers,
+)
 from worldlm.transport.base import ChildInfo, Dropout
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
@@ -31,7 +38,8 @@ from worldlm.transport.grpc.errors import LinkError
 from worldlm.transport.grpc.server import ParentLinkServer
 
 log = logging.getLogger(__name__)
-Reply = TypeVar("Reply", Update, EvalReport)
+Reply = TypeVar("Reply", Update, EvalReport, SecureReply)
+Request = TrainTask | EvalTask | SecureMessage
 
 
 @dataclass(frozen=True)
@@ -90,9 +98,11 @@ class GrpcTransport:
     def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
         return self._exchange(tasks, EvalReport)
 
-    def _exchange(
-        self, tasks: Sequence[TrainTask | EvalTask], reply_type: type[Reply]
-    ) -> Iterator[Reply]:
+    def exchange(self, messages: Sequence[SecureMessage]) -> Iterator[SecureReply]:
+        """One stage of a secure aggregation round, each stage with the round's whole timeout."""
+        return self._exchange(messages, SecureReply)
+
+    def _exchange(self, tasks: Sequence[Request], reply_type: type[Reply]) -> Iterator[Reply]:
         deadline = time.monotonic() + self.policy.round_timeout
         attached = self.server.children()
         arrivals: queue.Queue[tuple[int, Reply | Dropout]] = queue.Queue()
@@ -142,7 +152,7 @@ class GrpcTransport:
     def _ask(
         self,
         conn: ChildConnection,
-        task: TrainTask | EvalTask,
+        task: Request,
         reply_type: type[Reply],
         deadline: float,
         index: int,
@@ -188,9 +198,7 @@ class GrpcTransport:
         self.dropped.append(dropped)
 
 
-def _as_answer(
-    reply: object, reply_type: type[Reply], task: TrainTask | EvalTask, peer: str
-) -> Reply | str:
+def _as_answer(reply: object, reply_type: type[Reply], task: Request, peer: str) -> Reply | str:
     """`reply` if it is the authenticated `peer`'s answer to `task`, else why it is not.
 
     The sender field is only a claim; the certificate-checked link says who really sent it."""
@@ -200,6 +208,10 @@ def _as_answer(
         return f"it claims to come from {reply.sender!r}, but the link belongs to {peer!r}"
     if reply.nonce != task.nonce:
         return "it answers another task (a replay, or a reply to an earlier round)"
+    if isinstance(task, SecureSetup | SecureStage) and not (
+        isinstance(reply, SecureReply) and answers(task, reply)
+    ):
+        return "it answers another stage of the secure round (a late reply)"
     return reply
 
 
