@@ -58,13 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(check)
 
     gen = sub.add_parser("generate", help="sample text from a node's final model")
-    gen.add_argument("run_dir", type=Path)
+    gen.add_argument(
+        "run_dir", type=Path, help="a run directory, or a model directory (`worldlm export`)"
+    )
     gen.add_argument("prompt")
     gen.add_argument("--node", help="node path (default: the global model)")
+    gen.add_argument(
+        "--base", type=Path, help="LoRA adapters: their base model directory (default: as named)"
+    )
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template; print the reply"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=60)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
+
+    export = sub.add_parser(
+        "export", help="write a node's final model: merged with its base, or LoRA adapters"
+    )
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--node", help="node path (default: the global model)")
+    export.add_argument("--out", type=Path, required=True, help="new or empty directory")
+    export.add_argument(
+        "--adapters",
+        action="store_true",
+        help="LoRA runs: the adapters alone in PEFT format (default: merged into the base)",
+    )
+    export.add_argument(
+        "--base", type=Path, help="LoRA: the base model directory (default: the run's)"
+    )
 
     data = sub.add_parser("data", help="build named corpora trees from their packages")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -117,18 +140,28 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
         return 0
     if args.command == "generate":
-        from worldlm.generate import final_model_dir, generate_text
+        from worldlm.generate import generate_text, model_dir_of
 
-        model_dir = final_model_dir(args.run_dir, args.node)
         text = generate_text(
-            model_dir,
+            model_dir_of(args.run_dir, args.node),
             args.prompt,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             seed=args.seed,
+            base=args.base,
+            chat=args.chat,
         )
         print(text)
+        return 0
+    if args.command == "export":
+        from worldlm.model.export import export_model
+
+        out = export_model(
+            args.run_dir, args.out, node=args.node, adapters=args.adapters, base=args.base
+        )
+        kind = "adapters" if args.adapters else "model"
+        console.print(f"wrote the {kind} of {args.node or 'the global model'} to {out}")
         return 0
     if args.command == "data":
         return _build_tree_data(args, console)
@@ -196,7 +229,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             result.before,
             result.after,
             f"validation perplexity per leaf ({result.rounds} rounds, "
-            f"{result.tokens:,.0f} tokens, {result.parameters / 1e6:.1f}M parameters)",
+            f"{result.tokens:,.0f} tokens, {result.parameters / 1e6:.1f}M "
+            f"{'adapter parameters' if config.model.lora.enabled else 'parameters'})",
         )
     )
     console.print(

@@ -45,10 +45,45 @@ class RunSection(Section):
     )
 
 
+class LoRAConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Fine-tune low-rank adapters (PEFT LoRA) on a frozen base: only the adapters "
+        "are trained, sent, aggregated and checkpointed; the base is loaded once per node.",
+    )
+    r: int = Field(8, ge=1, le=1024, description="Rank of each adapter.")
+    alpha: int = Field(16, ge=1, description="Scale: the update is (alpha / r) B A.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on each adapter's input (seeded per session)."
+    )
+    target_modules: list[str] = Field(
+        ["all-linear"],
+        min_length=1,
+        description='Layers that get adapters: ["all-linear"] = every linear layer of the '
+        "transformer blocks (on Llama the q, k, v, o, gate, up and down projections), or "
+        'module names such as ["q_proj", "v_proj"].',
+    )
+
+
 class ModelConfig(Section):
     preset: str | None = Field(None, description="Random-init size preset; default small.")
-    path: str | None = Field(None, description="A local Hugging Face model directory instead.")
+    path: str | None = Field(
+        None, description="A local Hugging Face model directory (or one holding gguf_file)."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside model.path, loaded (with its tokenizer) through "
+        "transformers and cached dequantized as safetensors under run.cache_dir/models.",
+    )
     block_size: int = Field(128, gt=1, le=8192, description="Tokens per training block.")
+    load_in: Literal["full", "8bit", "4bit"] = Field(
+        "full",
+        description="Base weights in full precision, or quantized to 8/4 bits by bitsandbytes "
+        "(CUDA only; needs model.path and lora.enabled).",
+    )
+    lora: LoRAConfig = Field(
+        default_factory=LoRAConfig, description="LoRA fine-tuning of a pretrained model."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -60,6 +95,22 @@ class ModelConfig(Section):
         if data.get("path") is None and data.get("preset") is None:
             return {**data, "preset": "small"}
         return data
+
+    @model_validator(mode="after")
+    def _pretrained_only(self) -> ModelConfig:
+        if self.gguf_file is not None and self.path is None:
+            raise ValueError("model.gguf_file names a file inside model.path; set model.path")
+        if self.lora.enabled and self.path is None:
+            raise ValueError(
+                "model.lora fine-tunes a pretrained model: set model.path (a random-init preset "
+                "has no base on disk to load the adapters on)"
+            )
+        if self.load_in != "full" and (self.path is None or not self.lora.enabled):
+            raise ValueError(
+                f"model.load_in = {self.load_in!r} quantizes a pretrained base for LoRA; "
+                "set model.path and model.lora.enabled = true, or use load_in = 'full'"
+            )
+        return self
 
 
 class TokenizerConfig(Section):
@@ -259,7 +310,8 @@ class SecAggConfig(Section):
     enabled: bool = Field(
         False,
         description="Secure aggregation among this aggregator's children: it learns only "
-        "their sum (Bonawitz et al. 2017, SecAgg+ of Bell et al. 2020).",
+        "the sum of their weighted changes (Bonawitz et al. 2017, SecAgg+ of Bell et al. "
+        "2020). Needs strategy fedavg without norm_bound and at least 3 children per round.",
     )
     neighbours: int = Field(
         0,
@@ -280,7 +332,10 @@ class SecAggConfig(Section):
     clip_range: float = Field(
         1.0,
         gt=0.0,
-        description="Values are clipped to [-clip_range, clip_range] before quantizing.",
+        description="Bound on each coordinate of a child's change to the model in one round: "
+        "larger ones are clipped to it (counted, in total, as secagg_clipped). The weighted "
+        "value masked stays within it, so quantization never saturates; its step is "
+        "2 clip_range / floor((2^bits - 1) / children).",
     )
 
 

@@ -16,6 +16,7 @@ from worldlm.config import (
     DataConfig,
     EvalConfig,
     LeafDataConfig,
+    LoRAConfig,
     ModelConfig,
     MonitorConfig,
     NodeConfig,
@@ -30,7 +31,18 @@ from worldlm.deploy.node_file import LeafDataSection, LinkSection, NodeSection, 
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("run", RunSection, "What the run is called, where it goes, and which method it runs."),
-    ("model", ModelConfig, "The causal LM: a random-init preset or a local HF directory."),
+    (
+        "model",
+        ModelConfig,
+        "The causal LM: a random-init preset, or a pretrained one from a local HF directory or "
+        "GGUF file (with its own tokenizer).",
+    ),
+    (
+        "model.lora",
+        LoRAConfig,
+        "LoRA (PEFT) on a pretrained model: only adapters are trained, sent and aggregated; "
+        "WorldLM's K is the adapters of the last blocks.",
+    ),
     ("tokenizer", TokenizerConfig, "A byte-level BPE trained on the leaves' training splits."),
     ("data", DataConfig, "How every leaf's files become training and validation blocks."),
     ("train", TrainConfig, "Local training at each leaf, every round."),

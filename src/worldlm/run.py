@@ -22,7 +22,7 @@ from worldlm.audit.log import AuditLog
 from worldlm.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.data.corpora import default_cache_dir
-from worldlm.data.prepare import PreparedData, check_sources, prepare_data
+from worldlm.data.prepare import PreparedData, check_sources, hf_tokenizer, prepare_data
 from worldlm.errors import CheckpointError, ConfigError, ModelError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
@@ -33,7 +33,9 @@ from worldlm.metrics.jsonl import MetricsWriter, read_metrics
 from worldlm.metrics.sinks import make_sinks
 from worldlm.model.build import build_model, count_parameters
 from worldlm.model.card import Provenance, latest_privacy, participation_by_leaf, render_card
-from worldlm.model.io import save_hf_model
+from worldlm.model.io import save_hf_model, weights_file
+from worldlm.model.lora import base_of, is_lora, wrap_lora
+from worldlm.model.pretrained import base_model_dir
 from worldlm.model.state import get_state
 from worldlm.monitoring import eval_rows, fairness_rows, leaf_results
 from worldlm.seeding import derive_seed
@@ -183,9 +185,17 @@ def federation_from_config(
 
 
 def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) -> PreTrainedModel:
-    """The model every node of this process trains or reads: same seed, same initial weights."""
-    model = build_model(config.model, vocab_size, seed=derive_seed(config.run.seed, "init"))
-    model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
+    """The model every node of this process trains or reads: same seed, same initial weights.
+    With LoRA, the base is loaded once here and only the adapters are trained and federated
+    (see `model.lora`)."""
+    model = build_model(
+        config.model,
+        vocab_size,
+        seed=derive_seed(config.run.seed, "init"),
+        cache_dir=cache_dir_of(config),
+    )
+    if config.model.load_in == "full":  # a quantized base is already on its GPU
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
     if int(model.config.vocab_size) < vocab_size:
         raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -194,6 +204,8 @@ def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) ->
             f"model.block_size: {config.model.block_size} is longer than the model's "
             f"{positions} positions; lower it"
         )
+    if config.model.lora.enabled:
+        wrap_lora(model, config.model.lora, seed=derive_seed(config.run.seed, "lora"))
     return model
 
 
@@ -350,8 +362,14 @@ def write_model_cards(session: Session, result: RunResult) -> None:
             val_ppl=merge_results(merged).ppl if merged else None,
             personal_from=below if kind != "global" and session.personalized else (),
             privacy=latest_privacy(rows),
+            base_model=str(base) if (base := lora_base(session.model, directory)) else None,
         )
         (directory / "README.md").write_text(render_card(card), encoding="utf-8")
+
+
+def lora_base(model: torch.nn.Module, directory: Path) -> Path | None:
+    """The base model a LoRA model directory applies to (None for a whole model)."""
+    return base_of(directory) if is_lora(model) else None
 
 
 def write_checkpoint(session: Session, round_index: int, tokens: float, finished: str) -> None:
@@ -389,7 +407,7 @@ def audit_run_end(session: Session, result: RunResult) -> list[Any] | None:
         stop_reason=result.stop_reason,
         tokens=result.tokens,
         final_models={
-            path: file_sha256(directory / "model.safetensors")
+            path: file_sha256(weights_file(directory))
             for path, directory in sorted(result.final_dirs.items())
         },
     )
@@ -436,24 +454,26 @@ def mean_ppl(results: dict[str, EvalResult]) -> float:
 
 def save_final_models(session: Session) -> dict[str, Path]:
     """The global model under final/<root>, and, under each leaf's configured path, every leaf
-    that deploys something else."""
-    fed, tree, model = session.fed, session.tree, session.model
-    tokenizer, final = session.data.tokenizer, session.run_dir / "final"
-    dirs = {tree.path: save_hf_model(model, fed.root.state, tokenizer, final / tree.path)}
+    that deploys something else. With LoRA, each directory holds that model's adapters."""
+    fed, tree, model, config = session.fed, session.tree, session.model, session.config
+    final, cache_dir = session.run_dir / "final", cache_dir_of(config)
+    tokenizer = hf_tokenizer(session.data.tokenizer, config.tokenizer, config.model, cache_dir)
+    base = base_model_dir(config.model, cache_dir) if config.model.lora.enabled else None
+
+    def save(state: State, path: str) -> Path:
+        return save_hf_model(model, state, tokenizer, final / path, base_dir=base)
+
+    dirs = {tree.path: save(fed.root.state, tree.path)}
     for path, aggregator in fed.aggregators.items():
         if aggregator.key_state:  # a sub-federation's deployed model: global B + its K
-            dirs[path] = save_hf_model(
-                model, aggregator.with_own_key_layers(fed.root.state), tokenizer, final / path
-            )
+            dirs[path] = save(aggregator.with_own_key_layers(fed.root.state), path)
     configured = {leaf.name: leaf.path for leaf in tree.leaves()}
     for leaf in fed.leaves.values():
         parent = fed.aggregators[leaf.path.rsplit("/", 1)[0]]
         if leaf.own_state or leaf.adapted_state or leaf.path in parent.child_keys:
             sent = parent.state_for(leaf.path, parent.with_own_key_layers(fed.root.state))
             target = configured.get(leaf.data.name, leaf.path)
-            dirs[target] = save_hf_model(
-                model, leaf.deployed_state(sent), tokenizer, final / target
-            )
+            dirs[target] = save(leaf.deployed_state(sent), target)
     return dirs
 
 

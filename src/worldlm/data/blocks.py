@@ -1,4 +1,10 @@
-"""Token ids for language-model training: encode documents, pack them into fixed-size blocks."""
+"""Token ids for language-model training: encode documents, pack them into fixed-size blocks.
+
+A block is an (N, T) int64 tensor of token ids. A token that the model reads but is not a
+target of the loss (a prompt token, or padding) is stored as `~id` (= -id - 1, always
+negative), so that masks travel inside the blocks themselves: every container of blocks stays
+as it is, and plain text, which has no negative ids, is trained exactly as before.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from worldlm.data.instructions import Example
 from worldlm.data.tokenizer import eos_id
 from worldlm.errors import DataError
 
 # Bounds on one encode_batch call, so a corpus of huge documents does not balloon memory.
 _BATCH_DOCS = 512
 _BATCH_CHARS = 4_000_000
+IGNORE_INDEX = -100  # the label transformers' loss skips
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> list[int]:
@@ -64,3 +72,39 @@ def pack_blocks(ids: Sequence[int] | torch.Tensor, block_size: int) -> torch.Ten
             "add more data or use a smaller block_size"
         )
     return flat[: n_blocks * block_size].reshape(n_blocks, block_size)  # (N, T)
+
+
+def inputs_and_labels(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) of blocks (B, T): a token stored as ~id is read but its label is
+    IGNORE_INDEX. Blocks without masked tokens are their own labels (the same tensor)."""
+    masked = blocks < 0
+    if not bool(masked.any()):
+        return blocks, blocks
+    return torch.where(masked, ~blocks, blocks), torch.where(masked, IGNORE_INDEX, blocks)
+
+
+def pack_examples(examples: Sequence[Example], block_size: int, pad_id: int) -> torch.Tensor:
+    """(N, block_size) blocks holding whole examples one after another; a block is closed
+    with non-target padding when the next example does not fit. An example longer than a
+    block is cut to one block; one left without a target token is dropped."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for ids, targets in examples:
+        stored = [t if target else ~t for t, target in zip(ids, targets, strict=True)]
+        stored = stored[:block_size]
+        if not any(t >= 0 for t in stored):
+            continue
+        if len(row) + len(stored) > block_size:
+            rows.append(row + [~pad_id] * (block_size - len(row)))
+            row = []
+        row += stored
+    if row:
+        rows.append(row + [~pad_id] * (block_size - len(row)))
+    if not rows:
+        raise DataError(
+            f"no example has a response token within block_size={block_size}; add examples "
+            "or raise model.block_size"
+        )
+    return torch.tensor(rows, dtype=torch.int64)  # (N, T)

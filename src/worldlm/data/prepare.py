@@ -1,7 +1,10 @@
 """Turn every leaf's files into token blocks: read, split, tokenize, pack.
 
 In simulation the tokenizer is trained on the union of the leaves' training splits (never their
-validation splits), or loaded from a file or the model's directory.
+validation splits), or loaded from a file or the model's directory (a GGUF file's tokenizer comes
+from its cached conversion). Instruction and chat files (see `instructions`) become blocks whose
+prompt tokens are masked out of the loss, rendered with the tokenizer's chat template if it has
+one.
 """
 
 from __future__ import annotations
@@ -11,16 +14,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from worldlm.config import DataConfig, ModelConfig, TokenizerConfig
-from worldlm.data.blocks import encode_documents, pack_blocks
+from worldlm.data.blocks import encode_documents, pack_blocks, pack_examples
 from worldlm.data.corpora import CORPORA, load_corpus
-from worldlm.data.sources import read_documents
+from worldlm.data.instructions import (
+    Conversation,
+    Document,
+    document_chars,
+    encode_conversations,
+    holds_instructions,
+    plain_text,
+    read_conversations,
+)
+from worldlm.data.sources import data_files, read_documents
 from worldlm.data.split import split_documents
-from worldlm.data.tokenizer import load_tokenizer, train_tokenizer
+from worldlm.data.tokenizer import eos_id, load_tokenizer, to_hf_tokenizer, train_tokenizer
 from worldlm.errors import DataError
 from worldlm.federation.leaf import LeafData
+from worldlm.model.pretrained import base_model_dir
 from worldlm.tree import FederationNode
 
 Status = Callable[[str], None]
@@ -50,23 +65,39 @@ def check_sources(tree: FederationNode) -> None:
             )
 
 
-def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[str]:
-    """A leaf's documents from its files or its named corpus."""
+def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[Document]:
+    """A leaf's documents from its files or its named corpus; JSONL files of instruction
+    records give conversations."""
     spec = leaf.data
     limit = cfg.max_chars if spec.max_chars is None else spec.max_chars
     max_chars = limit or None  # 0 means no cap
     if spec.corpus is not None:
-        return load_corpus(spec.corpus, cache_dir, max_chars=max_chars)
+        return list(load_corpus(spec.corpus, cache_dir, max_chars=max_chars))
     assert spec.paths is not None
-    return read_documents(
-        [Path(p) for p in spec.paths], text_field=cfg.text_field, max_chars=max_chars
-    )
+    paths = [Path(p) for p in spec.paths]
+    files = [file for path in paths for file in data_files(path)]
+    if not any(holds_instructions(file, cfg.text_field) for file in files):
+        return list(read_documents(paths, text_field=cfg.text_field, max_chars=max_chars))
+    docs: list[Document] = []
+    total = 0
+    for file in files:
+        left = None if max_chars is None else max_chars - total
+        if left is not None and left <= 0:
+            break
+        part: list[Document] = []
+        if holds_instructions(file, cfg.text_field):
+            part.extend(read_conversations(file, max_chars=left))
+        else:
+            part.extend(read_documents([file], text_field=cfg.text_field, max_chars=left))
+        docs += part
+        total += sum(document_chars(d) for d in part)
+    return docs
 
 
-def documents_digest(docs: list[str]) -> str:
+def documents_digest(docs: list[Document]) -> str:
     h = hashlib.sha256()
     for doc in docs:
-        raw = doc.encode("utf-8")
+        raw = (doc if isinstance(doc, str) else doc.canonical()).encode("utf-8")
         h.update(len(raw).to_bytes(8, "little"))
         h.update(raw)
     return h.hexdigest()
@@ -75,15 +106,42 @@ def documents_digest(docs: list[str]) -> str:
 def choose_tokenizer(
     cfg: TokenizerConfig, model: ModelConfig, train_texts: list[str], cache_dir: Path
 ) -> Tokenizer:
-    """tokenizer.path if set, else the model directory's, else one trained on `train_texts`."""
+    """tokenizer.path if set, else the model's own, else one trained on `train_texts`."""
     if cfg.path is not None:
         return load_tokenizer(Path(cfg.path))
     if model.path is not None:
-        return load_tokenizer(Path(model.path))
+        return load_tokenizer(base_model_dir(model, cache_dir))
     return train_tokenizer(train_texts, vocab_size=cfg.vocab_size, cache_dir=cache_dir)
 
 
-Splits = dict[str, tuple[list[str], list[str]]]  # leaf name -> (train, validation) documents
+def tokenizer_dir(cfg: TokenizerConfig, model: ModelConfig, cache_dir: Path) -> Path | None:
+    """The Hugging Face directory the tokenizer comes from, if any (it may hold a chat
+    template and the model's own special tokens)."""
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        return path if (path / "tokenizer_config.json").is_file() else None
+    if model.path is not None:
+        return base_model_dir(model, cache_dir)
+    return None
+
+
+def hf_tokenizer(
+    tok: Tokenizer, cfg: TokenizerConfig, model: ModelConfig, cache_dir: Path
+) -> PreTrainedTokenizerBase:
+    """`tok` for transformers: its own directory's files (chat template included) when it
+    came from one, else wrapped by `to_hf_tokenizer`."""
+    directory = tokenizer_dir(cfg, model, cache_dir)
+    if directory is None or not (directory / "tokenizer_config.json").is_file():
+        return to_hf_tokenizer(tok)
+    try:
+        loaded = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{directory}: cannot load its tokenizer: {exc}") from exc
+    assert isinstance(loaded, PreTrainedTokenizerBase)
+    return loaded
+
+
+Splits = dict[str, tuple[list[Document], list[Document]]]  # leaf name -> (train, validation)
 
 
 def read_splits(
@@ -107,8 +165,13 @@ def read_splits(
 
 
 def training_union(splits: Splits) -> list[str]:
-    """The tokenizer's training text: every leaf's training split, never a validation split."""
-    return [doc for name in sorted(splits) for doc in splits[name][0]]
+    """The tokenizer's training text: every leaf's training split, never a validation split
+    (conversations as plain text)."""
+    return [
+        doc if isinstance(doc, str) else plain_text(doc)
+        for name in sorted(splits)
+        for doc in splits[name][0]
+    ]
 
 
 def prepare_data(
@@ -125,13 +188,36 @@ def prepare_data(
     splits, digests = read_splits(tree, data_cfg, seed, cache_dir, status)
     status("preparing the tokenizer")
     tokenizer = choose_tokenizer(tokenizer_cfg, model_cfg, training_union(splits), cache_dir)
+    chat: PreTrainedTokenizerBase | None = None
+    if any(isinstance(d, Conversation) for pair in splits.values() for d in pair[0]):
+        chat = hf_tokenizer(tokenizer, tokenizer_cfg, model_cfg, cache_dir)
+        chat = chat if chat.chat_template else None  # none: the plain format
     leaves: dict[str, LeafData] = {}
     for name, (train_docs, val_docs) in splits.items():
         status(f"tokenizing {name}")
         try:
-            train = pack_blocks(encode_documents(tokenizer, train_docs), model_cfg.block_size)
-            val = pack_blocks(encode_documents(tokenizer, val_docs), model_cfg.block_size)
+            train = encode_blocks(tokenizer, train_docs, model_cfg.block_size, chat)
+            val = encode_blocks(tokenizer, val_docs, model_cfg.block_size, chat)
         except DataError as exc:
             raise DataError(f"leaf {name}: {exc}") from None
         leaves[name] = LeafData(name, train, {name: val})
     return PreparedData(tokenizer, leaves, digests)
+
+
+def encode_blocks(
+    tok: Tokenizer,
+    docs: list[Document],
+    block_size: int,
+    chat: PreTrainedTokenizerBase | None,
+) -> torch.Tensor:
+    """(N, block_size) blocks: plain text packed end to end, then conversations packed whole
+    with their prompt tokens masked (see `blocks`)."""
+    texts = [d for d in docs if isinstance(d, str)]
+    conversations = [d for d in docs if isinstance(d, Conversation)]
+    parts = []
+    if texts or not conversations:
+        parts.append(pack_blocks(encode_documents(tok, texts), block_size))
+    if conversations:
+        examples = encode_conversations(tok, conversations, chat)
+        parts.append(pack_examples(examples, block_size, pad_id=eos_id(tok)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -36,7 +36,7 @@ def read_documents(
     docs: list[str] = []
     total = 0
     for path in paths:
-        for file in _data_files(Path(path)):
+        for file in data_files(Path(path)):
             limit = None if max_chars is None else max_chars - total
             with closing(_read_file(file, text_field, limit)) as reader:
                 for doc in reader:
@@ -49,7 +49,7 @@ def read_documents(
     return docs
 
 
-def _data_files(path: Path) -> list[Path]:
+def data_files(path: Path) -> list[Path]:
     """`path` itself if it is a file, else the data files under it (recursive, sorted)."""
     if path.is_file():
         return [path]

@@ -1,7 +1,7 @@
 """Deterministic train/validation split of a leaf's text, by chunks rather than whole documents.
 
 Documents are cut into chunks first so that a leaf made of one large file still gets a
-validation set.
+validation set; a conversation (instruction data) is never cut.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from worldlm.data.instructions import Document
 from worldlm.errors import DataError
 from worldlm.seeding import generator
 
@@ -47,14 +48,23 @@ def _cut_point(doc: str, start: int, end: int) -> int:
 
 
 def split_documents(
-    docs: Sequence[str], *, val_fraction: float, seed: int, leaf: str, chunk_chars: int = 2000
-) -> tuple[list[str], list[str]]:
+    docs: Sequence[Document],
+    *,
+    val_fraction: float,
+    seed: int,
+    leaf: str,
+    chunk_chars: int = 2000,
+) -> tuple[list[Document], list[Document]]:
     """(train, val) chunks of `docs`: round(val_fraction * n) chunks, chosen by a seeded shuffle,
     go to validation (at least one when val_fraction > 0); each side keeps the original order.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    chunks = [piece for doc in docs for piece in chunk_document(doc, chunk_chars)]
+    chunks: list[Document] = [
+        piece
+        for doc in docs
+        for piece in (chunk_document(doc, chunk_chars) if isinstance(doc, str) else [doc])
+    ]
     n = len(chunks)
     if val_fraction == 0.0:
         return chunks, []

@@ -1,21 +1,26 @@
-"""Build or load a causal LM and save it as a Hugging Face directory."""
+"""Build a causal LM from a preset, or load a pretrained one from disk."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from worldlm.config import ModelConfig
+from worldlm.data.corpora import default_cache_dir
 from worldlm.errors import ModelError
 from worldlm.model.presets import PRESETS
+from worldlm.model.pretrained import load_pretrained
 
 
-def build_model(config: ModelConfig, vocab_size: int, *, seed: int) -> PreTrainedModel:
-    """A model from a preset (random init seeded by `seed`) or from a local HF directory."""
+def build_model(
+    config: ModelConfig, vocab_size: int, *, seed: int, cache_dir: Path | None = None
+) -> PreTrainedModel:
+    """A model from a preset (random init seeded by `seed`) or from a local HF directory or
+    GGUF file (converted once into `cache_dir`, default the worldlm cache)."""
     if config.path is not None:
-        return load_local_model(Path(config.path))
+        return load_pretrained(config, cache_dir or default_cache_dir())
     assert config.preset is not None
     if config.preset not in PRESETS:
         raise ModelError(
@@ -39,21 +44,6 @@ def build_model(config: ModelConfig, vocab_size: int, *, seed: int) -> PreTraine
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_config)
-    return model
-
-
-def load_local_model(path: Path) -> PreTrainedModel:
-    """Load a local Hugging Face causal LM directory without touching any hub."""
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"model.path: {path} is not a Hugging Face model directory (no config.json)"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: cannot load {path}: {exc}") from exc
     return model
 
 

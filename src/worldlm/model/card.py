@@ -33,6 +33,7 @@ class Provenance:
     val_ppl: float | None = None
     personal_from: Sequence[str] = ()  # leaves whose updates shaped its personalized layers
     privacy: Mapping[str, Any] = field(default_factory=dict)  # node -> {"epsilon", "delta"}
+    base_model: str | None = None  # LoRA: the directory of the base the adapters apply to
 
 
 def participation_by_leaf(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -57,10 +58,13 @@ def latest_privacy(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
 def render_card(p: Provenance) -> str:
     """The README.md text of one model directory."""
     front = {
-        "library_name": "transformers",
+        "library_name": "transformers" if p.base_model is None else "peft",
         "pipeline_tag": "text-generation",
         "tags": ["worldlm", "federated-learning", p.method],
     }
+    if p.base_model is not None:
+        front["base_model"] = p.base_model
+        front["tags"] = [*front["tags"], "lora"]
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
     lines += [
         f"# {p.node} ({p.kind} model)",
@@ -74,6 +78,11 @@ def render_card(p: Provenance) -> str:
     ]
     if p.val_ppl is not None:
         lines.append(f"- validation perplexity at the end: {p.val_ppl:.2f}")
+    if p.base_model is not None:
+        lines.append(
+            f"- LoRA adapters only (PEFT format) on the base model `{p.base_model}`; "
+            "`worldlm export RUN_DIR --node PATH --out DIR` writes the merged model"
+        )
     lines += ["", "## Contributors", "", "| leaf | rounds taken part ¹ | documents SHA-256 |"]
     lines.append("|---|--:|---|")
     for leaf in p.contributors:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worldlm.data.blocks import IGNORE_INDEX, inputs_and_labels
 from worldlm.train.device import autocast
 
 
@@ -24,16 +25,23 @@ class EvalResult:
 def evaluate(
     model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int, device: torch.device
 ) -> EvalResult:
-    """Mean loss over every predicted token of `blocks` (N, T)."""
+    """Mean loss over every predicted token of `blocks` (N, T): every token after the first,
+    but for instruction data only the response tokens (prompt and padding are masked)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for start in range(0, blocks.shape[0], batch_size):
-        x = blocks[start : start + batch_size].to(device)  # (B, T)
+        ids, labels = inputs_and_labels(blocks[start : start + batch_size])  # (B, T) each
+        x = ids.to(device)
+        if labels is ids:  # plain text: every token after the first is a target
+            y, n = x, x.shape[0] * (x.shape[1] - 1)
+        else:
+            y, n = labels.to(device), int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
         with autocast(device):
-            loss = model(input_ids=x, labels=x).loss  # mean over B * (T - 1) targets
-        n = x.shape[0] * (x.shape[1] - 1)
+            loss = model(input_ids=x, labels=y).loss  # mean over the n targets
         total += loss.double() * n
         count += n
     model.train(was_training)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from worldlm.config import TrainConfig
+from worldlm.data.blocks import inputs_and_labels
 from worldlm.train.device import autocast
 from worldlm.train.schedule import lr_at
 
@@ -24,9 +26,11 @@ class LocalResult:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norms and biases are not decayed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """AdamW over the trainable parameters (with LoRA: the adapters), weight decay on
+    matrices only (norms and biases are not decayed)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -45,7 +49,7 @@ def batch_order(n_blocks: int, batch_size: int, steps: int, gen: torch.Generator
 def local_train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    blocks: torch.Tensor,  # (N, T) token ids
+    blocks: torch.Tensor,  # (N, T) token ids; prompt and padding stored as ~id (data.blocks)
     cfg: TrainConfig,
     *,
     start_step: int,
@@ -58,27 +62,47 @@ def local_train(
     model.train()
     order = batch_order(blocks.shape[0], cfg.batch_size, cfg.local_steps, gen)
     loss_sum = torch.zeros((), device=device)
-    for i in range(cfg.local_steps):
-        lr = lr_at(
-            start_step + i,
-            peak=cfg.lr,
-            warmup=cfg.warmup_steps,
-            total=total_steps,
-            min_ratio=cfg.min_lr_ratio,
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = blocks[order[i]].to(device, non_blocking=True)  # (B, T)
-        with autocast(device):
-            loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        if on_step is not None:
-            report = (i + 1) % LOSS_REPORT_EVERY == 0 or i + 1 == cfg.local_steps
-            on_step(i + 1, float(loss.detach()) if report else None)
+    with seeded_dropout(model, gen, device):
+        for i in range(cfg.local_steps):
+            lr = lr_at(
+                start_step + i,
+                peak=cfg.lr,
+                warmup=cfg.warmup_steps,
+                total=total_steps,
+                min_ratio=cfg.min_lr_ratio,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids, labels = inputs_and_labels(blocks[order[i]])  # (B, T) each
+            x = ids.to(device, non_blocking=True)
+            y = x if labels is ids else labels.to(device, non_blocking=True)  # text: y is x
+            with autocast(device):
+                loss = model(input_ids=x, labels=y).loss  # HF shifts labels inside
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            if on_step is not None:
+                report = (i + 1) % LOSS_REPORT_EVERY == 0 or i + 1 == cfg.local_steps
+                on_step(i + 1, float(loss.detach()) if report else None)
     tokens = cfg.local_steps * cfg.batch_size * blocks.shape[1]
     return LocalResult(tokens, cfg.local_steps, float(loss_sum) / cfg.local_steps)
+
+
+@contextlib.contextmanager
+def seeded_dropout(
+    model: torch.nn.Module, gen: torch.Generator, device: torch.device
+) -> Iterator[None]:
+    """Dropout modules draw from torch's global RNG: when the model has an active one (LoRA's
+    dropout), seed a forked global RNG from the session's generator so runs stay reproducible.
+    Without one, nothing is drawn and the generator is left as it is."""
+    if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
