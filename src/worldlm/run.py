@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from worldlm import __version__
 from worldlm.audit.cli import AUDIT_FILE
+from worldlm.audit.digest import file_sha256
 from worldlm.audit.log import AuditLog
 from worldlm.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from worldlm.config import RunConfig, dump_config, load_config
@@ -412,11 +413,6 @@ def audit_run_end(session: Session, result: RunResult) -> list[Any] | None:
         },
     )
     return list(session.audit.head())
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _stop_reason(config: RunConfig, tokens: float, elapsed: float) -> str:

@@ -118,31 +118,25 @@ def _described(problem: Problem, anchors: list[Anchor]) -> str:
 def checkpoint_entry_problems(run_dir: Path, log_path: Path) -> list[str]:
     """Every checkpoint in the run directory must have an entry ("checkpoint", its file name)
     recording its SHA-256: a checkpoint swapped or altered, or its entry deleted, shows."""
-    import hashlib
-
-    from worldlm.audit.log import connect_readonly
+    from worldlm.audit.digest import file_sha256
+    from worldlm.audit.log import checkpoint_entry, connect_readonly
     from worldlm.checkpoint import list_checkpoints
 
     problems: list[str] = []
     conn, _ = connect_readonly(log_path)
     try:
         for path in list_checkpoints(run_dir / "checkpoints"):
-            row = conn.execute(
-                "SELECT seq, fields FROM entries WHERE event = 'checkpoint' AND "
-                "json_extract(fields, '$.file') = ? ORDER BY seq DESC LIMIT 1",
-                (path.name,),
-            ).fetchone()
-            if row is None:
+            entry = checkpoint_entry(conn, path.name)
+            if entry is None:
                 problems.append(
                     f"checkpoint {path.name}: no audit entry records it (planted or swapped, "
                     "or the run crashed right after writing it and was not resumed)"
                 )
                 continue
-            with path.open("rb") as fh:
-                actual = hashlib.file_digest(fh, "sha256").hexdigest()
-            if json.loads(row[1]).get("sha256") != actual:
+            seq, fields = entry
+            if fields.get("sha256") != file_sha256(path):
                 problems.append(
-                    f"row {row[0]}: records checkpoint {path.name} with another SHA-256 than "
+                    f"row {seq}: records checkpoint {path.name} with another SHA-256 than "
                     "the file has (the file was replaced or altered)"
                 )
     finally:

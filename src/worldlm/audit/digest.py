@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex of a file's bytes, read in chunks (checkpoints and models may be large)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -234,21 +234,23 @@ class AuditLog:
     @_serialized
     def checkpoint_entry(self, file_name: str) -> tuple[int, dict[str, Any]] | None:
         """The last entry recording checkpoint `file_name`: (seq, fields), or None."""
-        row = (
-            self._connection()
-            .execute(
-                "SELECT seq, fields FROM entries WHERE event = 'checkpoint' AND "
-                "json_extract(fields, '$.file') = ? ORDER BY seq DESC LIMIT 1",
-                (file_name,),
-            )
-            .fetchone()
-        )
-        return None if row is None else (int(row[0]), json.loads(row[1]))
+        return checkpoint_entry(self._connection(), file_name)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise AuditError(f"audit log {self.path} is closed")
         return self._conn
+
+
+def checkpoint_entry(conn: sqlite3.Connection, file_name: str) -> tuple[int, dict[str, Any]] | None:
+    """The last entry of `conn`'s log recording checkpoint `file_name`: (seq, fields), or None.
+    Shared by a run that resumes from the file and by `worldlm audit verify`."""
+    row = conn.execute(
+        "SELECT seq, fields FROM entries WHERE event = 'checkpoint' AND "
+        "json_extract(fields, '$.file') = ? ORDER BY seq DESC LIMIT 1",
+        (file_name,),
+    ).fetchone()
+    return None if row is None else (int(row[0]), json.loads(row[1]))
 
 
 @contextmanager

@@ -8,7 +8,6 @@ and every later load (each node of a deployment, `worldlm export`, `worldlm gene
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from worldlm.audit.digest import file_sha256
 from worldlm.config import ModelConfig
 from worldlm.errors import ModelError
 
@@ -119,8 +119,3 @@ def quantization_kwargs(load_in: str) -> dict[str, Any]:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
     return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
