@@ -106,3 +106,51 @@ def test_rejected_replies_are_recorded_and_skipped() -> None:
             "reason": "w: shape (4,), expected (3,)",
         }
     ]
+
+
+def test_a_float32_sum_agrees_with_float64_to_float32_rounding() -> None:
+    states = [s[0] for s in (_states(i, 1) for i in range(6))]
+    weights = [1.0, 2.5, 100.0, 3.0, 0.25, 7.0]
+    expected = fedavg(states, weights)
+    acc = WeightedSum(torch.float32)
+    for state, weight in zip(states, weights, strict=True):
+        acc.add(state, weight)
+    for key, value in acc.mean().items():
+        assert value.dtype == torch.float32  # the accumulator is one float32 copy
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-4)
+
+
+def test_replies_of_another_dtype_are_converted_exactly() -> None:
+    """A float64 sum fed float32 replies converts them through a reused buffer: the result
+    equals converting each reply on its own, including tensors of different sizes."""
+    states = [s[0] for s in (_states(i, 1) for i in range(4))]
+    weights = [3.0, 1.0, 2.0, 5.0]
+    acc = WeightedSum()
+    for state, weight in zip(states, weights, strict=True):
+        acc.add(state, weight)
+    for key in states[0]:
+        reference = states[0][key].double() * weights[0]
+        for state, weight in zip(states[1:], weights[1:], strict=True):
+            reference.add_(state[key].double(), alpha=weight)
+        assert torch.equal(acc.sums[key], reference)
+
+
+def test_an_aggregator_with_a_float32_sum_returns_float32_sums() -> None:
+    children = [f"root/c{i}" for i in range(3)]
+    states = {c: _states(i, 1) for i, c in enumerate(children)}
+    transport = InProcessTransport({"root": children})
+    for i, c in enumerate(children):
+        transport.register(FixedChild(c, states[c], [float(i + 1)]))
+    root = Aggregator(
+        "root",
+        NodeConfig.model_validate({"sum_dtype": "float32"}),
+        transport=transport,
+        strategy=build_strategy("fedavg", sum_dtype="float32"),
+        ctx=RunContext("r", 0, torch.device("cpu")),
+    )
+    outcome = root.run_round({"w": torch.zeros(7, 5), "b": torch.zeros(5)}, 0)
+    weights = [1.0, 2.0, 3.0]
+    expected = fedavg([states[c][0] for c in children], weights)
+    for key, value in outcome.exact.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(outcome.state[key].double(), expected[key], rtol=1e-6, atol=1e-4)

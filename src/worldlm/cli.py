@@ -10,7 +10,7 @@ from rich.console import Console
 
 from worldlm import __version__
 from worldlm.audit.cli import add_audit_parser, run_audit
-from worldlm.cli_args import add_override_arg
+from worldlm.cli_args import add_backend_args, add_override_arg, backend_overrides
 from worldlm.deploy.cli import add_deploy_parsers, run_deploy, run_deploy_local
 from worldlm.errors import WorldLMError
 from worldlm.metrics.report_cli import add_report_parser, run_report
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run from its last checkpoint (uses its own config.toml)",
     )
+    add_backend_args(run)
 
     comp = sub.add_parser(
         "compare", help="run every method on one config; write results.md and a plot"
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated subset of the methods",
     )
     comp.add_argument("--quiet", action="store_true", help="no progress display")
+    add_backend_args(comp)
 
     check = sub.add_parser("check", help="validate a config and print its federation tree")
     _add_config_args(check)
@@ -208,19 +210,21 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError("--resume uses the run's own config.toml; drop CONFIG/--set/--out")
         if not (args.resume / "config.toml").is_file():
             raise ConfigError(f"--resume {args.resume}: not a run directory (no config.toml)")
+    backend = backend_overrides(args)
     config = load_config(
-        args.resume / "config.toml" if args.resume else args.config, args.overrides
+        args.resume / "config.toml" if args.resume else args.config, args.overrides + backend
     )
     console.print(
         f"[bold]worldlm[/bold] run {config.run.name!r}: method {config.run.method}, "
-        f"model {config.model.path or config.model.preset}, {config.stop.rounds} rounds",
+        f"model {config.model.path or config.model.preset}, {config.stop.rounds} rounds"
+        + (", leaves on Ray workers" if config.run.backend == "ray" else ""),
         highlight=False,
     )
     console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
     progress_display = QuietProgress() if args.quiet else RichProgress()
     with progress_display as progress:
         result = (
-            resume(args.resume, progress)
+            resume(args.resume, progress, backend=backend)
             if args.resume is not None
             else run(config, progress, out=args.out)
         )
@@ -262,7 +266,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config import load_config
     from worldlm.progress import QuietProgress, RichProgress
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + backend_overrides(args))
     out = args.out or Path(config.run.out_dir) / f"compare-{config.run.name}"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 

@@ -43,6 +43,16 @@ class RunSection(Section):
         None,
         description="Cache of corpora and tokenizers; default $WORLDLM_CACHE or ~/.cache/worldlm.",
     )
+    backend: Literal["inprocess", "ray"] = Field(
+        "inprocess",
+        description="Where leaves train: inprocess = one after another in this process; ray = "
+        "in parallel on Ray actors, one per CPU core (pip install 'worldlm[ray]'). Same results.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="backend ray: an existing Ray cluster (auto, or host:port); default a local "
+        "Ray instance with every core of this machine.",
+    )
 
 
 class LoRAConfig(Section):
@@ -301,8 +311,10 @@ class DPConfig(Section):
     local_noise_multiplier: float = Field(
         0.0,
         ge=0.0,
-        description="A leaf adds N(0, (z_local * C)^2) to its own clipped change before "
-        "sending it (local DP); 0 = off.",
+        description="Leaves only: local DP. The leaf clips its own change to dp.clip and adds "
+        "N(0, (z_local * C)^2) per value before sending it, so its parent sees only the noisy "
+        "change; ε at dp.delta is reported each round (a `privacy` row with local = true). "
+        "0 = off.",
     )
 
 
@@ -336,6 +348,31 @@ class SecAggConfig(Section):
         "larger ones are clipped to it (counted, in total, as secagg_clipped). The weighted "
         "value masked stays within it, so quantization never saturates; its step is "
         "2 clip_range / floor((2^bits - 1) / children).",
+    )
+
+
+class LinkConfig(Section):
+    up: Literal["none", "bf16", "fp16", "int8", "topk"] = Field(
+        "none",
+        description="Compression of this node's replies to its parent: its change to the model "
+        "it was sent, cast to bf16 or fp16, quantized to int8 per row, or its top-k entries "
+        "(see docs/compression.md); none = the model itself, as without compression.",
+    )
+    down: Literal["none", "bf16", "fp16", "int8"] = Field(
+        "none",
+        description="Compression of the weights the parent sends this node: cast to bf16 or "
+        "fp16, or quantized to int8 per row.",
+    )
+    topk_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="up = topk: share of each tensor's entries sent (the largest in magnitude).",
+    )
+    error_feedback: bool = Field(
+        True,
+        description="Lossy uplinks: keep what compression left out and add it to the next "
+        "reply (error feedback), so that nothing is lost for good; saved in checkpoints.",
     )
 
 
@@ -373,6 +410,14 @@ class NodeConfig(Section):
         description="Valid replies a round needs; with fewer, the round changes nothing "
         "and is recorded as skipped.",
     )
+    sum_dtype: Literal["float64", "float32"] = Field(
+        "float64",
+        description="Precision of FedAvg's running sum of replies. float64: arrival order and "
+        "the tree's shape do not change the float32 result (a hierarchy with one inner round "
+        "equals flat FedAvg bit for bit, gRPC equals in process); the sum is 2 model copies. "
+        "float32: 1 model copy and a sum at memory speed, equal to float64's result up to "
+        "float32 rounding (the last bits depend on the order replies arrive in).",
+    )
     max_change: float = Field(
         1000.0,
         gt=0.0,
@@ -387,6 +432,10 @@ class NodeConfig(Section):
         default_factory=SecAggConfig, description="Secure aggregation of this node's children."
     )
     data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
+    link: LinkConfig = Field(
+        default_factory=LinkConfig,
+        description="Compression of the link between this node and its parent (not the root).",
+    )
 
 
 class RunConfig(Section):
@@ -527,7 +576,7 @@ def dump_config(config: RunConfig) -> str:
     data = config.model_dump(mode="json", exclude_none=True)
     for node in data["nodes"].values():
         if "data" in node:  # a leaf: aggregator-only settings are not part of it
-            for key in ("strategy", "inner_rounds", "sample"):
+            for key in ("strategy", "inner_rounds", "sample", "sum_dtype"):
                 node.pop(key, None)
     return to_toml(data)
 

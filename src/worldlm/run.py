@@ -66,7 +66,12 @@ class RunResult:
 
 
 def config_digest(config: RunConfig) -> str:
-    return hashlib.sha256(dump_config(config).encode("utf-8")).hexdigest()
+    """SHA-256 of the config, less where its leaves run (run.backend, run.ray_address): that
+    changes none of the results, so a run keeps its run_id and checkpoints on every backend
+    and may resume on another."""
+    where = {"backend": "inprocess", "ray_address": None}
+    what = config.model_copy(update={"run": config.run.model_copy(update=where)})
+    return hashlib.sha256(dump_config(what).encode("utf-8")).hexdigest()
 
 
 def make_run_dir(config: RunConfig, out: Path | None) -> Path:
@@ -110,16 +115,37 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     """Read and tokenize the data, build the model and the live federation."""
     tree = build_tree(config.nodes)
     plan = plan_method(config.run.method, tree)
-    device = pick_device(config.run.device)
+    remote = uses_ray(config, plan, observer)
+    device = torch.device("cpu") if remote else pick_device(config.run.device)
     data = prepare_config_data(tree, config, observer)
     observer.status("building the model")
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
     run_id = config_digest(config)[:16]
     audit = AuditLog.open(run_dir / AUDIT_FILE, run_id)
     ctx = RunContext(run_id, config.run.seed, device, observer, audit)
-    fed = federation_from_config(config, plan, data, model, ctx)
     metrics = open_metrics(config, run_dir)
+    if remote:
+        observer.status("starting the Ray workers")
+    fed = federation_from_config(config, plan, data, model, ctx, remote_leaves=remote)
     return Session(config, tree, fed, model, data, run_dir, metrics, plan.personalizes, audit)
+
+
+def uses_ray(config: RunConfig, plan: MethodPlan, observer: RunObserver) -> bool:
+    """Whether the run's leaves train on Ray actors (run.backend = "ray"), on CPU cores."""
+    if config.run.backend != "ray":
+        return False
+    if plan.pooled:
+        observer.status("method centralized trains one leaf on pooled data: it runs in process")
+        return False
+    from worldlm.transport.ray_transport import import_ray
+
+    import_ray()  # before the data is read: say now if Ray is missing
+    if config.run.device == "cuda" or config.model.load_in != "full":
+        raise ConfigError(
+            "run.backend = 'ray' trains leaves on CPU cores: set run.device to cpu or auto and "
+            "model.load_in to full, or use run.backend = 'inprocess' on a GPU"
+        )
+    return True
 
 
 def audit_run_start(session: Session) -> None:
@@ -168,19 +194,26 @@ def federation_from_config(
     ctx: RunContext,
     *,
     partial: bool = False,
+    remote_leaves: bool = False,
 ) -> Federation:
-    """The live federation of `plan` on `model`, its root holding the initial weights."""
-    fed = build_federation(
-        plan,
-        data.leaves,
-        workspace=model,
-        train_cfg=config.train,
-        eval_cfg=config.eval,
-        stop_cfg=config.stop,
-        worldlm_cfg=config.worldlm,
-        ctx=ctx,
-        partial=partial,
-    )
+    """The live federation of `plan` on `model`, its root holding the initial weights; with
+    `remote_leaves`, its leaves train in Ray actors (`transport.ray_transport`)."""
+    if remote_leaves:
+        from worldlm.transport.ray_transport import ray_federation
+
+        fed = ray_federation(config, plan, data, model, ctx)
+    else:
+        fed = build_federation(
+            plan,
+            data.leaves,
+            workspace=model,
+            train_cfg=config.train,
+            eval_cfg=config.eval,
+            stop_cfg=config.stop,
+            worldlm_cfg=config.worldlm,
+            ctx=ctx,
+            partial=partial,
+        )
     fed.root.state = get_state(model)
     return fed
 
@@ -217,18 +250,28 @@ def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) ->
     (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
     observer.status(f"run directory: {run_dir}")
     session = open_session(config, observer, run_dir)
-    audit_run_start(session)
-    observer.status("evaluating the initial model")
-    before = evaluate_tree(session, session.fed.root.state, 0)
-    return round_loop(session, observer, before, first_round=1, tokens=0.0)
+    try:
+        audit_run_start(session)
+        observer.status("evaluating the initial model")
+        before = evaluate_tree(session, session.fed.root.state, 0)
+        return round_loop(session, observer, before, first_round=1, tokens=0.0)
+    finally:
+        session.fed.close()
 
 
-def resume(run_dir: Path, observer: RunObserver) -> RunResult:
+def resume(run_dir: Path, observer: RunObserver, *, backend: list[str] | None = None) -> RunResult:
     """Continue a run from its newest usable checkpoint; the result equals an uninterrupted run.
+    `backend` overrides (run.backend, run.ray_address) may move it to another backend.
 
     The time budget (stop.max_seconds) restarts with the resumed process."""
-    config = load_config(run_dir / "config.toml")
-    return continue_session(open_session(config, observer, run_dir), observer)
+    config = load_config(run_dir / "config.toml", backend)
+    if config_digest(config) != config_digest(load_config(run_dir / "config.toml")):
+        raise ConfigError("on resume only run.backend and run.ray_address may change")
+    session = open_session(config, observer, run_dir)
+    try:
+        return continue_session(session, observer)
+    finally:
+        session.fed.close()
 
 
 def continue_session(session: Session, observer: RunObserver) -> RunResult:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
+from worldlm.compression.policy import check_root_link
 from worldlm.config import LeafDataConfig, NodeConfig
 from worldlm.errors import ConfigError
 from worldlm.strategies.registry import strategy_names
@@ -90,6 +91,7 @@ def _check(tree: FederationNode) -> None:
         raise ConfigError(
             f"nodes.{tree.path}.inner_rounds: the root has no parent; set stop.rounds instead"
         )
+    check_root_link(tree.path, tree.settings)
     seen: dict[str, str] = {}
     for node in tree.walk():
         key = f"nodes.{node.path}"
@@ -97,9 +99,14 @@ def _check(tree: FederationNode) -> None:
         if node.is_leaf:
             if node.settings.data is None:
                 raise ConfigError(f"{key}.data: a leaf needs data (paths = [...] or corpus = ...)")
-            extra = set_fields & {"strategy", "inner_rounds", "sample"}
+            extra = set_fields & {"strategy", "inner_rounds", "sample", "sum_dtype"}
             if extra:
                 raise ConfigError(f"{key}.{sorted(extra)[0]}: only aggregators have this setting")
+            if node.settings.dp.enabled:
+                raise ConfigError(
+                    f"{key}.dp.enabled: DP-FedAvg runs at an aggregator over its children; a "
+                    "leaf privatizes its own change with dp.local_noise_multiplier"
+                )
             if node.name in seen:
                 raise ConfigError(
                     f"{key}: leaf name {node.name!r} is also used by {seen[node.name]}; leaf names "
@@ -109,6 +116,11 @@ def _check(tree: FederationNode) -> None:
             continue
         if node.settings.data is not None:
             raise ConfigError(f"{key}.data: only leaves hold data ({node.path} has children)")
+        if node.settings.dp.local_noise_multiplier > 0:
+            raise ConfigError(
+                f"{key}.dp.local_noise_multiplier: local DP is applied by a leaf to its own "
+                f"change; {node.path} is an aggregator (set it on its leaves, or use dp.enabled)"
+            )
         names = strategy_names()
         if node.settings.strategy not in names:
             raise ConfigError(

@@ -25,9 +25,8 @@ from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.deploy.node_file import NodeFile
 from worldlm.errors import ConfigError
 from worldlm.federation.aggregator import Aggregator
-from worldlm.federation.build import Federation
+from worldlm.federation.build import Federation, LeafNode
 from worldlm.federation.context import AuditRelay, RunContext
-from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
 from worldlm.run import (
     RunObserver,
@@ -227,7 +226,7 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
     """A leaf or an inner aggregator: (serve its own children, then) answer its parent."""
     if node_file.node.parent is None:
         raise ConfigError(f"node.parent: {rt.node.path} needs its parent's host:port")
-    node: Leaf | Aggregator = (
+    node: LeafNode | Aggregator = (
         rt.fed.leaves[rt.node.path] if rt.node.is_leaf else rt.fed.aggregators[rt.node.path]
     )
     state_dir = Path(node_file.node.state_dir or f"{safe_name(rt.node.path)}.state")

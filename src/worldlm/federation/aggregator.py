@@ -9,15 +9,18 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from worldlm.audit.digest import state_digest
-from worldlm.config import NodeConfig
+from worldlm.compression.link import ChildLinks, Uplink, decode_task
+from worldlm.compression.policy import check_child_links
+from worldlm.config import LinkConfig, NodeConfig
 from worldlm.errors import UpdateRejected
-from worldlm.federation.context import RunContext
+from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound, residual_of
 from worldlm.federation.messages import (
     EvalReport,
@@ -90,6 +93,7 @@ class Aggregator:
         ctx: RunContext,
         key_policy: KeyLayerPolicy | None = None,
         router: RouterPolicy | None = None,
+        child_links: Mapping[str, LinkConfig] | None = None,
     ) -> None:
         self.path = path
         self.key_policy = key_policy  # WorldLM: this aggregator personalizes the key layers
@@ -113,6 +117,9 @@ class Aggregator:
         )
         self.dp = DPPolicy(settings.dp, path, ctx.seed) if settings.dp.enabled else None
         self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
+        check_child_links(path, settings, child_links or {})
+        self.links = ChildLinks(child_links or {})  # compression towards each child
+        self.uplink = Uplink(settings.link)  # and towards its own parent
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
 
     def info(self) -> ChildInfo:
@@ -127,6 +134,7 @@ class Aggregator:
         return {**incoming, **self.key_state}
 
     def handle_train(self, task: TrainTask) -> Update:
+        task = decode_task(task)  # the weights, if the parent compressed them
         start = self.with_own_key_layers(task.state)
         self.routed = task.routed
         state, exact, scale, weight, records = start, start, 1.0, 0.0, []
@@ -147,7 +155,8 @@ class Aggregator:
             if self.key_policy is not None and self.key_policy.private
             else {}
         )
-        return Update(self.path, task.round, task.nonce, exact, weight, records, scale, residual)
+        update = Update(self.path, task.round, task.nonce, exact, weight, records, scale, residual)
+        return self.uplink.encode(update, task.state)
 
     def handle_secure(self, message: SecureMessage) -> SecureReply:
         """A stage of the parent's secure round; the first trains, like `handle_train`."""
@@ -197,10 +206,12 @@ class Aggregator:
             if self.key_policy is not None and self.dp is None
             else None
         )
-        if self.settings.secure_aggregation.enabled:
+        # What crosses each link, and what each child trains from once it decodes that.
+        sent, seen = self.links.send(tasks)
+        if self.settings.secure_aggregation.enabled:  # never compressed down (policy)
             got = self._collect_secure(tasks, state, dp_round, r, global_round)
         else:
-            got = self._collect(tasks, aggregation, key_round, r, global_round)
+            got = self._collect(sent, seen, aggregation, key_round, r, global_round)
         records, answered, weight = got.records, got.answered, got.weight
         for dropout in [*got.dropouts, *self.transport.dropouts()]:
             records.append(_incident(global_round, self.path, dropout))
@@ -237,7 +248,8 @@ class Aggregator:
                 delta=privacy["delta"],
             )
         # Keys no child sent (the root's K under WorldLM) keep their current value.
-        model = {**state, **(exact if scale == 1.0 else {k: v / scale for k, v in exact.items()})}
+        # Each tensor divided and cast on its own: a whole float64 mean would be 2 more copies.
+        model = {**state, **{k: _mean_like(v, scale, state[k]) for k, v in exact.items()}}
         if key_round is not None:
             self.key_state = cast_like(key_round.result(), self.key_state)
             model.update(self.key_state)
@@ -260,21 +272,26 @@ class Aggregator:
 
     def _collect(
         self,
-        tasks: dict[str, TrainTask],
+        sent: dict[str, TrainTask],
+        seen: dict[str, TrainTask],
         aggregation: RoundAggregation | DPRound,
         key_round: KeyLayerRound | None,
         r: int,
         global_round: int,
     ) -> Collected:
-        """A plain round: validate each reply as it arrives and fold it into `aggregation`."""
+        """A plain round: validate each reply as it arrives and fold it into `aggregation`.
+        `sent` are the tasks as they cross the links, `seen` as the children decode them."""
         got = Collected(aggregation)
         round_keys: set[str] | None = None  # every reply of a round carries the same keys
-        got.traffic["bytes_down"] = sum(tensor_bytes(t) for t in tasks.values())
-        for update in self.transport.train(list(tasks.values())):
-            got.traffic["bytes_up"] += tensor_bytes(update)  # refused replies crossed the link
+        reference_norms: dict[int, dict[str, float]] = {}
+        got.traffic["bytes_down"] = sum(tensor_bytes(t) for t in sent.values())
+        for reply in self.transport.train(list(sent.values())):
+            # Compact bytes, as they crossed the link; refused replies crossed it too.
+            got.traffic["bytes_up"] += tensor_bytes(reply)
             try:
+                update = self.links.receive(reply, seen)  # decoded before any check
                 limit = self.settings.max_change
-                change = check_reply(update, tasks, got.answered, round_keys, limit)
+                change = check_reply(update, seen, got.answered, round_keys, limit, reference_norms)
                 # DP clips here; a change whose norm overflows is refused like any bad reply.
                 clipped = aggregation.add(update)
             except UpdateRejected as exc:
@@ -286,7 +303,7 @@ class Aggregator:
                 global_round,
                 local_round=r,
                 sender=update.sender,
-                digest=state_digest(update.state),
+                digest=self._digest(update.state),
                 weight=update.weight,
                 scale=update.scale,
                 change_norm=change,
@@ -393,6 +410,11 @@ class Aggregator:
     def _audit(self, event: str, global_round: int, **fields: Any) -> None:
         self.ctx.audit.append(event, node=self.path, round=global_round, **fields)
 
+    def _digest(self, state: State) -> str | None:
+        """SHA-256 of `state` for the audit log; not computed when nothing records it (a pass
+        over every byte at about 1 GB/s)."""
+        return None if isinstance(self.ctx.audit, NoAudit) else state_digest(state)
+
     def _audit_round(self, row: Record, result: State | None) -> None:
         """Who was asked and who took part, how the replies were combined, and the digest of
         the result (none when the round was skipped)."""
@@ -407,7 +429,7 @@ class Aggregator:
             benched=row["benched"],
             rule=self.settings.strategy,
             tokens=row["tokens"],
-            result_digest=None if result is None else state_digest(result),
+            result_digest=None if result is None else self._digest(result),
         )
 
     def state_for(self, child: str, state: State) -> State:
@@ -447,6 +469,7 @@ class Aggregator:
         tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
         tensors.update({f"key/{k}": v for k, v in self.key_state.items()})
         tensors.update({f"keyref/{k}": v for k, v in self.key_ref.items()})
+        tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
         for child, keys in sorted(self.child_keys.items()):
             tensors.update({f"childkey#{child}#{k}": v for k, v in keys.items()})
         for source, residual in sorted(self.residuals.items()):
@@ -472,6 +495,7 @@ class Aggregator:
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
         self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
+        self.uplink.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("link/")})
         self.child_keys = {}
         for key, value in tensors.items():
             if key.startswith("childkey#"):
@@ -497,10 +521,12 @@ def check_reply(
     answered: set[str],
     round_keys: set[str] | None,
     max_change: float,
+    reference_norms: dict[int, dict[str, float]] | None = None,
 ) -> float:
     """Refuse a reply that is not this round's answer of its sender, or whose tensors could
     not be part of the model it was sent (TESTPLAN D16). Each refusal names its check.
-    Returns the L2 norm of the change the reply makes to the model it was sent."""
+    Returns the L2 norm of the change the reply makes to the model it was sent.
+    `reference_norms` caches the squared norms of the models sent, across one round's replies."""
     task = tasks.get(update.sender)
     if task is None:
         raise UpdateRejected(update.sender, "not selected this round")
@@ -523,22 +549,29 @@ def check_reply(
             f"parameter names differ from this round's other replies (missing {missing})",
         )
     change = norm = 0.0
+    sent_norms = reference_norms.setdefault(id(sent), {}) if reference_norms is not None else {}
     for key, value in update.state.items():
-        if value.shape != sent[key].shape:
+        reference = sent[key]
+        if value.shape != reference.shape:
             raise UpdateRejected(
                 update.sender,
-                f"{key}: shape {tuple(value.shape)}, expected {tuple(sent[key].shape)}",
+                f"{key}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}",
             )
         # A forwarded sum travels in float64; anything else comes in the model's own dtype.
-        if value.dtype not in (sent[key].dtype, torch.float64):
+        if value.dtype not in (reference.dtype, torch.float64):
             raise UpdateRejected(
-                update.sender, f"{key}: dtype {value.dtype}, expected {sent[key].dtype}"
+                update.sender, f"{key}: dtype {value.dtype}, expected {reference.dtype}"
             )
-        if not bool(torch.isfinite(value).all()):
+        # One pass over the reply: the norm of its change is non-finite if any value is NaN
+        # or infinite, so it is the finiteness check too (a finite change so large that it
+        # overflows float32 is refused with them; max_change would refuse it anyway).
+        moved = _change_norm(value, reference, update.scale)
+        if not math.isfinite(moved):
             raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
-        reference = sent[key].double()
-        change += float((value.double() / update.scale - reference).square().sum())
-        norm += float(reference.square().sum())
+        change += moved * moved
+        if key not in sent_norms:  # the model sent is the same for many replies: once each
+            sent_norms[key] = float(torch.linalg.vector_norm(reference.double())) ** 2
+        norm += sent_norms[key]
     if norm > 0 and math.sqrt(change) > max_change * math.sqrt(norm):  # (a zero model: no scale)
         raise UpdateRejected(
             update.sender,
@@ -546,6 +579,21 @@ def check_reply(
             f"{max_change:g} times the model's norm {math.sqrt(norm):.3g}",
         )
     return math.sqrt(change)
+
+
+def _change_norm(value: torch.Tensor, reference: torch.Tensor, scale: float) -> float:
+    """||value / scale - reference||, computed per tensor without a float64 copy of either."""
+    if not value.is_floating_point():
+        return float(torch.linalg.vector_norm((value - reference).double()))
+    if value.dtype in (torch.float16, torch.bfloat16):
+        value, reference = value.float(), reference.float()
+    moved = value if scale == 1.0 else value / scale
+    return float(torch.linalg.vector_norm(moved - reference, dtype=torch.float64))
+
+
+def _mean_like(total: torch.Tensor, scale: float, reference: torch.Tensor) -> torch.Tensor:
+    """`total / scale` in the dtype of `reference` (the model's own)."""
+    return (total if scale == 1.0 else total / scale).to(reference.dtype)
 
 
 def _incident(global_round: int, path: str, dropout: Dropout) -> Record:

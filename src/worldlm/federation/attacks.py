@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from worldlm.federation.build import Federation
-from worldlm.federation.leaf import Leaf
 from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.transport.base import ChildInfo
+from worldlm.transport.base import ChildInfo, NodeHandler
 
 # (model the leaf was sent, its honest model) -> the model it replies with
 Attack = Callable[[State, State], State]
@@ -48,7 +47,7 @@ def model_replacement(s: float = 100.0) -> Attack:
 class ByzantineLeaf:
     """Answers like `leaf`, but replies with `attack(sent model, honest model)`."""
 
-    def __init__(self, leaf: Leaf, attack: Attack) -> None:
+    def __init__(self, leaf: NodeHandler, attack: Attack) -> None:
         self.leaf = leaf
         self.attack = attack
         self.path = leaf.path

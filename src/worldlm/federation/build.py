@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -13,24 +14,53 @@ from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf, LeafData
+from worldlm.federation.messages import State
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
 from worldlm.strategies.registry import build_strategy, check_strategy
+from worldlm.transport.base import NodeHandler
 from worldlm.transport.inprocess import InProcessTransport
 from worldlm.tree import FederationNode
+
+
+class LeafNode(NodeHandler, Protocol):
+    """What the run asks of a leaf besides answering tasks (checkpoints, the final models): a
+    `Leaf`, or a proxy of one that lives in another process (`transport.ray_transport`)."""
+
+    @property
+    def data(self) -> LeafData: ...
+
+    @property
+    def own_state(self) -> State: ...
+
+    @property
+    def adapted_state(self) -> State: ...
+
+    def deployed_state(self, incoming: State) -> State: ...
+
+    def snapshot(self) -> tuple[State, dict[str, Any]]: ...
+
+    def restore(self, tensors: State, meta: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class Federation:
     root: Aggregator
     aggregators: dict[str, Aggregator]
-    leaves: dict[str, Leaf]
+    leaves: dict[str, LeafNode]
     transport: InProcessTransport
+    # What stops the processes its leaves run in, if not this one (the Ray backend's actors).
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def nodes(self) -> dict[str, Aggregator | Leaf]:
+    def nodes(self) -> dict[str, Aggregator | LeafNode]:
         return {**self.aggregators, **self.leaves}
+
+    def close(self) -> None:
+        """Stop the nodes that run in other processes (none in process); safe to repeat."""
+        while self.closers:
+            self.closers.pop()()
 
 
 def pooled_data(leaf_data: Mapping[str, LeafData]) -> LeafData:
@@ -52,43 +82,90 @@ def build_federation(
     worldlm_cfg: WorldLMConfig,
     ctx: RunContext,
     partial: bool = False,
+    transport: InProcessTransport | None = None,
 ) -> Federation:
-    """Live nodes for every node of `plan.tree`, registered on one in-process transport.
+    """Live nodes for every node of `plan.tree`, registered on one in-process transport (or
+    on `transport`, which the caller made for the tree's shape).
 
-    With `partial` (one node of a deployment), leaves whose data is not in `leaf_data` are
-    left out: they run in other processes."""
+    With `partial` (one node of a deployment, or the driver of a Ray run), leaves whose data
+    is not in `leaf_data` are left out: they run in other processes."""
     tree = plan.tree
-    transport = InProcessTransport({n.path: [c.path for c in n.children] for n in tree.walk()})
+    if transport is None:
+        transport = InProcessTransport(children_of(tree))
     aggregators: dict[str, Aggregator] = {}
-    leaves: dict[str, Leaf] = {}
-    all_keys = frozenset(name for name, _ in workspace.named_parameters())
     partition = key_layer_partition(workspace, worldlm_cfg.key_fraction)
-    personal = {"none": frozenset(), "keys": partition.key_names, "all": all_keys}[plan.personal]
     for node in tree.walk():
-        if not node.is_leaf:
-            settings = node.settings
-            # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
-            selected = sample_count(len(node.children), settings.sample)
-            check_strategy(settings.strategy, settings.robust, selected, path=node.path)
-            key_policy = _key_policy(plan, node, tree, partition, worldlm_cfg)
-            check_secure_aggregation(
-                node.path, settings, selected, key_attention=key_policy is not None
-            )
-            aggregators[node.path] = Aggregator(
-                node.path,
-                settings,
-                transport=transport,
-                strategy=build_strategy(settings.strategy, settings.robust),
-                ctx=ctx,
-                key_policy=key_policy,
-                router=(
-                    RouterPolicy(worldlm_cfg.route_top_k, worldlm_cfg.route_tau)
-                    if plan.key_layers and partition.groups and node.path == tree.path
-                    else None
-                ),
-            )
-            transport.register(aggregators[node.path])
+        if node.is_leaf:
             continue
+        settings = node.settings
+        # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
+        selected = sample_count(len(node.children), settings.sample)
+        check_strategy(settings.strategy, settings.robust, selected, path=node.path)
+        key_policy = _key_policy(plan, node, tree, partition, worldlm_cfg)
+        check_secure_aggregation(
+            node.path, settings, selected, key_attention=key_policy is not None
+        )
+        aggregators[node.path] = Aggregator(
+            node.path,
+            settings,
+            transport=transport,
+            strategy=build_strategy(
+                settings.strategy, settings.robust, sum_dtype=settings.sum_dtype
+            ),
+            ctx=ctx,
+            key_policy=key_policy,
+            router=(
+                RouterPolicy(worldlm_cfg.route_top_k, worldlm_cfg.route_tau)
+                if plan.key_layers and partition.groups and node.path == tree.path
+                else None
+            ),
+            # Each link is configured by its child (nodes.<child>.link); checked there too.
+            child_links={child.path: child.settings.link for child in node.children},
+        )
+        transport.register(aggregators[node.path])
+    leaves: dict[str, LeafNode] = dict(
+        build_leaves(
+            plan,
+            leaf_data,
+            workspace=workspace,
+            train_cfg=train_cfg,
+            stop_cfg=stop_cfg,
+            eval_cfg=eval_cfg,
+            worldlm_cfg=worldlm_cfg,
+            ctx=ctx,
+            partial=partial,
+        )
+    )
+    for leaf in leaves.values():
+        transport.register(leaf)
+    return Federation(aggregators[tree.path], aggregators, leaves, transport)
+
+
+def children_of(tree: FederationNode) -> dict[str, list[str]]:
+    """Each node's children's paths: the shape a transport routes tasks along."""
+    return {n.path: [c.path for c in n.children] for n in tree.walk()}
+
+
+def build_leaves(
+    plan: MethodPlan,
+    leaf_data: Mapping[str, LeafData],
+    *,
+    workspace: torch.nn.Module,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    stop_cfg: StopConfig,
+    worldlm_cfg: WorldLMConfig,
+    ctx: RunContext,
+    partial: bool = False,
+) -> dict[str, Leaf]:
+    """Live leaves of `plan.tree`, all training in turn on the one `workspace`; with `partial`,
+    only those whose data is in `leaf_data` (the others run elsewhere)."""
+    tree = plan.tree
+    partition = key_layer_partition(workspace, worldlm_cfg.key_fraction)
+    all_keys = frozenset(name for name, _ in workspace.named_parameters())
+    personal = {"none": frozenset(), "keys": partition.key_names, "all": all_keys}[plan.personal]
+    leaves: dict[str, Leaf] = {}
+    for node in tree.leaves():
         if partial and node.name not in leaf_data:
             continue
         data = pooled_data(leaf_data) if plan.pooled else leaf_data[node.name]
@@ -106,9 +183,10 @@ def build_federation(
                 else frozenset()
             ),
             ctx=ctx,
+            link=node.settings.link,
+            dp=node.settings.dp,
         )
-        transport.register(leaves[node.path])
-    return Federation(aggregators[tree.path], aggregators, leaves, transport)
+    return leaves
 
 
 def _key_policy(

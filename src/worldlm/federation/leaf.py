@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from worldlm.config import EvalConfig, TrainConfig
+from worldlm.compression.link import Uplink, decode_task
+from worldlm.config import DPConfig, EvalConfig, LinkConfig, TrainConfig
 from worldlm.federation.context import RunContext
+from worldlm.federation.local_privacy import LocalDP
 from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_messages import SecureMessage, SecureReply
@@ -50,6 +52,8 @@ class Leaf:
         personal_keys: Set[str],
         ctx: RunContext,
         adapted_keys: Set[str] = frozenset(),
+        link: LinkConfig | None = None,
+        dp: DPConfig | None = None,
     ) -> None:
         self.path = path
         self.data = data
@@ -67,6 +71,9 @@ class Leaf:
         self.own_state: State = {}  # personal weights, kept between rounds
         self.adapted_state: State = {}  # adapted weights, deployed but not trained from
         self.optimizer_state: dict[str, Any] | None = None
+        self.uplink = Uplink(link or LinkConfig())  # compresses replies to the parent
+        local = dp is not None and dp.local_noise_multiplier > 0
+        self.local_dp = LocalDP(dp, path, ctx.seed) if dp is not None and local else None
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
 
     def info(self) -> ChildInfo:
@@ -81,6 +88,7 @@ class Leaf:
         return {**incoming, **self.own_state, **self.adapted_state}
 
     def handle_train(self, task: TrainTask) -> Update:
+        task = decode_task(task)  # the weights, if the parent compressed them
         model, device = self.workspace, self.ctx.device
         set_state(model, self.training_start(task.state))
         optimizer = make_optimizer(model, self.train_cfg)
@@ -121,7 +129,15 @@ class Leaf:
         }
         # Personal weights stay here (FedPer's K, or everything for the local baseline).
         shared = {k: v for k, v in new_state.items() if k not in self.personal_keys}
-        return Update(self.path, task.round, task.nonce, shared, float(result.tokens), [record])
+        records = [record]
+        if self.local_dp is not None:  # the parent only ever sees the noisy change
+            release = self.sessions - 1
+            shared, privacy = self.local_dp.privatize(
+                shared, task.state, task.global_round, release
+            )
+            records.append(privacy)
+        update = Update(self.path, task.round, task.nonce, shared, float(result.tokens), records)
+        return self.uplink.encode(update, task.state)
 
     def handle_secure(self, message: SecureMessage) -> SecureReply:
         """A stage of the parent's secure round; the first trains, like `handle_train`."""
@@ -146,6 +162,7 @@ class Leaf:
     def snapshot(self) -> tuple[State, dict[str, Any]]:
         tensors: State = {f"own/{k}": v for k, v in self.own_state.items()}
         tensors.update({f"adapted/{k}": v for k, v in self.adapted_state.items()})
+        tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
         meta: dict[str, Any] = {"sessions": self.sessions, "steps_done": self.steps_done}
         if self.optimizer_state is not None:
             for index, slots in self.optimizer_state["state"].items():
@@ -161,6 +178,7 @@ class Leaf:
         self.adapted_state = {
             k[8:]: v.clone() for k, v in tensors.items() if k.startswith("adapted/")
         }
+        self.uplink.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("link/")})
         if "param_groups" not in meta:
             self.optimizer_state = None
             return

@@ -9,8 +9,18 @@ from worldlm.model.state import State
 from worldlm.strategies.routing import Residual
 from worldlm.train.evaluate import EvalResult
 
-__all__ = ["EvalReport", "EvalTask", "Record", "RoutedResidual", "State", "TrainTask", "Update"]
+__all__ = [
+    "EvalReport",
+    "EvalTask",
+    "Layout",
+    "Record",
+    "RoutedResidual",
+    "State",
+    "TrainTask",
+    "Update",
+]
 Record = dict[str, Any]  # one metrics row: {"round", "node", "kind", ...}
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (wire dtype name, shape)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,10 @@ class TrainTask:
     nonce: str
     state: State
     routed: tuple[RoutedResidual, ...] = ()  # WorldLM: residuals of similar sub-federations
+    # How `state` is compressed on the link ("none": the weights themselves; else the compact
+    # tensors of a `compression` codec), and the dtype and shape each weight decodes to.
+    encoding: str = "none"
+    layout: Layout = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,11 @@ class Update:
 
     `state` holds the model times `scale`: a leaf sends its weights (scale 1); a FedAvg
     aggregator forwards its exact weighted sum with scale = the sum's total weight, so its parent
-    adds sums instead of re-weighting a rounded mean (DESIGN §4)."""
+    adds sums instead of re-weighting a rounded mean (DESIGN §4).
+
+    On a compressed link (`encoding` other than "none") `state` instead holds the compact
+    tensors of the child's change `model - sent`, which the parent decodes back to a plain
+    update before it checks anything (`compression.link`)."""
 
     sender: str
     round: int
@@ -66,9 +84,11 @@ class Update:
     records: list[Record] = field(default_factory=list)
     scale: float = 1.0
     residual: Residual = field(default_factory=dict)  # WorldLM: low-rank summary of K - K_ref
+    encoding: str = "none"  # a `compression` codec name
+    topk_fraction: float | None = None  # encoding "topk": the share of entries kept
 
     def model(self) -> State:
-        """The child's model itself (`state / scale`)."""
+        """The child's model itself (`state / scale`), of a plain (decoded) update."""
         if self.scale == 1.0:
             return self.state
         return {k: v / self.scale for k, v in self.state.items()}
@@ -84,9 +104,10 @@ class EvalReport:
 
 
 def tensor_bytes(message: TrainTask | Update) -> int:
-    """Bytes of the tensors a message carries (its weights and residual factors): what a link
-    without compression moves for it, whatever the transport, so that rows compare across
-    in-process and deployed runs. Headers and metadata are left out (a few hundred bytes)."""
+    """Bytes of the tensors a message carries (its weights, or their compact tensors on a
+    compressed link, and residual factors): what the link moves for it, whatever the transport,
+    so that rows compare across in-process and deployed runs. Headers and metadata are left
+    out (a few hundred bytes; a compressed task's layout adds one short entry per tensor)."""
     tensors = list(message.state.values())
     residuals = (
         [r.residual for r in message.routed]

@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from worldlm.compression.link import decode_update
 from worldlm.federation.messages import State, TrainTask, Update
 from worldlm.federation.secure_messages import (
     Declined,
@@ -158,7 +159,9 @@ class SecureChild:
                 f"{self.trainer.path}: a setup for {setup.client!r} of length {setup.length}, "
                 f"not for this node and its task's {vector_length(task.state)} values"
             )
-        update = self.trainer.handle_train(task)
+        # A reply compressed for the link (bf16 or fp16 at most, see compression.policy) is
+        # masked as the change it decodes to: the masked vector is what crosses the link.
+        update = decode_update(self.trainer.handle_train(task), task.state)
         if not (update.weight > 0 and math.isfinite(update.weight)):
             raise CannotTakePart(f"weight {update.weight} is not a positive number")
         change = flat_change(task.state, update)

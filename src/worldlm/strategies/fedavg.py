@@ -1,8 +1,9 @@
 """FedAvg (McMahan et al. 2017): the token-weighted mean of the children's weights.
 
-Updates are folded one at a time into a float64 running sum, so memory holds one accumulator
-whatever the number of children, and the float32 result does not depend on summation order
-beyond float64 rounding.
+Updates are folded one at a time into a running sum, so memory holds one accumulator whatever
+the number of children. In float64 (the default, `nodes.<path>.sum_dtype`) the float32 result
+does not depend on summation order beyond float64 rounding; in float32 the sum is half the
+memory and runs at memory speed, and its last bits depend on the order replies arrive in.
 """
 
 from __future__ import annotations
@@ -30,30 +31,49 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
 class WeightedSum:
     """Streaming weighted sum: `add` folds a state in, `mean` divides by the total weight."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
         self.sums: dict[str, torch.Tensor] = {}
         self.total = 0.0
         self.count = 0
+        # One buffer, as large as the largest tensor, that replies of another dtype are
+        # converted into: `acc.add_(t.double())` would allocate and free a converted copy of
+        # every tensor of every reply, and a mixed-dtype add_ is as slow as that.
+        self._scratch: torch.Tensor | None = None
 
     def add(self, state: State, weight: float, *, alpha: float | None = None) -> None:
         """Fold in `alpha * state` (alpha defaults to `weight`) and count `weight`."""
         alpha = weight if alpha is None else alpha
         if not self.sums:
-            self.sums = {k: v.double() * alpha for k, v in state.items()}
+            self.sums = {k: v.to(self.dtype) * alpha for k, v in state.items()}
         else:
             for key, acc in self.sums.items():
-                acc.add_(state[key].double(), alpha=alpha)
+                acc.add_(self._as_sum_dtype(state[key], acc), alpha=alpha)
         self.total += weight
         self.count += 1
+
+    def _as_sum_dtype(self, value: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        if value.dtype == acc.dtype:
+            return value
+        if (
+            self._scratch is None
+            or self._scratch.numel() < value.numel()
+            or self._scratch.device != acc.device
+        ):
+            largest = max(t.numel() for t in self.sums.values())
+            self._scratch = torch.empty(largest, dtype=self.dtype, device=acc.device)
+        converted = self._scratch[: value.numel()].view(value.shape)
+        converted.copy_(value)
+        return converted
 
     def mean(self) -> State:
         return {k: v / self.total for k, v in self.sums.items()}
 
 
 class FedAvgRound:
-    def __init__(self, current: State) -> None:
+    def __init__(self, current: State, sum_dtype: torch.dtype = torch.float64) -> None:
         self.current = current
-        self.acc = WeightedSum()
+        self.acc = WeightedSum(sum_dtype)
 
     def add(self, update: Update) -> None:
         # A forwarded sum already carries its weight: alpha is exactly 1 when weight == scale.
@@ -71,10 +91,13 @@ class FedAvgRound:
 
 @register_strategy("fedavg")
 class FedAvg:
-    """Stateless FedAvg at one aggregator."""
+    """Stateless FedAvg at one aggregator; `sum_dtype` is the precision of its running sum."""
+
+    def __init__(self, sum_dtype: torch.dtype = torch.float64) -> None:
+        self.sum_dtype = sum_dtype
 
     def start_round(self, current: State) -> FedAvgRound:
-        return FedAvgRound(current)
+        return FedAvgRound(current, self.sum_dtype)
 
     def state_dict(self) -> State:
         return {}

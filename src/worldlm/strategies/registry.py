@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
+
 from worldlm.config import RobustConfig
 from worldlm.errors import ConfigError
 from worldlm.federation.messages import State, Update
@@ -77,14 +79,23 @@ def _load_plugins() -> None:
     from worldlm.strategies import fedavg, none, robust_rounds  # noqa: F401
 
 
-def build_strategy(name: str, robust: RobustConfig | None = None) -> Strategy:
+SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def build_strategy(
+    name: str, robust: RobustConfig | None = None, *, sum_dtype: str = "float64"
+) -> Strategy:
     """The strategy `name`; with `robust.norm_bound` set, wrapped so that every reply's change
-    is bounded before the rule sees it."""
+    is bounded before the rule sees it. `sum_dtype` is FedAvg's running-sum precision (the
+    robust rules hold the replies themselves and have no running sum)."""
     _load_plugins()
+    from worldlm.strategies.fedavg import FedAvg
     from worldlm.strategies.norm_bound import NormBounded
 
     settings = RobustConfig() if robust is None else robust
     strategy = STRATEGIES[name](settings)
+    if isinstance(strategy, FedAvg):
+        strategy.sum_dtype = SUM_DTYPES[sum_dtype]
     if settings.norm_bound is not None:
         return NormBounded(strategy, settings.norm_bound)
     return strategy

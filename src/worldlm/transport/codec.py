@@ -7,6 +7,10 @@ kinds of their own (`secure_codec`); its first request carries a train_task's fi
 bytes come from another machine, so decoding trusts nothing: the body size is checked against
 the caller's limit before anything is allocated, then every metadata field and tensor name is
 checked before a message is built.
+On a compressed link (`compression`), `state/` holds compact tensors (`<param>::<part>`) and
+the `encoding` field names the codec. A compressed train task is decoded here, on arrival,
+into the weights it carries (its compact tensors are checked against its `layout`); an update
+stays compact, for its parent to decode against the weights it sent.
 Nothing here unpickles or evaluates. Tensor values are not checked: the aggregator does that.
 """
 
@@ -19,10 +23,13 @@ from typing import Any
 import torch
 
 from worldlm import wire
+from worldlm.compression.link import decode_task
+from worldlm.compression.registry import UP_CODECS
 from worldlm.errors import WireError
 from worldlm.federation.messages import (
     EvalReport,
     EvalTask,
+    Layout,
     Record,
     RoutedResidual,
     State,
@@ -53,9 +60,28 @@ _FACTORS = ("U", "V")
 
 # Metadata fields of each kind (besides "kind" itself) and the tensor prefixes it may carry.
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "train_task": ("run_id", "round", "global_round", "sender", "recipient", "nonce", "routed"),
+    "train_task": (
+        "run_id",
+        "round",
+        "global_round",
+        "sender",
+        "recipient",
+        "nonce",
+        "routed",
+        "encoding",
+        "layout",
+    ),
     "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce", "deployed"),
-    "update": ("sender", "round", "nonce", "weight", "scale", "records"),
+    "update": (
+        "sender",
+        "round",
+        "nonce",
+        "weight",
+        "scale",
+        "records",
+        "encoding",
+        "topk_fraction",
+    ),
     "eval_report": ("sender", "nonce", "results"),
 }
 _FIELDS.update(secure_codec.FIELDS)
@@ -121,6 +147,8 @@ def encode_message_parts(
             "weight": message.weight,
             "scale": message.scale,
             "records": message.records,
+            "encoding": message.encoding,
+            "topk_fraction": message.topk_fraction,
         }
         tensors.update(_prefixed(_STATE, message.state))
         tensors.update(_factor_tensors(_RESIDUAL, message.residual))
@@ -196,6 +224,8 @@ def decode_message(
             fields["records"],
             fields["scale"],
             _pair(kind, "residual", groups.residual),
+            fields["encoding"],
+            fields["topk_fraction"],
         )
     return EvalReport(fields["sender"], fields["nonce"], fields["results"])
 
@@ -216,6 +246,8 @@ def _train_task_parts(task: TrainTask, tensors: dict[str, torch.Tensor]) -> dict
         "recipient": task.recipient,
         "nonce": task.nonce,
         "routed": [{"source": r.source, "weight": r.weight} for r in task.routed],
+        "encoding": task.encoding,
+        "layout": {name: [dtype, list(shape)] for name, (dtype, shape) in task.layout.items()},
     }
 
 
@@ -227,7 +259,7 @@ def _train_task(kind: str, fields: Mapping[str, Any], groups: _Groups) -> TrainT
     for i, entry in enumerate(routed):
         if not entry.residual:
             raise WireError(f"{kind} field routed[{i}] has no factor tensors")
-    return TrainTask(
+    task = TrainTask(
         fields["run_id"],
         fields["round"],
         fields["global_round"],
@@ -236,7 +268,13 @@ def _train_task(kind: str, fields: Mapping[str, Any], groups: _Groups) -> TrainT
         fields["nonce"],
         groups.state,
         routed,
+        fields["encoding"],
+        fields["layout"],
     )
+    try:
+        return decode_task(task)  # the child trains from the weights; check them here
+    except WireError as exc:
+        raise WireError(f"{kind} payload: {exc}") from None
 
 
 def _prefixed(prefix: str, state: State) -> dict[str, torch.Tensor]:
@@ -279,6 +317,39 @@ def _routed(where: str, value: Any) -> list[tuple[str, float]]:
     return out
 
 
+def _encoding(where: str, value: Any) -> str:
+    name = text(where, value)
+    if name not in UP_CODECS:
+        raise WireError(f"{where} is {name!r}, not one of {', '.join(UP_CODECS)}")
+    return name
+
+
+def _topk_fraction(where: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    fraction = finite(where, value)
+    if not 0.0 < fraction <= 1.0:
+        raise WireError(f"{where} must be in (0, 1], got {fraction}")
+    return fraction
+
+
+def _layout(where: str, value: Any) -> Layout:
+    """name -> (dtype, shape) of each weight a compressed train task decodes to."""
+    out: Layout = {}
+    for name, entry in json_object(where, value).items():
+        pair = array(f"{where}[{name!r}]", entry)
+        if len(pair) != 2:
+            raise WireError(f"{where}[{name!r}] must be [dtype, shape]")
+        dtype = text(f"{where}[{name!r}] dtype", pair[0])
+        if dtype not in wire.DTYPES:
+            raise WireError(f"{where}[{name!r}] has unknown dtype {dtype!r}")
+        shape = [integer(f"{where}[{name!r}] shape", n) for n in array(where, pair[1])]
+        if any(n < 0 for n in shape):
+            raise WireError(f"{where}[{name!r}] has a negative dimension: {shape}")
+        out[name] = (dtype, tuple(shape))
+    return out
+
+
 def _records(where: str, value: Any) -> list[Record]:
     return [json_object(f"{where}[{i}]", item) for i, item in enumerate(array(where, value))]
 
@@ -313,6 +384,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "records": _records,
     "results": _results,
     "deployed": boolean,
+    "encoding": _encoding,
+    "layout": _layout,
+    "topk_fraction": _topk_fraction,
     **secure_codec.CHECKS,
 }
 

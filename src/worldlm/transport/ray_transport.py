@@ -1,0 +1,256 @@
+"""The Ray backend: leaves train in parallel in Ray actors; aggregators stay in this process.
+
+`worldlm run CONFIG --backend ray` runs the unchanged round engine (`Aggregator`) in the
+driver; only the leaf side of the transport is remote. The leaves are dealt round-robin, in
+sorted path order, to min(#leaves, CPUs) actors (`ray_worker.LeafWorker`), each with one CPU
+and one intra-op thread, on a local Ray instance with every core of this machine or on an
+existing cluster (`run.ray_address`). An actor runs one call at a time, in the order the driver
+submitted them, so its leaves share one model workspace as in-process leaves do.
+
+Determinism. `train` submits every task of a call at once, so leaves on different actors train
+in parallel, but yields the replies in task order (`ray.get` on the next task's result). A reply
+that finishes early waits in Ray's object store, not in the aggregator's memory: the aggregator
+still holds one update at a time, and folds the updates in the same order as the in-process
+transport, so its floating-point sums, and the final models, are bit-identical to an in-process
+run on CPU (each leaf trains the same code on the same seeds; see docs/design-notes.md for the
+one caveat, intra-op threads). `evaluate` and `exchange` (secure aggregation) work the same way.
+
+A task whose recipient is an aggregator is answered here, in process; that aggregator's round
+calls the transport again for its own children. Sibling sub-federations therefore run one after
+the other, each spreading its own leaves over the actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from worldlm.config import RunConfig
+from worldlm.data.prepare import PreparedData
+from worldlm.errors import ConfigError, TransportError, WorldLMError
+from worldlm.federation.build import Federation, build_federation, children_of
+from worldlm.federation.context import Observer, RunContext
+from worldlm.federation.leaf import LeafData
+from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.federation.methods import MethodPlan
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
+from worldlm.transport.base import ChildInfo
+from worldlm.transport.inprocess import InProcessTransport
+from worldlm.transport.ray_worker import LeafWorker
+
+
+def import_ray() -> ModuleType:
+    """The `ray` module, or a ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "run.backend = 'ray' needs Ray, an optional extra: pip install 'worldlm[ray]'"
+        ) from None
+    return ray
+
+
+def fetch(path: str, ref: Any) -> Any:
+    """The result of a call on the actor hosting `path`; a worldlm error raised there is raised
+    here as itself."""
+    ray = import_ray()
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, WorldLMError):
+            raise exc.cause from None
+        raise
+    except ray.exceptions.RayActorError as exc:
+        raise TransportError(
+            f"the Ray worker hosting {path} stopped ({type(exc).__name__}); continue from the "
+            "last checkpoint with: worldlm run --resume RUN_DIR"
+        ) from None
+
+
+class RemoteLeaf:
+    """A leaf living in a Ray actor, as the driver sees it: the tasks, checkpoints and final
+    models the run asks of a leaf, forwarded to its actor."""
+
+    def __init__(self, path: str, data: LeafData, actor: Any) -> None:
+        self.path = path
+        self.data = data  # the driver tokenized it; the actor holds a copy of its own
+        self.actor = actor
+
+    def info(self) -> ChildInfo:
+        return ChildInfo(self.path, self.data.train_tokens)
+
+    def submit(self, method: str, message: Any, models: dict[int, Any]) -> Any:
+        """Start `method` on the actor; the result's object ref. A model that several tasks
+        carry goes to the object store once (`models`, by identity), not once per task."""
+        call = getattr(self.actor, method)
+        if not isinstance(message, TrainTask | EvalTask):
+            return call.remote(message)
+        if id(message.state) not in models:
+            models[id(message.state)] = import_ray().put(message.state)
+        return call.remote(replace(message, state={}), models[id(message.state)])
+
+    def handle_train(self, task: TrainTask) -> Update:
+        update: Update = fetch(self.path, self.submit("handle_train", task, {}))
+        return update
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        report: EvalReport = fetch(self.path, self.submit("handle_eval", task, {}))
+        return report
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        reply: SecureReply = fetch(self.path, self.submit("handle_secure", message, {}))
+        return reply
+
+    def _kept(self) -> tuple[State, State]:
+        kept: tuple[State, State] = fetch(self.path, self.actor.kept_state.remote(self.path))
+        return kept
+
+    @property
+    def own_state(self) -> State:
+        return self._kept()[0]
+
+    @property
+    def adapted_state(self) -> State:
+        return self._kept()[1]
+
+    def deployed_state(self, incoming: State) -> State:
+        """As `Leaf.deployed_state`: the incoming model, its personal and adapted weights on top."""
+        own, adapted = self._kept()
+        return {**incoming, **own, **adapted}
+
+    def snapshot(self) -> tuple[State, dict[str, Any]]:
+        snap: tuple[State, dict[str, Any]] = fetch(self.path, self.actor.snapshot.remote(self.path))
+        return snap
+
+    def restore(self, tensors: State, meta: dict[str, Any]) -> None:
+        fetch(self.path, self.actor.restore.remote(self.path, tensors, meta))
+
+
+class RayTransport(InProcessTransport):
+    """The in-process transport, except that tasks for a `RemoteLeaf` go to its actor: all of a
+    call's at once, the replies yielded in task order."""
+
+    def __init__(self, children: Mapping[str, Sequence[str]], observer: Observer) -> None:
+        super().__init__(children)
+        self.observer = observer
+
+    def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
+        for update in self._answer(tasks, "handle_train"):
+            self._report(update)
+            yield update
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> Iterator[EvalReport]:
+        yield from self._answer(tasks, "handle_eval")
+
+    def exchange(self, messages: Sequence[SecureMessage]) -> Iterator[SecureReply]:
+        yield from self._answer(messages, "handle_secure")
+
+    def _answer(self, messages: Sequence[Any], method: str) -> Iterator[Any]:
+        models: dict[int, Any] = {}
+        pending = {}  # message index -> object ref of its reply
+        for i, message in enumerate(messages):
+            handler = self.handler(message.recipient)
+            if isinstance(handler, RemoteLeaf):
+                pending[i] = handler.submit(method, message, models)
+        del models  # the pending calls keep the models they need in the object store
+        for i, message in enumerate(messages):
+            if i in pending:
+                yield fetch(message.recipient, pending.pop(i))
+            else:
+                yield getattr(self.handler(message.recipient), method)(message)
+
+    def _report(self, update: Update) -> None:
+        """A remote leaf's progress, as one step when its reply is taken."""
+        for row in update.records:
+            if row.get("kind") == "train":
+                self.observer.leaf_started(row["node"], row["steps"])
+                self.observer.leaf_step(row["node"], row["steps"], row["loss"])
+
+
+def start_ray(address: str | None) -> bool:
+    """Connect to the cluster at `address`, or start a local Ray instance with every core;
+    False when this process was already connected (a test, a notebook), which then owns it."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    return True
+
+
+def start_leaf_workers(
+    config: RunConfig,
+    run_id: str,
+    vocab_size: int,
+    leaf_data: Mapping[str, LeafData],
+    paths: Mapping[str, str],
+) -> tuple[dict[str, RemoteLeaf], Callable[[], None]]:
+    """Actors hosting the leaves at `paths` (leaf path -> data name), one per CPU at most,
+    and a function that stops them (and Ray, if this call started it)."""
+    started = start_ray(config.run.ray_address)
+    ray = import_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    order = sorted(paths)
+    count = min(len(order), cpus)
+    worker_class = ray.remote(num_cpus=1)(LeafWorker)
+    actors = []
+    for k in range(count):
+        mine = {paths[p]: leaf_data[paths[p]] for p in order[k::count]}
+        actors.append(worker_class.remote(config, run_id, vocab_size, mine, 1))
+
+    def stop() -> None:
+        for actor in actors:
+            ray.kill(actor)
+        actors.clear()
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+    try:
+        # Wait until every worker has built its leaves, so that an error there shows now.
+        for k, actor in enumerate(actors):
+            fetch(order[k], actor.paths.remote())
+    except BaseException:
+        stop()
+        raise
+    leaves = {p: RemoteLeaf(p, leaf_data[paths[p]], actors[i % count]) for i, p in enumerate(order)}
+    return leaves, stop
+
+
+def ray_federation(
+    config: RunConfig,
+    plan: MethodPlan,
+    data: PreparedData,
+    workspace: torch.nn.Module,
+    ctx: RunContext,
+) -> Federation:
+    """The aggregators of `plan` in this process, its leaves in Ray actors; `Federation.close`
+    stops the actors."""
+    transport = RayTransport(children_of(plan.tree), ctx.observer)
+    fed = build_federation(
+        plan,
+        {},  # no leaf here: partial leaves out every leaf without data in this process
+        workspace=workspace,
+        train_cfg=config.train,
+        eval_cfg=config.eval,
+        stop_cfg=config.stop,
+        worldlm_cfg=config.worldlm,
+        ctx=ctx,
+        partial=True,
+        transport=transport,
+    )
+    paths = {leaf.path: leaf.name for leaf in plan.tree.leaves()}
+    vocab_size = data.tokenizer.get_vocab_size()
+    leaves, stop = start_leaf_workers(config, ctx.run_id, vocab_size, data.leaves, paths)
+    for leaf in leaves.values():
+        transport.register(leaf)
+    fed.leaves.update(leaves)
+    fed.closers.append(stop)
+    return fed

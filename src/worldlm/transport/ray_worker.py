@@ -1,0 +1,84 @@
+"""The worker side of the Ray backend: one process (a Ray actor) hosting some of a run's leaves.
+
+It builds its own model workspace and its `Leaf` objects from the run's config and the leaves'
+tokenized data, exactly as `build_federation` does in process, and answers the tasks the
+driver's `RayTransport` sends them. Its leaves train in turn on the one workspace; an actor runs
+one call at a time, in the order the driver submitted them. Nothing here imports Ray: the
+driver wraps the class with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from worldlm.config import RunConfig
+from worldlm.federation.build import build_leaves
+from worldlm.federation.context import RunContext
+from worldlm.federation.leaf import Leaf, LeafData
+from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.federation.methods import plan_method
+from worldlm.federation.secure_messages import SecureMessage, SecureReply
+from worldlm.tree import build_tree
+
+
+class LeafWorker:
+    """Hosts the leaves whose data it is given; every method names the leaf it is for."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_id: str,
+        vocab_size: int,
+        leaf_data: dict[str, LeafData],
+        threads: int,
+    ) -> None:
+        # One core per actor: actors side by side must not each start a thread per core.
+        torch.set_num_threads(threads)
+        from worldlm.run import build_workspace  # the run module imports the transports
+
+        cpu = torch.device("cpu")
+        plan = plan_method(config.run.method, build_tree(config.nodes))
+        workspace = build_workspace(config, vocab_size, cpu)
+        # Progress stays quiet and the audit trail empty here: a leaf reports through the
+        # records on its Update, and the driver's aggregators audit what they accept.
+        ctx = RunContext(run_id, config.run.seed, cpu)
+        self.leaves: dict[str, Leaf] = build_leaves(
+            plan,
+            leaf_data,
+            workspace=workspace,
+            train_cfg=config.train,
+            eval_cfg=config.eval,
+            stop_cfg=config.stop,
+            worldlm_cfg=config.worldlm,
+            ctx=ctx,
+            partial=True,
+        )
+
+    def paths(self) -> list[str]:
+        """The leaves this worker hosts (the driver waits on this to know it started)."""
+        return sorted(self.leaves)
+
+    # A task arrives without its weights, which come beside it: the driver puts a model that
+    # several tasks carry into Ray's object store once, not once per task.
+    def handle_train(self, task: TrainTask, state: State) -> Update:
+        return self.leaves[task.recipient].handle_train(replace(task, state=state))
+
+    def handle_eval(self, task: EvalTask, state: State) -> EvalReport:
+        return self.leaves[task.recipient].handle_eval(replace(task, state=state))
+
+    def handle_secure(self, message: SecureMessage) -> SecureReply:
+        return self.leaves[message.recipient].handle_secure(message)
+
+    def kept_state(self, path: str) -> tuple[State, State]:
+        """The leaf's personal and adapted weights (for the final models)."""
+        leaf = self.leaves[path]
+        return leaf.own_state, leaf.adapted_state
+
+    def snapshot(self, path: str) -> tuple[State, dict[str, Any]]:
+        return self.leaves[path].snapshot()
+
+    def restore(self, path: str, tensors: State, meta: dict[str, Any]) -> None:
+        self.leaves[path].restore(tensors, meta)
