@@ -20,6 +20,7 @@ from worldlm.compression.link import ChildLinks, Uplink, decode_task
 from worldlm.compression.policy import check_child_links
 from worldlm.config import LinkConfig, NodeConfig
 from worldlm.errors import UpdateRejected
+from worldlm.federation.chunked import ChunkBuffers, change_norm, mean_like, squared_norm
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound, residual_of
 from worldlm.federation.messages import (
@@ -45,6 +46,7 @@ from worldlm.federation.selection import (
 from worldlm.model.state import cast_like
 from worldlm.privacy.dp_round import DPRound
 from worldlm.seeding import derive_seed
+from worldlm.strategies.fedavg import FedAvgRound
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import Residual, route
 from worldlm.train.evaluate import EvalResult
@@ -80,6 +82,7 @@ class Collected:
     dropouts: list[Dropout] = field(default_factory=list)  # besides the transport's own
     row: Record = field(default_factory=dict)  # extra fields of the aggregate row
     status: str = "ok"
+    round_keys: set[str] | None = None  # every reply of a round carries the same keys
 
 
 class Aggregator:
@@ -248,8 +251,15 @@ class Aggregator:
                 delta=privacy["delta"],
             )
         # Keys no child sent (the root's K under WorldLM) keep their current value.
+        buffers = ChunkBuffers()
+        if scale != 1.0 and isinstance(got.aggregation, FedAvgRound) and not _wider(exact, state):
+            # A float32 sum (sum_dtype) becomes the new model in place: no third copy. What
+            # goes up is then the mean with scale 1 and the same weight, the same FedAvg sum
+            # up to float32 rounding (a float32 sum has no exactness to keep).
+            exact = {k: v.div_(scale) for k, v in exact.items()}
+            scale = 1.0
         # Each tensor divided and cast on its own: a whole float64 mean would be 2 more copies.
-        model = {**state, **{k: _mean_like(v, scale, state[k]) for k, v in exact.items()}}
+        model = {**state, **{k: mean_like(v, scale, state[k], buffers) for k, v in exact.items()}}
         if key_round is not None:
             self.key_state = cast_like(key_round.result(), self.key_state)
             model.update(self.key_state)
@@ -282,42 +292,65 @@ class Aggregator:
         """A plain round: validate each reply as it arrives and fold it into `aggregation`.
         `sent` are the tasks as they cross the links, `seen` as the children decode them."""
         got = Collected(aggregation)
-        round_keys: set[str] | None = None  # every reply of a round carries the same keys
         reference_norms: dict[int, dict[str, float]] = {}
+        buffers = ChunkBuffers()  # this round's: a round may run beside another's thread
         got.traffic["bytes_down"] = sum(tensor_bytes(t) for t in sent.values())
         for reply in self.transport.train(list(sent.values())):
             # Compact bytes, as they crossed the link; refused replies crossed it too.
             got.traffic["bytes_up"] += tensor_bytes(reply)
-            try:
-                update = self.links.receive(reply, seen)  # decoded before any check
-                limit = self.settings.max_change
-                change = check_reply(update, seen, got.answered, round_keys, limit, reference_norms)
-                # DP clips here; a change whose norm overflows is refused like any bad reply.
-                clipped = aggregation.add(update)
-            except UpdateRejected as exc:
-                got.records.append(_rejection(global_round, self.path, exc))
-                self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
-                continue
-            self._audit(
-                "update_accepted",
-                global_round,
-                local_round=r,
-                sender=update.sender,
-                digest=self._digest(update.state),
-                weight=update.weight,
-                scale=update.scale,
-                change_norm=change,
-                clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
-            )
-            round_keys = set(update.state)
-            got.answered.add(update.sender)
-            got.records.extend(update.records)
-            if key_round is not None:
-                key_round.add(update)
-            if self.router is not None and update.residual:
-                got.residuals[update.sender] = update.residual
-            got.weight += update.weight
+            scratch = (reference_norms, buffers)
+            self._take(reply, seen, got, aggregation, scratch, key_round, (r, global_round))
+            # Let the reply go before the transport produces the next one: the loop variable
+            # would otherwise keep it alive beside its successor (one more model copy).
+            del reply
         return got
+
+    def _take(
+        self,
+        reply: Update,
+        seen: dict[str, TrainTask],
+        got: Collected,
+        aggregation: RoundAggregation | DPRound,
+        scratch: tuple[dict[int, dict[str, float]], ChunkBuffers],
+        key_round: KeyLayerRound | None,
+        rounds: tuple[int, int],
+    ) -> None:
+        """Check one reply and fold it in, or record why it was refused. `rounds` is (this
+        aggregator's round, the root's round)."""
+        reference_norms, buffers = scratch
+        r, global_round = rounds
+        try:
+            update = self.links.receive(reply, seen)  # decoded before any check
+            limit = self.settings.max_change
+            round_keys = got.round_keys
+            change = check_reply(
+                update, seen, got.answered, round_keys, limit, reference_norms, buffers
+            )
+            # DP clips here; a change whose norm overflows is refused like any bad reply.
+            clipped = aggregation.add(update)
+        except UpdateRejected as exc:
+            got.records.append(_rejection(global_round, self.path, exc))
+            self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
+            return
+        self._audit(
+            "update_accepted",
+            global_round,
+            local_round=r,
+            sender=update.sender,
+            digest=self._digest(update.state),
+            weight=update.weight,
+            scale=update.scale,
+            change_norm=change,
+            clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
+        )
+        got.round_keys = set(update.state)
+        got.answered.add(update.sender)
+        got.records.extend(update.records)
+        if key_round is not None:
+            key_round.add(update)
+        if self.router is not None and update.residual:
+            got.residuals[update.sender] = update.residual
+        got.weight += update.weight
 
     def _collect_secure(
         self,
@@ -522,11 +555,14 @@ def check_reply(
     round_keys: set[str] | None,
     max_change: float,
     reference_norms: dict[int, dict[str, float]] | None = None,
+    buffers: ChunkBuffers | None = None,
 ) -> float:
     """Refuse a reply that is not this round's answer of its sender, or whose tensors could
     not be part of the model it was sent (TESTPLAN D16). Each refusal names its check.
     Returns the L2 norm of the change the reply makes to the model it was sent.
-    `reference_norms` caches the squared norms of the models sent, across one round's replies."""
+    `reference_norms` caches the squared norms of the models sent, across one round's replies;
+    `buffers` are the round's chunk buffers (`federation.chunked`)."""
+    buffers = ChunkBuffers() if buffers is None else buffers
     task = tasks.get(update.sender)
     if task is None:
         raise UpdateRejected(update.sender, "not selected this round")
@@ -565,12 +601,12 @@ def check_reply(
         # One pass over the reply: the norm of its change is non-finite if any value is NaN
         # or infinite, so it is the finiteness check too (a finite change so large that it
         # overflows float32 is refused with them; max_change would refuse it anyway).
-        moved = _change_norm(value, reference, update.scale)
+        moved = change_norm(value, reference, update.scale, buffers)
         if not math.isfinite(moved):
             raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
         change += moved * moved
         if key not in sent_norms:  # the model sent is the same for many replies: once each
-            sent_norms[key] = float(torch.linalg.vector_norm(reference.double())) ** 2
+            sent_norms[key] = squared_norm(reference)
         norm += sent_norms[key]
     if norm > 0 and math.sqrt(change) > max_change * math.sqrt(norm):  # (a zero model: no scale)
         raise UpdateRejected(
@@ -581,19 +617,9 @@ def check_reply(
     return math.sqrt(change)
 
 
-def _change_norm(value: torch.Tensor, reference: torch.Tensor, scale: float) -> float:
-    """||value / scale - reference||, computed per tensor without a float64 copy of either."""
-    if not value.is_floating_point():
-        return float(torch.linalg.vector_norm((value - reference).double()))
-    if value.dtype in (torch.float16, torch.bfloat16):
-        value, reference = value.float(), reference.float()
-    moved = value if scale == 1.0 else value / scale
-    return float(torch.linalg.vector_norm(moved - reference, dtype=torch.float64))
-
-
-def _mean_like(total: torch.Tensor, scale: float, reference: torch.Tensor) -> torch.Tensor:
-    """`total / scale` in the dtype of `reference` (the model's own)."""
-    return (total if scale == 1.0 else total / scale).to(reference.dtype)
+def _wider(sums: State, model: State) -> bool:
+    """Whether any sum is kept in a wider dtype than the model's (float64 sums)."""
+    return any(v.dtype != model[k].dtype for k, v in sums.items())
 
 
 def _incident(global_round: int, path: str, dropout: Dropout) -> Record:

@@ -1,0 +1,54 @@
+"""The round's chunked arithmetic equals the plain expressions it replaces."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from worldlm.federation.chunked import CHUNK, ChunkBuffers, change_norm, mean_like, squared_norm
+
+
+def _pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    reference = torch.randn(n, generator=gen)
+    return reference + 1e-3 * torch.randn(n, generator=gen), reference
+
+
+def test_change_norm_matches_float64_across_chunks() -> None:
+    value, reference = _pair(123 * 17_100)  # three chunks, the last partial
+    buffers = ChunkBuffers()
+    exact = float(torch.linalg.vector_norm(value.double() - reference.double()))
+    assert math.isclose(change_norm(value, reference, 1.0, buffers), exact, rel_tol=1e-9)
+    total = value.double() * 250.0  # a forwarded float64 sum and its scale
+    assert math.isclose(change_norm(total, reference, 250.0, buffers), exact, rel_tol=1e-9)
+    shaped = change_norm(value.view(-1, 123), reference.view(-1, 123), 1.0, buffers)
+    assert math.isclose(shaped, exact, rel_tol=1e-9)
+
+
+def test_change_norm_is_not_finite_when_any_value_is_not() -> None:
+    value, reference = _pair(CHUNK + 5)
+    for bad in (math.nan, math.inf, -math.inf):
+        poisoned = value.clone()
+        poisoned[CHUNK + 2] = bad  # in the second chunk
+        assert not math.isfinite(change_norm(poisoned, reference, 1.0, ChunkBuffers()))
+
+
+def test_squared_norm_matches_float64() -> None:
+    value, _ = _pair(CHUNK + 77)
+    exact = float(value.double().square().sum())
+    assert math.isclose(squared_norm(value), exact, rel_tol=1e-9)
+    half = value.to(torch.bfloat16)
+    exact_half = float(half.double().square().sum())
+    assert math.isclose(squared_norm(half), exact_half, rel_tol=1e-9)
+
+
+def test_mean_like_rounds_exactly_as_the_plain_expression() -> None:
+    value, reference = _pair(2 * CHUNK + 9)
+    total = value.double() * 1234.5 + reference.double() * 17.0
+    plain = (total / 1251.5).to(torch.float32)
+    chunked = mean_like(total, 1251.5, reference, ChunkBuffers())
+    assert chunked.dtype == torch.float32
+    assert torch.equal(chunked, plain)
+    same_dtype = mean_like(value * 3.0, 3.0, reference, ChunkBuffers())
+    assert torch.equal(same_dtype, (value * 3.0) / 3.0)
