@@ -29,18 +29,20 @@ from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 from worldlm.run import mean_ppl, run
 
-# case -> (uplink codec, top-k fraction, downlink codec)
-CASES: dict[str, tuple[str, float, str]] = {
-    "none": ("none", 0.1, "none"),
-    "bf16": ("bf16", 0.1, "bf16"),
-    "int8": ("int8", 0.1, "int8"),
-    "top-k 10%": ("topk", 0.1, "none"),
-    "top-k 1%": ("topk", 0.01, "none"),
+# case -> (uplink codec, top-k fraction, downlink codec, error feedback)
+CASES: dict[str, tuple[str, float, str, bool]] = {
+    "none": ("none", 0.1, "none", True),
+    "bf16": ("bf16", 0.1, "bf16", True),
+    "int8": ("int8", 0.1, "int8", True),
+    "top-k 10%": ("topk", 0.1, "none", True),
+    "top-k 1%": ("topk", 0.01, "none", True),
+    "top-k 10%, no error feedback": ("topk", 0.1, "none", False),
 }
+DEFAULT_CASES = ["none", "bf16", "int8", "top-k 10%", "top-k 1%"]
 
 
 def case_config(base: Path | None, case: str, rounds: int) -> RunConfig:
-    up, fraction, down = CASES[case]
+    up, fraction, down, feedback = CASES[case]
     plain = load_config(base, [f"stop.rounds={rounds}", "monitor.tensorboard=false"])
     root = next(path for path in plain.nodes if "/" not in path)
     overrides = [f"stop.rounds={rounds}", "monitor.tensorboard=false"]
@@ -51,6 +53,7 @@ def case_config(base: Path | None, case: str, rounds: int) -> RunConfig:
             f"nodes.{path}.link.up={up}",
             f"nodes.{path}.link.topk_fraction={fraction}",
             f"nodes.{path}.link.down={down}",
+            f"nodes.{path}.link.error_feedback={str(feedback).lower()}",
         ]
     return load_config(base, overrides)
 
@@ -72,13 +75,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="federation config (default: embedded)")
     parser.add_argument("--out", type=Path, default=Path("runs/compression"))
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     args = parser.parse_args()
     console = Console()
     results: dict[str, dict[str, Any]] = {}
     for case in args.cases:
         console.print(f"{case} ...")
-        slug = case.replace(" ", "").replace("%", "pct")
+        slug = case.replace(" ", "").replace("%", "pct").replace(",", "-")
         results[case] = run_case(case_config(args.config, case, args.rounds), args.out / slug)
         console.print(f"  mean validation perplexity {results[case]['ppl']:,.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
