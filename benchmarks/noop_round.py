@@ -322,8 +322,8 @@ def breakdown(state: dict[str, torch.Tensor], n: int) -> dict[str, float]:
     per round."""
     from worldlm.audit.digest import state_digest
     from worldlm.config import NodeConfig
-    from worldlm.federation.aggregator import check_reply
     from worldlm.federation.messages import TrainTask, Update
+    from worldlm.federation.reply_check import check_reply
     from worldlm.model.state import cast_like
     from worldlm.strategies.fedavg import FedAvgRound
 

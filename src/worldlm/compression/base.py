@@ -10,6 +10,7 @@ be) before any value is used, and a bad one raises `WireError` naming the tensor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import torch
@@ -52,19 +53,20 @@ def check_tensor(
         raise WireError(f"{where}: shape {tuple(tensor.shape)}, expected {shape}")
 
 
-class TensorCodec:
+class TensorCodec(ABC):
     """A codec defined one floating tensor at a time; `compress` and `decompress` work on
     whole dicts and handle naming, pass-through and the checks common to all codecs."""
 
     name = "base"
     parts: tuple[str, ...] = ()  # the compact parts of one floating tensor
 
+    @abstractmethod
     def encode_tensor(self, x: torch.Tensor) -> Parts:
-        raise NotImplementedError
+        """The compact parts of one floating tensor."""
 
+    @abstractmethod
     def decode_tensor(self, where: str, parts: Parts, like: torch.Tensor) -> torch.Tensor:
         """`like`'s value from its checked-for-names `parts`; checks dtypes, shapes, values."""
-        raise NotImplementedError
 
     def compress(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The compact tensors of `tensors` (only floating ones are compressed)."""

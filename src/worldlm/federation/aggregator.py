@@ -6,7 +6,6 @@ with its aggregate; the root's run loop calls `run_round` directly.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from worldlm.compression.link import ChildLinks, Uplink, decode_task
 from worldlm.compression.policy import check_child_links
 from worldlm.config import LinkConfig, NodeConfig
 from worldlm.errors import UpdateRejected
-from worldlm.federation.chunked import ChunkBuffers, change_norm, mean_like, squared_norm
+from worldlm.federation.chunked import ChunkBuffers, mean_like
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound, residual_of
 from worldlm.federation.messages import (
@@ -34,6 +33,7 @@ from worldlm.federation.messages import (
     tensor_bytes,
 )
 from worldlm.federation.privacy_policy import DPPolicy, check_dp_settings
+from worldlm.federation.reply_check import check_reply
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.federation.secure_round import SecureSum, run_secure_round
@@ -546,75 +546,6 @@ class Aggregator:
         self.strategy.load_state_dict(
             {k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")}
         )
-
-
-def check_reply(
-    update: Update,
-    tasks: dict[str, TrainTask],
-    answered: set[str],
-    round_keys: set[str] | None,
-    max_change: float,
-    reference_norms: dict[int, dict[str, float]] | None = None,
-    buffers: ChunkBuffers | None = None,
-) -> float:
-    """Refuse a reply that is not this round's answer of its sender, or whose tensors could
-    not be part of the model it was sent (TESTPLAN D16). Each refusal names its check.
-    Returns the L2 norm of the change the reply makes to the model it was sent.
-    `reference_norms` caches the squared norms of the models sent, across one round's replies;
-    `buffers` are the round's chunk buffers (`federation.chunked`)."""
-    buffers = ChunkBuffers() if buffers is None else buffers
-    task = tasks.get(update.sender)
-    if task is None:
-        raise UpdateRejected(update.sender, "not selected this round")
-    if update.sender in answered:
-        raise UpdateRejected(update.sender, "duplicate reply")
-    if update.round != task.round or update.nonce != task.nonce:
-        raise UpdateRejected(update.sender, "reply to another round or task")
-    if not update.weight > 0 or not math.isfinite(update.weight):  # `not >` refuses NaN
-        raise UpdateRejected(update.sender, f"weight {update.weight} is not a positive number")
-    if not update.scale > 0 or not math.isfinite(update.scale):
-        raise UpdateRejected(update.sender, f"scale {update.scale} is not a positive number")
-    sent = task.state
-    if not update.state.keys() <= sent.keys():
-        extra = sorted(update.state.keys() - sent.keys())
-        raise UpdateRejected(update.sender, f"parameter names the model does not have: {extra}")
-    if round_keys is not None and set(update.state) != round_keys:
-        missing = sorted(round_keys - update.state.keys())
-        raise UpdateRejected(
-            update.sender,
-            f"parameter names differ from this round's other replies (missing {missing})",
-        )
-    change = norm = 0.0
-    sent_norms = reference_norms.setdefault(id(sent), {}) if reference_norms is not None else {}
-    for key, value in update.state.items():
-        reference = sent[key]
-        if value.shape != reference.shape:
-            raise UpdateRejected(
-                update.sender,
-                f"{key}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}",
-            )
-        # A forwarded sum travels in float64; anything else comes in the model's own dtype.
-        if value.dtype not in (reference.dtype, torch.float64):
-            raise UpdateRejected(
-                update.sender, f"{key}: dtype {value.dtype}, expected {reference.dtype}"
-            )
-        # One pass over the reply: the norm of its change is non-finite if any value is NaN
-        # or infinite, so it is the finiteness check too (a finite change so large that it
-        # overflows float32 is refused with them; max_change would refuse it anyway).
-        moved = change_norm(value, reference, update.scale, buffers)
-        if not math.isfinite(moved):
-            raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
-        change += moved * moved
-        if key not in sent_norms:  # the model sent is the same for many replies: once each
-            sent_norms[key] = squared_norm(reference)
-        norm += sent_norms[key]
-    if norm > 0 and math.sqrt(change) > max_change * math.sqrt(norm):  # (a zero model: no scale)
-        raise UpdateRejected(
-            update.sender,
-            f"the update moves the model by {math.sqrt(change):.3g}, more than max_change "
-            f"{max_change:g} times the model's norm {math.sqrt(norm):.3g}",
-        )
-    return math.sqrt(change)
 
 
 def _wider(sums: State, model: State) -> bool:
