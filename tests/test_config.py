@@ -12,9 +12,9 @@ from worldlm.config import (
     default_config_text,
     dump_config,
     load_config,
-    parse_override,
     validate_config,
 )
+from worldlm.config_toml import parse_override
 from worldlm.errors import ConfigError
 
 from .conftest import TWO_LEVEL, tiny_config_dict

@@ -72,8 +72,8 @@ class Leaf:
         self.adapted_state: State = {}  # adapted weights, deployed but not trained from
         self.optimizer_state: dict[str, Any] | None = None
         self.uplink = Uplink(link or LinkConfig())  # compresses replies to the parent
-        local = dp is not None and dp.local_noise_multiplier > 0
-        self.local_dp = LocalDP(dp, path, ctx.seed) if dp is not None and local else None
+        local = dp if dp is not None and dp.local_noise_multiplier > 0 else None
+        self.local_dp = LocalDP(local, path, ctx.seed) if local is not None else None
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
 
     def info(self) -> ChildInfo:
