@@ -125,6 +125,7 @@ CASES: dict[str, tuple[Tamper, str]] = {
     "NaN": (_poison(float("nan")), "w: NaN or infinite values"),
     "+Inf": (_poison(float("inf")), "w: NaN or infinite values"),
     "-Inf": (_poison(float("-inf")), "w: NaN or infinite values"),
+    "finite 1e30": (_poison(1e30), "w: a change too large to measure"),
     "norm 1e6 x": (lambda u: replace(u, state=_shift(u.state, 1e6)), "moves the model by"),
     "wrong round": (lambda u: replace(u, round=u.round + 1), "reply to another round or task"),
     "wrong run (nonce)": (lambda u: replace(u, nonce="0" * 16), "reply to another round or task"),

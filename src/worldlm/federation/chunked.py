@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 1 << 20  # values per chunk: 4-8 MB, large enough that per-chunk overhead is small
+# Values per chunk: 1-2 MB, small enough that a chunk written is still in cache when it is
+# read back, large enough that the per-chunk call overhead is small (measured on 25M-value
+# models: 2^18 was the fastest of 2^14..2^20 for both the change norm and the float64 fold).
+CHUNK = 1 << 18
 
 
 class ChunkBuffers:
@@ -33,8 +36,10 @@ def change_norm(
     value: torch.Tensor, reference: torch.Tensor, scale: float, buffers: ChunkBuffers
 ) -> float:
     """||value / scale - reference||₂: each chunk's difference in the wider of the two dtypes
-    (at least float32), its squares summed in float64; NaN or infinite if any value is (so it
-    doubles as the finiteness check)."""
+    (at least float32) and its dot product with itself (a vectorized BLAS call: twice as fast
+    as a float64 norm), summed across chunks in float64. Relative error about 1e-6: the
+    float32 rounding of each chunk's dot product. NaN or infinite if any value is (so it
+    doubles as the finiteness check), and infinite if a chunk's squares overflow float32."""
     if not value.is_floating_point():
         return float(torch.linalg.vector_norm((value - reference).double()))
     # float64 for a forwarded sum (float64 / scale), float32 at least otherwise.
@@ -49,7 +54,7 @@ def change_norm(
         else:
             torch.div(part, scale, out=out)
             out.sub_(flat_reference[start : start + CHUNK])
-        total += _squares(out)
+        total += float(torch.dot(out, out))
     return total**0.5
 
 
@@ -60,9 +65,25 @@ def squared_norm(tensor: torch.Tensor) -> float:
 
 
 def _squares(chunk: torch.Tensor) -> float:
-    # The sum of squares in float64: the chunk is cast in cache, so this costs little more
-    # than a float32 dot product, whose rounding would be about 1e-6 of the result.
+    # The sum of squares in float64: the chunk is cast in cache. Once per round and tensor,
+    # so exactness costs little here.
     return float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
+
+
+def add_converted(
+    total: torch.Tensor, value: torch.Tensor, alpha: float, buffers: ChunkBuffers
+) -> None:
+    """`total.add_(value.to(total.dtype), alpha=alpha)`, the same values, one chunk of
+    `value` converted at a time into a buffer that stays in cache."""
+    if not total.is_contiguous():  # its reshape would be a copy, and the sum would be lost
+        total.add_(value.to(total.dtype), alpha=alpha)
+        return
+    flat_total, flat_value = total.reshape(-1), value.reshape(-1)
+    for start in range(0, flat_value.numel(), CHUNK):
+        part = flat_value[start : start + CHUNK]
+        converted = buffers.get(total.dtype, total.device, part.numel())
+        converted.copy_(part)
+        flat_total[start : start + CHUNK].add_(converted, alpha=alpha)
 
 
 def mean_like(

@@ -63,10 +63,13 @@ def check_reply(
                 update.sender, f"{key}: dtype {value.dtype}, expected {reference.dtype}"
             )
         # One pass over the reply: the norm of its change is non-finite if any value is NaN
-        # or infinite, so it is the finiteness check too (a finite change so large that it
-        # overflows float32 is refused with them; max_change would refuse it anyway).
+        # or infinite, so it is the finiteness check too. A finite change whose squares
+        # overflow float32 (values beyond about 1e19) is refused here too; max_change would
+        # refuse it anyway. Which of the two it was is worked out only for the refusal.
         moved = change_norm(value, reference, update.scale, buffers)
         if not math.isfinite(moved):
+            if bool(torch.isfinite(value).all()):
+                raise UpdateRejected(update.sender, f"{key}: a change too large to measure")
             raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
         change += moved * moved
         if key not in sent_norms:  # the model sent is the same for many replies: once each

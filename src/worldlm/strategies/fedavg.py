@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from worldlm.federation.chunked import ChunkBuffers, add_converted
 from worldlm.federation.messages import State, Update
 from worldlm.strategies.registry import register_strategy
 
@@ -36,35 +37,33 @@ class WeightedSum:
         self.sums: dict[str, torch.Tensor] = {}
         self.total = 0.0
         self.count = 0
-        # One buffer, as large as the largest tensor, that replies of another dtype are
-        # converted into: `acc.add_(t.double())` would allocate and free a converted copy of
-        # every tensor of every reply, and a mixed-dtype add_ is as slow as that.
-        self._scratch: torch.Tensor | None = None
+        # Replies of another dtype (float32 into a float64 sum) are converted one cache-sized
+        # chunk at a time: `acc.add_(t.double())` would allocate and free a converted copy of
+        # every tensor, a mixed-dtype `add_` is as slow as that, and a buffer as large as the
+        # largest tensor costs its memory and runs at half the speed of a chunk in cache.
+        self._buffers = ChunkBuffers()
 
     def add(self, state: State, weight: float, *, alpha: float | None = None) -> None:
         """Fold in `alpha * state` (alpha defaults to `weight`) and count `weight`."""
         alpha = weight if alpha is None else alpha
         if not self.sums:
-            self.sums = {k: v.to(self.dtype) * alpha for k, v in state.items()}
+            self.sums = {k: self._first(v, alpha) for k, v in state.items()}
         else:
             for key, acc in self.sums.items():
-                acc.add_(self._as_sum_dtype(state[key], acc), alpha=alpha)
+                value = state[key]
+                if value.dtype == acc.dtype:
+                    acc.add_(value, alpha=alpha)
+                else:
+                    add_converted(acc, value, alpha, self._buffers)
         self.total += weight
         self.count += 1
 
-    def _as_sum_dtype(self, value: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        if value.dtype == acc.dtype:
-            return value
-        if (
-            self._scratch is None
-            or self._scratch.numel() < value.numel()
-            or self._scratch.device != acc.device
-        ):
-            largest = max(t.numel() for t in self.sums.values())
-            self._scratch = torch.empty(largest, dtype=self.dtype, device=acc.device)
-        converted = self._scratch[: value.numel()].view(value.shape)
-        converted.copy_(value)
-        return converted
+    def _first(self, value: torch.Tensor, alpha: float) -> torch.Tensor:
+        if value.dtype == self.dtype:
+            return value * alpha
+        # In place on the fresh converted copy: the same values as `value.to(dtype) * alpha`
+        # without a second tensor of the sum's size.
+        return value.to(self.dtype, memory_format=torch.contiguous_format).mul_(alpha)
 
     def mean(self) -> State:
         return {k: v / self.total for k, v in self.sums.items()}
