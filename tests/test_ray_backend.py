@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -15,9 +16,13 @@ from worldlm.cli import build_parser
 from worldlm.cli_args import backend_overrides
 from worldlm.config import RunConfig, dump_config, load_config
 from worldlm.errors import ConfigError
+from worldlm.federation.context import SilentObserver
+from worldlm.federation.leaf import LeafData
+from worldlm.federation.messages import State, TrainTask, Update
 from worldlm.model.io import weights_file
 from worldlm.progress import QuietProgress
 from worldlm.run import RunResult, resume, run
+from worldlm.transport.ray_transport import RayTransport, RemoteLeaf
 
 from .conftest import TWO_LEVEL, tiny_config
 from .test_engine import StopAtRound
@@ -94,3 +99,50 @@ def test_resume_may_change_the_backend_and_nothing_else(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text(dump_config(config), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"only run\.backend and run\.ray_address"):
         resume(tmp_path, QuietProgress(), backend=["stop.rounds=5"])
+
+
+class _EchoWorker:
+    """A Ray actor with `LeafWorker`'s train call: answers with the state it was sent."""
+
+    def handle_train(self, task: TrainTask, state: State) -> Update:
+        return Update(task.recipient, task.round, task.nonce, dict(state), 1.0)
+
+
+class _CountingLeaf(RemoteLeaf):
+    """A `RemoteLeaf` that counts the calls the transport starts on its actor."""
+
+    submitted: ClassVar[list[str]] = []
+
+    def submit(self, method: str, message: Any, models: dict[int, Any]) -> Any:
+        _CountingLeaf.submitted.append(self.path)
+        return super().submit(method, message, models)
+
+
+@pytest.mark.parametrize(("calls_per_actor", "bounded"), [(2, True), (100, False)])
+def test_replies_waiting_in_the_object_store_stay_bounded(
+    local_ray: None, calls_per_actor: int, bounded: bool
+) -> None:
+    """However many leaves, at most `calls_per_actor` calls per actor are in flight, so the
+    replies waiting for the aggregator do not grow with the number of children; the replies
+    still come in task order. (The unbounded case is the teeth: all 12 start at once.)"""
+    import ray
+
+    paths = [f"root/leaf-{i:02d}" for i in range(12)]
+    actors = [ray.remote(num_cpus=0)(_EchoWorker).remote() for _ in range(2)]
+    transport = RayTransport({"root": paths}, SilentObserver(), calls_per_actor=calls_per_actor)
+    for i, path in enumerate(paths):
+        blocks = torch.zeros((1, 8), dtype=torch.long)
+        transport.register(_CountingLeaf(path, LeafData(path, blocks, {}), actors[i % 2]))
+    _CountingLeaf.submitted.clear()
+    state = {"w": torch.arange(6.0)}
+    tasks = [TrainTask("run", 3, 3, "root", p, f"nonce-{p}", state) for p in paths]
+    in_flight = []
+    for k, update in enumerate(transport.train(tasks)):
+        assert update.sender == paths[k] and update.nonce == f"nonce-{paths[k]}"
+        assert torch.equal(update.state["w"], state["w"])
+        in_flight.append(len(_CountingLeaf.submitted) - k)  # started and not yet taken
+    assert sorted(_CountingLeaf.submitted) == paths  # each leaf asked once
+    if bounded:
+        assert max(in_flight) == 2 * 2  # two actors, two calls each
+    else:
+        assert max(in_flight) == len(paths)

@@ -7,13 +7,17 @@ and one intra-op thread, on a local Ray instance with every core of this machine
 existing cluster (`run.ray_address`). An actor runs one call at a time, in the order the driver
 submitted them, so its leaves share one model workspace as in-process leaves do.
 
-Determinism. `train` submits every task of a call at once, so leaves on different actors train
-in parallel, but yields the replies in task order (`ray.get` on the next task's result). A reply
-that finishes early waits in Ray's object store, not in the aggregator's memory: the aggregator
-still holds one update at a time, and folds the updates in the same order as the in-process
-transport, so its floating-point sums, and the final models, are bit-identical to an in-process
-run on CPU (each leaf trains the same code on the same seeds; see docs/design-notes.md for the
-one caveat, intra-op threads). `evaluate` and `exchange` (secure aggregation) work the same way.
+Determinism and memory. `train` keeps `calls_per_actor` (2) calls per actor in flight, so leaves
+on different actors train in parallel and an actor starts its next leaf as soon as it finishes
+one, and yields the replies in task order (`ray.get` on the next task's result). A reply that
+finishes early waits in Ray's object store, not in the aggregator's memory, and the window
+bounds how many wait: 2 per actor, whatever the number of leaves (submitting all of a round's
+tasks at once let up to every reply pile up in the store, and the driver maps each one it
+reads). The aggregator holds one update at a time and folds the updates in the same order as
+the in-process transport, so its floating-point sums, and the final models, are bit-identical
+to an in-process run on CPU (each leaf trains the same code on the same seeds; see
+docs/design-notes.md for the one caveat, intra-op threads). `evaluate` and `exchange` (secure
+aggregation) work the same way.
 
 A task whose recipient is an aggregator is answered here, in process; that aggregator's round
 calls the transport again for its own children. Sibling sub-federations therefore run one after
@@ -133,12 +137,20 @@ class RemoteLeaf:
 
 
 class RayTransport(InProcessTransport):
-    """The in-process transport, except that tasks for a `RemoteLeaf` go to its actor: all of a
-    call's at once, the replies yielded in task order."""
+    """The in-process transport, except that tasks for a `RemoteLeaf` go to its actor, up to
+    `calls_per_actor` per actor at a time, the replies yielded in task order."""
 
-    def __init__(self, children: Mapping[str, Sequence[str]], observer: Observer) -> None:
+    def __init__(
+        self,
+        children: Mapping[str, Sequence[str]],
+        observer: Observer,
+        calls_per_actor: int = 2,
+    ) -> None:
         super().__init__(children)
         self.observer = observer
+        # Calls in flight per actor: 1 would leave an actor idle while the driver fetches and
+        # folds its reply; more lets replies pile up in the object store.
+        self.calls_per_actor = calls_per_actor
 
     def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
         for update in self._answer(tasks, "handle_train"):
@@ -152,14 +164,24 @@ class RayTransport(InProcessTransport):
         yield from self._answer(messages, "handle_secure")
 
     def _answer(self, messages: Sequence[Any], method: str) -> Iterator[Any]:
-        models: dict[int, Any] = {}
-        pending = {}  # message index -> object ref of its reply
+        remote = [
+            (i, handler)
+            for i, message in enumerate(messages)
+            if isinstance(handler := self.handler(message.recipient), RemoteLeaf)
+        ]
+        actors = len({id(handler.actor) for _, handler in remote})
+        window = max(1, self.calls_per_actor * actors)
+        models: dict[int, Any] = {}  # the models sent, in the object store until the last call
+        pending: dict[int, Any] = {}  # message index -> object ref of its reply
+        submitted = 0
         for i, message in enumerate(messages):
-            handler = self.handler(message.recipient)
-            if isinstance(handler, RemoteLeaf):
-                pending[i] = handler.submit(method, message, models)
-        del models  # the pending calls keep the models they need in the object store
-        for i, message in enumerate(messages):
+            # Top the window up; always far enough to include the call waited for next.
+            while submitted < len(remote) and (
+                len(pending) < window or remote[submitted][0] <= i
+            ):
+                j, handler = remote[submitted]
+                pending[j] = handler.submit(method, messages[j], models)
+                submitted += 1
             if i in pending:
                 yield fetch(message.recipient, pending.pop(i))
             else:
