@@ -15,13 +15,15 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerBase
 
 from worldlm.data.tokenizer import eos_id
 from worldlm.errors import DataError
+
+if TYPE_CHECKING:  # transformers takes 0.5 s to import; a chat template is the only user
+    from transformers import PreTrainedTokenizerBase
 
 ASSISTANT = "assistant"
 _JSONL_SUFFIXES = (".jsonl", ".json")

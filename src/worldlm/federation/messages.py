@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worldlm.model.state import State
 from worldlm.strategies.routing import Residual
-from worldlm.train.evaluate import EvalResult
+
+if TYPE_CHECKING:  # (it would import the training stack, transformers included)
+    from worldlm.train.evaluate import EvalResult
 
 __all__ = [
     "EvalReport",

@@ -20,9 +20,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from worldlm.errors import CheckpointError
 
@@ -55,6 +52,11 @@ class PrivacyAccountant:
         self.sampling_rate = float(sampling_rate)
         self.delta = float(delta)
         self._steps = 0
+        # Imported here: dp_accounting (with scipy) takes a second to import, and only a
+        # run with DP builds an accountant.
+        from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
+        from dp_accounting.rdp import RdpAccountant
+
         # One round's RDP curve, computed once: n rounds spend exactly n times it.
         one = RdpAccountant()
         with _quiet_absl():
@@ -89,6 +91,8 @@ class PrivacyAccountant:
     def _epsilon(self, steps: int) -> float:
         if steps == 0:
             return 0.0  # (0 * an infinite RDP curve would be NaN)
+        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
         # compute_epsilon gives inf when every order is infinite (z == 0 with q > 0).
         return float(compute_epsilon(self._orders, steps * self._rdp_per_step, self.delta)[0])
 

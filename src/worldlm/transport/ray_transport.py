@@ -176,9 +176,7 @@ class RayTransport(InProcessTransport):
         submitted = 0
         for i, message in enumerate(messages):
             # Top the window up; always far enough to include the call waited for next.
-            while submitted < len(remote) and (
-                len(pending) < window or remote[submitted][0] <= i
-            ):
+            while submitted < len(remote) and (len(pending) < window or remote[submitted][0] <= i):
                 j, handler = remote[submitted]
                 pending[j] = handler.submit(method, messages[j], models)
                 submitted += 1
