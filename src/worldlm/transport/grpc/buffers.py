@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,8 +39,9 @@ class BufferPool:
         self._leases: dict[int, weakref.ref[np.ndarray]] = {}
         self.reused = 0
 
-    def acquire(self, nbytes: int) -> memoryview:
-        """A writable buffer of exactly `nbytes` bytes; raises MemoryError if none can be had."""
+    def acquire(self, nbytes: int, on_free: Callable[[], None] | None = None) -> memoryview:
+        """A writable buffer of exactly `nbytes` bytes; raises MemoryError if none can be had.
+        `on_free` is called once nothing uses the buffer any more."""
         with self._lock:
             base = self._take_idle(nbytes)
             if base is None:
@@ -47,7 +49,7 @@ class BufferPool:
             else:
                 self.reused += 1
             lease = base[:]
-            ref = weakref.ref(lease, lambda ref: self._give_back(ref, base))
+            ref = weakref.ref(lease, lambda ref: self._give_back(ref, base, on_free))
             self._leases[id(ref)] = ref
         return lease.data.cast("B")
 
@@ -62,11 +64,15 @@ class BufferPool:
                 return self._idle.pop(i)
         return None
 
-    def _give_back(self, ref: weakref.ref[np.ndarray], base: np.ndarray) -> None:
+    def _give_back(
+        self, ref: weakref.ref[np.ndarray], base: np.ndarray, on_free: Callable[[], None] | None
+    ) -> None:
         with self._lock:
             self._leases.pop(id(ref), None)
             if base.nbytes and len(self._idle) < self.max_idle:
                 self._idle.append(base)
+        if on_free is not None:
+            on_free()
 
 
 # One per process: every link's receive side draws from it, so idle memory stays bounded.

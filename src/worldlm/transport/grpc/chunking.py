@@ -16,7 +16,7 @@ byte once, from the chunks into one writable buffer that tensors can then share.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -188,18 +188,24 @@ class Reassembler:
         p = self._partial
         return None if p is None else (p.kind, p.total_bytes, p.received)
 
-    def feed(self, chunk: Chunk) -> Message | None:
-        """Take the next chunk; return the whole message when this chunk completes it."""
+    def feed(self, chunk: Chunk, on_free: Callable[[], None] | None = None) -> Message | None:
+        """Take the next chunk; return the whole message when this chunk completes it.
+        `on_free`, for a chunk that starts a message: called once nothing uses that message's
+        buffer any more (`BufferPool.acquire`)."""
         try:
-            return self._feed(chunk)
+            return self._feed(chunk, on_free)
         except ChunkError:
             self._partial = None
             raise
 
-    def _feed(self, chunk: Chunk) -> Message | None:
+    def drop_partial(self) -> None:
+        """Let an unfinished message go (its stream ended): its buffer is free at once."""
+        self._partial = None
+
+    def _feed(self, chunk: Chunk, on_free: Callable[[], None] | None) -> Message | None:
         p = self._partial
         if p is None:
-            p = self._partial = self._start(chunk)
+            p = self._partial = self._start(chunk, on_free)
         else:
             if chunk.message_id != p.message_id:
                 raise ChunkError(
@@ -239,7 +245,7 @@ class Reassembler:
             return None
         return self._finish(p, chunk.xxh3_128)
 
-    def _start(self, chunk: Chunk) -> _Partial:
+    def _start(self, chunk: Chunk, on_free: Callable[[], None] | None) -> _Partial:
         if chunk.seq != 0:
             raise ChunkError(
                 f"message {chunk.message_id} starts at chunk {chunk.seq}; the first chunk is 0"
@@ -260,7 +266,7 @@ class Reassembler:
         if not chunk.data and not chunk.last:
             raise ChunkError(f"message {chunk.message_id}: its first chunk is empty but not last")
         try:
-            buffer = self._pool.acquire(chunk.total_bytes)
+            buffer = self._pool.acquire(chunk.total_bytes, on_free)
         except MemoryError:
             raise ChunkError(
                 f"message {chunk.message_id} ({kind!r}): cannot reserve memory for its declared "

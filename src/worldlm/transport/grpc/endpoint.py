@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from worldlm.transport.grpc import link_pb2
+from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.chunking import Message, Payloads, Reassembler, split_payload
 from worldlm.transport.grpc.errors import ChunkError, LinkDisconnected, LinkTimeout
 from worldlm.transport.grpc.framing import BadFrame, Chunk, Frame, frame_body
@@ -42,10 +43,15 @@ class Endpoint:
         max_message_bytes: int,
         inbox_messages: int,
         on_close: Callable[[], None] | None = None,
+        gate: ReceiveGate | None = None,
+        gate_key: str = "",
     ) -> None:
         if inbox_messages < 1:
             raise ValueError(f"inbox_messages must be >= 1, got {inbox_messages}")
         self.peer = peer
+        # A parent's links share one gate (admission.py), each under its child's path.
+        self._gate = gate
+        self._gate_key = gate_key
         self._chunk_bytes = chunk_bytes
         self._inbox_messages = inbox_messages
         self._reassembler = Reassembler(max_message_bytes)
@@ -174,9 +180,20 @@ class Endpoint:
                         grpc.StatusCode.INVALID_ARGUMENT,
                     )
                     return
-                message = self._reassembler.feed(frame)
-                if message is not None and not self._deliver(message):
-                    return
+                release = None
+                if self._gate is not None and self._reassembler.in_progress is None:
+                    # This chunk starts a message: wait until the parent may hold one more.
+                    release = self._gate.admit(self._gate_key, lambda: self._closed is not None)
+                    if release is None:
+                        return  # closed while waiting
+                message = self._feed(frame, release)
+                if message is not None:
+                    delivered = self._deliver(message)
+                    # The reader must not keep the message alive while it waits for the next
+                    # one: its buffer holds an admission until the receiver lets it go.
+                    del message
+                    if not delivered:
+                        return
             self.close(f"{self.peer} ended the link")
         except ChunkError as exc:
             self.close(
@@ -184,6 +201,21 @@ class Endpoint:
             )
         except grpc.RpcError as exc:
             self.close(f"the link to {self.peer} broke: {describe_rpc_error(exc)}")
+        finally:
+            self._reassembler.drop_partial()  # a message cut off by the end holds no memory
+
+    def _feed(self, frame: Chunk, release: Callable[[], None] | None) -> Message | None:
+        """Feed one chunk; `release` is the admission of the message it starts, if any."""
+        if release is None:
+            return self._reassembler.feed(frame)
+        started = False
+        try:
+            message = self._reassembler.feed(frame, on_free=release)
+            started = True  # the message's buffer now releases the admission when it dies
+            return message
+        finally:
+            if not started:
+                release()  # refused before any buffer was taken
 
     def _deliver(self, message: Message) -> bool:
         with self._cond:

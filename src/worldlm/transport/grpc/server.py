@@ -18,6 +18,7 @@ import grpc
 
 from worldlm.security.certs import CertError, node_identity, validate_node_path
 from worldlm.transport.grpc import link_pb2
+from worldlm.transport.grpc.admission import DEFAULT_HELD_MESSAGES, ReceiveGate
 from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
 from worldlm.transport.grpc.endpoint import Endpoint
@@ -46,7 +47,8 @@ class ParentLinkServer:
     `address` is `host:port`; port 0 picks a free port, see `port` and `address`. Without
     `tls`, plaintext is used only if `allow_plaintext` and the address is loopback (then the
     Hello's node path cannot be checked against a certificate). A non-empty `run_id` refuses
-    children of another run.
+    children of another run. `held_messages` bounds the messages held from all children at
+    once (`gate`, admission.py); the one the round waits for next is always let in.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class ParentLinkServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         inbox_messages: int = 2,
         hello_timeout: float = 10.0,
+        held_messages: int = DEFAULT_HELD_MESSAGES,
     ) -> None:
         self.node_path = _valid_path(node_path, "parent")
         self.child_paths = frozenset(_valid_path(c, "child") for c in children)
@@ -78,6 +81,8 @@ class ParentLinkServer:
         self._chunk_bytes = chunk_bytes
         self._max_message_bytes = max_message_bytes
         self._inbox_messages = inbox_messages
+        # Messages held from all children at once, whatever their number (admission.py).
+        self.gate = ReceiveGate(held_messages)
         self._hello_timeout = hello_timeout
         self._run_id = run_id
         self._tls = tls
@@ -201,6 +206,8 @@ class ParentLinkServer:
             max_message_bytes=self._max_message_bytes,
             inbox_messages=self._inbox_messages,
             on_close=lambda: _cancel_later(context),
+            gate=self.gate,
+            gate_key=info.node_path,
         )
         self._register(ChildConnection(info, endpoint), endpoint)
         context.add_callback(

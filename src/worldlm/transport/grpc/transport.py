@@ -8,7 +8,12 @@ out of that round and logged; a late reply to an old task is recognized by its n
 Order: with `ordered` (the default) replies are handed to the engine in task order, so the
 float64 sums and the attention over key layers see the same sequence as the in-process engine
 and a deployment reproduces it bit for bit; a reply that overtakes an earlier one waits decoded
-in memory. Without it, replies are handed over as they arrive and at most one is held.
+in memory. Without it, replies are handed over as they arrive.
+
+Memory: the server's receive gate (admission.py) bounds the replies held at once, whatever the
+number of children: the links of children beyond it stop reading, so those children wait in
+their send. The child the round waits for next is always let in, and a child the gate held
+back past the round's timeout answered in time: it gets one more `round_timeout`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from worldlm.errors import WireError
 from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
@@ -32,9 +37,10 @@ from worldlm.federation.secure_messages import (
 )
 from worldlm.transport.base import ChildInfo, Dropout
 from worldlm.transport.codec import decode_message, encode_message_parts
+from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
-from worldlm.transport.grpc.errors import LinkError
+from worldlm.transport.grpc.errors import LinkError, LinkTimeout
 from worldlm.transport.grpc.server import ParentLinkServer
 
 log = logging.getLogger(__name__)
@@ -103,69 +109,76 @@ class GrpcTransport:
         return self._exchange(messages, SecureReply)
 
     def _exchange(self, tasks: Sequence[Request], reply_type: type[Reply]) -> Iterator[Reply]:
-        deadline = time.monotonic() + self.policy.round_timeout
+        round_: _Exchange[Reply] = _Exchange(tasks, self.policy, self.server.gate)
         attached = self.server.children()
-        arrivals: queue.Queue[tuple[int, Reply | Dropout]] = queue.Queue()
-        expected: list[int] = []
         for index, task in enumerate(tasks):
-            conn = attached.get(task.recipient)
-            if conn is None:
+            if task.recipient in attached:
+                round_.expected.append(index)
+            else:
                 self._drop(Dropout(task.recipient, "not attached when the round started"))
-                continue
-            expected.append(index)
+        round_.outstanding = set(round_.expected)
+        round_.prefer(reset=True)
+        for index in round_.expected:
             threading.Thread(
                 target=self._ask,
-                args=(conn, task, reply_type, deadline, index, arrivals),
-                name=f"ask-{task.recipient}",
+                args=(attached[tasks[index].recipient], tasks[index], reply_type, round_, index),
+                name=f"ask-{tasks[index].recipient}",
                 daemon=True,
             ).start()
-        waiting: dict[int, Reply | None] = {}  # arrived out of order (None: dropped)
-        outstanding = set(expected)
-        next_up = 0  # position in `expected` of the next reply to hand over (ordered mode)
-        while outstanding:
+        extended = False
+        while round_.outstanding:
             try:
-                index, outcome = arrivals.get(timeout=max(deadline - time.monotonic(), 0.0))
+                index, outcome = round_.arrivals.get(timeout=round_.seconds_left())
             except queue.Empty:
-                for index in sorted(outstanding):
+                # Children the receive gate held back answered in time: they get the time the
+                # wait cost them, once. Everyone else still missing is out of this round.
+                held = {i for i in round_.outstanding if round_.was_held_back(i)}
+                late = round_.outstanding if extended else round_.outstanding - held
+                for index in sorted(late):
                     self._drop(Dropout(tasks[index].recipient, "no reply before the timeout"))
-                break
-            outstanding.discard(index)
-            reply = None if isinstance(outcome, Dropout) else outcome
+                    yield from round_.settle(index, None)
+                if extended or not held:
+                    break
+                extended = True
+                round_.deadline = time.monotonic() + self.policy.round_timeout
+                continue
+            if index not in round_.outstanding:
+                continue  # its task was settled at the deadline; this came after
             if isinstance(outcome, Dropout):
                 self._drop(outcome)
-            if not self.policy.ordered:
-                if reply is not None:
-                    yield reply
-                continue
-            waiting[index] = reply
-            while next_up < len(expected) and expected[next_up] in waiting:
-                ready = waiting.pop(expected[next_up])
-                next_up += 1
-                if ready is not None:
-                    yield ready
-        # Replies that arrived after an earlier child timed out still count, in order.
-        for index in expected[next_up:]:
-            ready = waiting.pop(index, None)
-            if ready is not None:
-                yield ready
+                ready = round_.settle(index, None)
+            else:
+                ready = round_.settle(index, outcome)
+            # This frame lets go of the reply before handing it over: while the engine folds
+            # a later one, an earlier one must not stay alive here (it holds an admission).
+            del outcome
+            yield from ready
 
     def _ask(
         self,
         conn: ChildConnection,
         task: Request,
         reply_type: type[Reply],
-        deadline: float,
+        round_: _Exchange[Reply],
         index: int,
-        arrivals: queue.Queue[tuple[int, Reply | Dropout]],
     ) -> None:
         """Send one task and wait for its reply; anything else it reads is refused."""
+        deadline, extended = round_.deadline, False
         try:
             # The link digests every payload whole (chunking.py), so the codec's body digest
             # would be a second pass over the same bytes.
             kind, parts = encode_message_parts(task, body_digest=False)
             conn.send(kind, parts, timeout=_remaining(deadline))
+            del parts
             while True:
-                kind, payload = conn.receive(timeout=_remaining(deadline))
+                try:
+                    kind, payload = conn.receive(timeout=_remaining(deadline))
+                except LinkTimeout:
+                    if extended or not round_.was_held_back(index):
+                        raise
+                    # The receive gate held it back, so it answered in time: see _exchange.
+                    deadline, extended = time.monotonic() + self.policy.round_timeout, True
+                    continue
                 reply = decode_message(
                     kind,
                     payload,
@@ -173,14 +186,16 @@ class GrpcTransport:
                     copy=False,
                     verify_body=False,
                 )
+                del payload
                 answer = _as_answer(reply, reply_type, task, conn.path)
+                del reply
                 if not isinstance(answer, str):
-                    arrivals.put((index, answer))
+                    round_.arrivals.put((index, answer))
                     return
                 # Refused and recorded, but the child may still send its real answer in time.
                 self._drop(Dropout(conn.path, f"refused its {kind}: {answer}", left_out=False))
         except (LinkError, WireError) as exc:
-            arrivals.put((index, Dropout(conn.path, f"{type(exc).__name__}: {exc}")))
+            round_.arrivals.put((index, Dropout(conn.path, f"{type(exc).__name__}: {exc}")))
 
     def stop_children(self) -> None:
         """Tell every attached child the run is over (inner aggregators pass it on)."""
@@ -196,6 +211,57 @@ class GrpcTransport:
         what = "left out of this round" if dropped.left_out else "message refused"
         log.warning("%s: %s: %s", dropped.path, what, dropped.reason)
         self.dropped.append(dropped)
+
+
+class _Exchange(Generic[Reply]):
+    """One call of `_exchange`: its tasks, the replies on their way, and the order they are
+    handed over in."""
+
+    def __init__(
+        self, tasks: Sequence[Request], policy: RoundPolicy, gate: ReceiveGate | None
+    ) -> None:
+        self.tasks, self.policy, self.gate = tasks, policy, gate
+        self.deadline = time.monotonic() + policy.round_timeout
+        self.arrivals: queue.Queue[tuple[int, Reply | Dropout]] = queue.Queue()
+        self.expected: list[int] = []  # indices of the tasks sent
+        self.outstanding: set[int] = set()
+        self.waiting: dict[int, Reply | None] = {}  # arrived out of order (None: dropped)
+        self.next_up = 0  # position in `expected` of the next reply to hand over (ordered)
+
+    def seconds_left(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def was_held_back(self, index: int) -> bool:
+        return self.gate is not None and self.gate.delayed(self.tasks[index].recipient)
+
+    def prefer(self, *, reset: bool = False) -> None:
+        """Tell the gate whose message the round waits for next, so that it is never stuck
+        behind messages that wait for it."""
+        if self.gate is None:
+            return
+        if self.policy.ordered:
+            ahead = self.expected[self.next_up : self.next_up + 1]
+        else:
+            ahead = [min(self.outstanding)] if self.outstanding else []
+        self.gate.prefer([self.tasks[i].recipient for i in ahead], reset=reset)
+
+    def settle(self, index: int, reply: Reply | None) -> Iterator[Reply]:
+        """Record task `index`'s outcome (None: no reply) and yield whatever may go out now."""
+        self.outstanding.discard(index)
+        if not self.policy.ordered:
+            self.prefer()
+            if reply is not None:
+                yield reply
+            return
+        self.waiting[index] = reply
+        del reply
+        while self.next_up < len(self.expected) and self.expected[self.next_up] in self.waiting:
+            ready = self.waiting.pop(self.expected[self.next_up])
+            self.next_up += 1
+            self.prefer()
+            if ready is not None:
+                yield ready
+            ready = None  # let it go as soon as the engine has
 
 
 def _as_answer(reply: object, reply_type: type[Reply], task: Request, peer: str) -> Reply | str:
