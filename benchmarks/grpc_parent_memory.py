@@ -1,0 +1,193 @@
+"""A gRPC parent's memory while its children's replies pile up, with and without the receive gate.
+
+The parent runs `Aggregator.run_round` (FedAvg, float32 sum) in this process over
+`GrpcTransport`; every leaf is an OS process of its own dialling in over 127.0.0.1 with mutual
+TLS, and answers each task with the state it was sent. The first leaf waits `--slow-seconds`
+before answering, so with ordered delivery (the deployment's default) every other reply arrives
+before the one the round needs first: the worst case for a parent's memory. Each
+`--held` value is a `ParentLinkServer(held_messages=...)`, all served by the same leaf
+processes, rounds interleaved; 1000 stands for no gate (more than the leaves).
+
+Reported per variant: the round time and the parent's peak resident memory during the round
+over its resident memory just before it (VmHWM reset through /proc/self/clear_refs), in GB and
+in model copies (the round's running sum is one of them). Minimum and maximum over the rounds
+after the first.
+
+    python benchmarks/grpc_parent_memory.py --leaves 10 --params 25M --json /tmp/bench/gate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from aggregation_throughput import parse_count, reset_peak_rss, rss_gb
+from grpc_link import MTLS, PARENT, RUN_ID, Pki, dial, make_state, quiet_logs, state_bytes
+from machine_info import load_average, machine_info
+from worldlm.config import NodeConfig
+from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.context import RunContext
+from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.strategies.registry import build_strategy
+from worldlm.transport.base import ChildInfo
+from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ParentLinkServer, TlsFiles
+from worldlm.transport.grpc.child import answer_parent
+from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
+
+GB = 1024**3
+
+
+class EchoLeaf:
+    """Answers with the state it was sent, after `delay` seconds."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        self.path, self.delay = path, delay
+
+    def info(self) -> ChildInfo:
+        return ChildInfo(self.path, 1000)
+
+    def handle_train(self, task: TrainTask) -> Update:
+        time.sleep(self.delay)
+        return Update(self.path, task.round, task.nonce, task.state, 1.0)
+
+    def handle_eval(self, task: EvalTask) -> EvalReport:
+        return EvalReport(self.path, task.nonce, {})
+
+
+def leaf_process(path: str, parents: list[tuple[str, TlsFiles | None]], delay: float) -> None:
+    """One leaf serving every parent (one per `--held` value), each on a thread of its own."""
+    quiet_logs()
+    torch.set_num_threads(1)
+    links = [dial(address, path, tls, DEFAULT_CHUNK_BYTES) for address, tls in parents]
+    threads = [
+        threading.Thread(
+            target=answer_parent, args=(link, EchoLeaf(path, delay)), kwargs={"run_id": RUN_ID}
+        )
+        for link in links
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for link in links:
+        link.close()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--leaves", type=int, default=10)
+    parser.add_argument("--params", type=parse_count, default=25_000_000)
+    parser.add_argument("--held", type=int, nargs="+", default=[2, 1000])
+    parser.add_argument("--slow-seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the first")
+    parser.add_argument("--json", type=Path)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    console = Console()
+    quiet_logs()
+    leaves = [f"{PARENT}/leaf-{i:02d}" for i in range(args.leaves)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = Pki(Path(tmp), [PARENT, *leaves])
+        servers = {
+            held: ParentLinkServer(
+                "127.0.0.1:0",
+                PARENT,
+                leaves,
+                pki.files(PARENT, MTLS),
+                run_id=RUN_ID,
+                held_messages=held,
+            )
+            for held in args.held
+        }
+        ctx = mp.get_context("spawn")
+        processes = [
+            ctx.Process(
+                target=leaf_process,
+                args=(
+                    path,
+                    [(s.address, pki.files(path, MTLS)) for s in servers.values()],
+                    args.slow_seconds if i == 0 else 0.0,
+                ),
+            )
+            for i, path in enumerate(leaves)
+        ]
+        console.print(f"starting {len(leaves)} leaf processes ...")
+        for p in processes:
+            p.start()
+        transports = {}
+        try:
+            for server in servers.values():
+                server.wait_for_children(timeout=600)
+            run_ctx = RunContext(run_id=RUN_ID, seed=0, device=torch.device("cpu"))
+            aggregators = {}
+            for held, server in servers.items():
+                transports[held] = GrpcTransport(server, RoundPolicy(round_timeout=600))
+                aggregators[held] = Aggregator(
+                    PARENT,
+                    NodeConfig(sum_dtype="float32"),
+                    transport=transports[held],
+                    strategy=build_strategy("fedavg", sum_dtype="float32"),
+                    ctx=run_ctx,
+                )
+            state = make_state(args.params, 8, 0)
+            model_gb = state_bytes(state) / GB
+            cells: dict[int, dict[str, list[float]]] = {h: {"s": [], "gb": []} for h in servers}
+            for r in range(args.rounds + 1):
+                for held, agg in aggregators.items():
+                    before = rss_gb("VmRSS")
+                    reset_peak_rss()
+                    started = time.perf_counter()
+                    outcome = agg.run_round(state, r)
+                    seconds = time.perf_counter() - started
+                    peak = rss_gb("VmHWM") - before
+                    answered = outcome.records[-1]["participants"]
+                    assert len(answered) == len(leaves), f"only {len(answered)} answered"
+                    del outcome
+                    if r:
+                        cells[held]["s"].append(seconds)
+                        cells[held]["gb"].append(peak)
+        finally:
+            for transport in transports.values():
+                transport.stop_children()
+            for p in processes:
+                p.join(30)
+                if p.is_alive():
+                    p.terminate()
+            for server in servers.values():
+                server.stop(0.5)
+    table = Table(
+        title=f"gRPC parent, {len(leaves)} leaves, P = {args.params / 1e6:g}M "
+        f"({model_gb * GB / 1e6:.0f} MB), first leaf {args.slow_seconds:g} s late"
+    )
+    for col in ("held_messages", "round s (min)", "peak GB (min-max)", "copies (min-max)"):
+        table.add_column(col, justify="right")
+    rows = []
+    for held, c in cells.items():
+        copies = [g / model_gb for g in c["gb"]]
+        rows.append({"held_messages": held, "seconds": c["s"], "peak_gb": c["gb"]})
+        table.add_row(
+            str(held) if held < len(leaves) else f"{held} (no gate)",
+            f"{min(c['s']):.2f}",
+            f"{min(c['gb']):.2f}-{max(c['gb']):.2f}",
+            f"{min(copies):.1f}-{max(copies):.1f}",
+        )
+    console.print(table)
+    if args.json:
+        info = machine_info(args, model_gb=model_gb, load_after=load_average())
+        args.json.write_text(json.dumps(info | {"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
