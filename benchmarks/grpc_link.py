@@ -234,29 +234,34 @@ def transfer_peer(address: str, tls: TlsFiles | None, chunk_bytes: int) -> None:
 
 
 class NoOpLeaf:
-    """A leaf that trains for zero steps: it answers with the state it was sent."""
+    """A leaf that trains for zero steps: it answers with the state it was sent, after
+    `delay` seconds."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, delay: float = 0.0) -> None:
+        self.path, self.delay = path, delay
 
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, 1000)
 
     def handle_train(self, task: TrainTask) -> Update:
+        if self.delay:
+            time.sleep(self.delay)
         return Update(self.path, task.round, task.nonce, task.state, 1.0)
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         return EvalReport(self.path, task.nonce, {})
 
 
-def leaf_process(path: str, parents: list[tuple[str, TlsFiles | None]], chunk_bytes: int) -> None:
+def leaf_process(
+    path: str, parents: list[tuple[str, TlsFiles | None]], chunk_bytes: int, delay: float = 0.0
+) -> None:
     """A no-op leaf serving each parent (one per link mode) on a thread of its own."""
     quiet_logs()
     torch.set_num_threads(1)
     links = [dial(address, path, tls, chunk_bytes) for address, tls in parents]
     threads = [
         threading.Thread(
-            target=answer_parent, args=(link, NoOpLeaf(path)), kwargs={"run_id": RUN_ID}
+            target=answer_parent, args=(link, NoOpLeaf(path, delay)), kwargs={"run_id": RUN_ID}
         )
         for link in links
     ]

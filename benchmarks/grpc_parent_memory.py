@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing as mp
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,55 +30,16 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregation_throughput import parse_count, reset_peak_rss, rss_gb
-from grpc_link import MTLS, PARENT, RUN_ID, Pki, dial, make_state, quiet_logs, state_bytes
+from grpc_link import MTLS, PARENT, RUN_ID, Pki, leaf_process, make_state, quiet_logs, state_bytes
 from machine_info import load_average, machine_info
 from worldlm.config import NodeConfig
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.strategies.registry import build_strategy
-from worldlm.transport.base import ChildInfo
-from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ParentLinkServer, TlsFiles
-from worldlm.transport.grpc.child import answer_parent
+from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ParentLinkServer
 from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
 
 GB = 1024**3
-
-
-class EchoLeaf:
-    """Answers with the state it was sent, after `delay` seconds."""
-
-    def __init__(self, path: str, delay: float) -> None:
-        self.path, self.delay = path, delay
-
-    def info(self) -> ChildInfo:
-        return ChildInfo(self.path, 1000)
-
-    def handle_train(self, task: TrainTask) -> Update:
-        time.sleep(self.delay)
-        return Update(self.path, task.round, task.nonce, task.state, 1.0)
-
-    def handle_eval(self, task: EvalTask) -> EvalReport:
-        return EvalReport(self.path, task.nonce, {})
-
-
-def leaf_process(path: str, parents: list[tuple[str, TlsFiles | None]], delay: float) -> None:
-    """One leaf serving every parent (one per `--held` value), each on a thread of its own."""
-    quiet_logs()
-    torch.set_num_threads(1)
-    links = [dial(address, path, tls, DEFAULT_CHUNK_BYTES) for address, tls in parents]
-    threads = [
-        threading.Thread(
-            target=answer_parent, args=(link, EchoLeaf(path, delay)), kwargs={"run_id": RUN_ID}
-        )
-        for link in links
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for link in links:
-        link.close()
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,6 +78,7 @@ def main() -> None:
                 args=(
                     path,
                     [(s.address, pki.files(path, MTLS)) for s in servers.values()],
+                    DEFAULT_CHUNK_BYTES,
                     args.slow_seconds if i == 0 else 0.0,
                 ),
             )
