@@ -219,6 +219,20 @@ def test_node_files_are_checked_and_paths_are_relative_to_them(tmp_path: Path) -
         load_node_file(tmp_path / "missing.toml")
 
 
+def test_the_receive_gate_limit_is_a_node_file_setting(tmp_path: Path) -> None:
+    root = '[node]\npath = "world"\nlisten = "127.0.0.1:7000"\n'
+    default = tmp_path / "default.toml"
+    default.write_text(root, encoding="utf-8")
+    assert load_node_file(default).link.held_messages == 2
+    raised = tmp_path / "raised.toml"
+    raised.write_text(root + "[link]\nheld_messages = 8\n", encoding="utf-8")
+    assert load_node_file(raised).link.held_messages == 8
+    zero = tmp_path / "zero.toml"
+    zero.write_text(root + "[link]\nheld_messages = 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"link\.held_messages"):
+        load_node_file(zero)
+
+
 class LeaveOutInRound:
     """The in-process reference of a sub-federation that died in one round: the root's tasks
     to `path` in global round `round_index` are never answered."""

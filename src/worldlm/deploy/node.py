@@ -145,6 +145,7 @@ def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
         run_id=rt.run_id,
         chunk_bytes=link.chunk_bytes,
         max_message_bytes=link.max_message_bytes,
+        held_messages=link.held_messages,
     )
     wanted = link.min_children or len(children)
     if wanted > len(children):

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 from worldlm.config import Section
 from worldlm.config_errors import format_validation_error
 from worldlm.errors import ConfigError
+from worldlm.transport.grpc.admission import DEFAULT_HELD_MESSAGES
 from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -60,6 +61,14 @@ class LinkSection(Section):
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=1024, description="Bytes per gRPC frame.")
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, ge=1, description="Largest message accepted from a peer."
+    )
+    held_messages: int = Field(
+        DEFAULT_HELD_MESSAGES,
+        ge=1,
+        description="An aggregator's bound on its children's messages held in memory at once, "
+        "whatever their number: beyond it, a child's reply waits in its send until the "
+        "aggregator has folded earlier ones. The reply the round waits for next always passes, "
+        "so at most this many + 2 are held. Raise it for many children on slow links.",
     )
 
 
