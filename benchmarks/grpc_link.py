@@ -37,7 +37,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -595,15 +595,24 @@ def round_benchmark(
     finally:
         for p in processes:
             record_peak(peaks, "leaf", p.pid)
-        for transport in transports.values():
-            transport.stop_children()
-        for p in processes:
-            p.join(30)
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
-        for server in servers.values():
-            server.stop(0.5)
+        shut_down(transports.values(), processes, servers.values())
+
+
+def shut_down(
+    transports: Iterable[GrpcTransport],
+    processes: Iterable[mp.process.BaseProcess],
+    servers: Iterable[ParentLinkServer],
+) -> None:
+    """Tell the leaves the run is over, wait for their processes, stop the servers."""
+    for transport in transports:
+        transport.stop_children()
+    for p in processes:
+        p.join(30)
+        if p.is_alive():
+            p.terminate()
+            p.join(10)
+    for server in servers:
+        server.stop(0.5)
 
 
 # --- report -------------------------------------------------------------------------------------

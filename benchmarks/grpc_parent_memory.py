@@ -30,7 +30,17 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregation_throughput import parse_count, reset_peak_rss, rss_gb
-from grpc_link import MTLS, PARENT, RUN_ID, Pki, leaf_process, make_state, quiet_logs, state_bytes
+from grpc_link import (
+    MTLS,
+    PARENT,
+    RUN_ID,
+    Pki,
+    leaf_process,
+    make_state,
+    quiet_logs,
+    shut_down,
+    state_bytes,
+)
 from machine_info import load_average, machine_info
 from worldlm.config import NodeConfig
 from worldlm.federation.aggregator import Aggregator
@@ -120,14 +130,7 @@ def main() -> None:
                         cells[held]["s"].append(seconds)
                         cells[held]["gb"].append(peak)
         finally:
-            for transport in transports.values():
-                transport.stop_children()
-            for p in processes:
-                p.join(30)
-                if p.is_alive():
-                    p.terminate()
-            for server in servers.values():
-                server.stop(0.5)
+            shut_down(transports.values(), processes, servers.values())
     table = Table(
         title=f"gRPC parent, {len(leaves)} leaves, P = {args.params / 1e6:g}M "
         f"({model_gb * GB / 1e6:.0f} MB), first leaf {args.slow_seconds:g} s late"

@@ -207,10 +207,7 @@ def federation_from_config(
             plan,
             data.leaves,
             workspace=model,
-            train_cfg=config.train,
-            eval_cfg=config.eval,
-            stop_cfg=config.stop,
-            worldlm_cfg=config.worldlm,
+            config=config,
             ctx=ctx,
             partial=partial,
         )

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from worldlm.config import EvalConfig, StopConfig, TrainConfig, WorldLMConfig
+from worldlm.config import RunConfig, StopConfig, TrainConfig, WorldLMConfig
 from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
@@ -76,10 +76,7 @@ def build_federation(
     leaf_data: Mapping[str, LeafData],
     *,
     workspace: torch.nn.Module,
-    train_cfg: TrainConfig,
-    eval_cfg: EvalConfig,
-    stop_cfg: StopConfig,
-    worldlm_cfg: WorldLMConfig,
+    config: RunConfig,
     ctx: RunContext,
     partial: bool = False,
     transport: InProcessTransport | None = None,
@@ -93,7 +90,7 @@ def build_federation(
     if transport is None:
         transport = InProcessTransport(children_of(tree))
     aggregators: dict[str, Aggregator] = {}
-    partition = key_layer_partition(workspace, worldlm_cfg.key_fraction)
+    partition = key_layer_partition(workspace, config.worldlm.key_fraction)
     for node in tree.walk():
         if node.is_leaf:
             continue
@@ -101,7 +98,7 @@ def build_federation(
         # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
         selected = sample_count(len(node.children), settings.sample)
         check_strategy(settings.strategy, settings.robust, selected, path=node.path)
-        key_policy = _key_policy(plan, node, tree, partition, worldlm_cfg)
+        key_policy = _key_policy(plan, node, tree, partition, config.worldlm)
         check_secure_aggregation(
             node.path, settings, selected, key_attention=key_policy is not None
         )
@@ -115,7 +112,7 @@ def build_federation(
             ctx=ctx,
             key_policy=key_policy,
             router=(
-                RouterPolicy(worldlm_cfg.route_top_k, worldlm_cfg.route_tau)
+                RouterPolicy(config.worldlm.route_top_k, config.worldlm.route_tau)
                 if plan.key_layers and partition.groups and node.path == tree.path
                 else None
             ),
@@ -128,10 +125,7 @@ def build_federation(
             plan,
             leaf_data,
             workspace=workspace,
-            train_cfg=train_cfg,
-            stop_cfg=stop_cfg,
-            eval_cfg=eval_cfg,
-            worldlm_cfg=worldlm_cfg,
+            config=config,
             ctx=ctx,
             partial=partial,
         )
@@ -151,17 +145,14 @@ def build_leaves(
     leaf_data: Mapping[str, LeafData],
     *,
     workspace: torch.nn.Module,
-    train_cfg: TrainConfig,
-    eval_cfg: EvalConfig,
-    stop_cfg: StopConfig,
-    worldlm_cfg: WorldLMConfig,
+    config: RunConfig,
     ctx: RunContext,
     partial: bool = False,
 ) -> dict[str, Leaf]:
     """Live leaves of `plan.tree`, all training in turn on the one `workspace`; with `partial`,
     only those whose data is in `leaf_data` (the others run elsewhere)."""
     tree = plan.tree
-    partition = key_layer_partition(workspace, worldlm_cfg.key_fraction)
+    partition = key_layer_partition(workspace, config.worldlm.key_fraction)
     all_keys = frozenset(name for name, _ in workspace.named_parameters())
     personal = {"none": frozenset(), "keys": partition.key_names, "all": all_keys}[plan.personal]
     leaves: dict[str, Leaf] = {}
@@ -173,13 +164,13 @@ def build_leaves(
             node.path,
             data,
             workspace=workspace,
-            train_cfg=train_cfg,
-            eval_cfg=eval_cfg,
-            total_steps=planned_steps(tree, node, stop_cfg, train_cfg),
+            train_cfg=config.train,
+            eval_cfg=config.eval,
+            total_steps=planned_steps(tree, node, config.stop, config.train),
             personal_keys=personal,
             adapted_keys=(
                 partition.key_names
-                if plan.key_layers and worldlm_cfg.leaf_key_layers == "own"
+                if plan.key_layers and config.worldlm.leaf_key_layers == "own"
                 else frozenset()
             ),
             ctx=ctx,

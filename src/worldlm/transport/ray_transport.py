@@ -258,10 +258,7 @@ def ray_federation(
         plan,
         {},  # no leaf here: partial leaves out every leaf without data in this process
         workspace=workspace,
-        train_cfg=config.train,
-        eval_cfg=config.eval,
-        stop_cfg=config.stop,
-        worldlm_cfg=config.worldlm,
+        config=config,
         ctx=ctx,
         partial=True,
         transport=transport,

@@ -49,10 +49,7 @@ class LeafWorker:
             plan,
             leaf_data,
             workspace=workspace,
-            train_cfg=config.train,
-            eval_cfg=config.eval,
-            stop_cfg=config.stop,
-            worldlm_cfg=config.worldlm,
+            config=config,
             ctx=ctx,
             partial=True,
         )
