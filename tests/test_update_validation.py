@@ -84,9 +84,11 @@ def _federation(
         transport.register(child)
     root = Aggregator(
         "root",
-        NodeConfig.model_validate(settings or {}),
+        # A float64 sum: the result is then FedAvg's float64 reference bit for bit, so a
+        # refused reply that slipped into the sum would show.
+        NodeConfig.model_validate({"sum_dtype": "float64", **(settings or {})}),
         transport=transport,
-        strategy=build_strategy("fedavg"),
+        strategy=build_strategy("fedavg", sum_dtype="float64"),
         ctx=RunContext("run-1", 0, torch.device("cpu"), audit=audit or NoAudit()),
     )
     return root, children
@@ -136,10 +138,15 @@ CASES: dict[str, tuple[Tamper, str]] = {
 }
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["audited", "unaudited"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str, tmp_path: Path) -> None:
+def test_each_malformed_reply_is_refused_and_the_round_goes_on(
+    case: str, recorded: bool, tmp_path: Path
+) -> None:
+    """Unaudited, the check takes its shortcut (the reply's own norm); the verdicts are the
+    same."""
     tamper, reason = CASES[case]
-    audit = AuditLog.open(tmp_path / "audit.sqlite", "run-1")
+    audit = AuditLog.open(tmp_path / "audit.sqlite", "run-1") if recorded else None
     root, children = _federation(tamper, audit=audit)
     model = _model()
     outcome = root.run_round(model, 1)
@@ -151,6 +158,8 @@ def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str, tmp_pa
     assert len(rejected) == 1 and reason in rejected[0]["reason"], rejected
     aggregate = _aggregate_row(outcome.records)
     assert aggregate["status"] == "ok" and len(aggregate["participants"]) == 4
+    if not recorded:
+        return
     # The audit log holds the same story: four accepted digests, one refusal and its reason.
     entries = _audit_entries(tmp_path / "audit.sqlite")
     refused = [f for event, f in entries if event == "update_rejected"]
@@ -160,6 +169,41 @@ def test_each_malformed_reply_is_refused_and_the_round_goes_on(case: str, tmp_pa
     (round_entry,) = [f for event, f in entries if event == "round"]
     assert round_entry["result_digest"] == state_digest(outcome.state)
     assert verify(tmp_path / "audit.sqlite").ok
+
+
+@pytest.mark.parametrize("factor", [-999.0, 0.5, 998.0, 999.5, 1000.5, 1001.0, 1e4])
+@pytest.mark.parametrize("scale", [1.0, 250.0])
+def test_the_unmeasured_check_decides_as_the_measured_one(factor: float, scale: float) -> None:
+    """reply = sent + factor * sent (times `scale`, as a forwarded sum), so its change is
+    |factor| times the model's norm against max_change 1000. Near the bound the reply's own
+    norm cannot settle it, and the check measures the change after all."""
+    from worldlm.errors import UpdateRejected
+    from worldlm.federation.reply_check import check_reply
+
+    sent = _model()
+    task = TrainTask("run-1", 1, 1, "root", "root/c0", "n" * 16, sent)
+    reply = {k: (v + factor * v).double() * scale for k, v in sent.items()}
+    update = Update("root/c0", 1, "n" * 16, reply, 1.0, scale=scale)
+    verdicts = []
+    for measure in (True, False):
+        try:
+            verdicts.append(
+                check_reply(update, {"root/c0": task}, set(), None, 1000.0, measure=measure)
+            )
+        except UpdateRejected as exc:
+            verdicts.append(exc.reason.split(" by ")[0])
+    measured, unmeasured = verdicts
+    if abs(factor) > 1000:
+        assert measured == unmeasured == "the update moves the model"
+        return
+    assert isinstance(measured, float)
+    assert measured == pytest.approx(abs(factor) * _norm(sent), rel=1e-5)
+    # Far from the bound the reply's norm settles it: nothing measured.
+    assert unmeasured is None if abs(factor) < 998 else unmeasured == measured
+
+
+def _norm(state: State) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values())))
 
 
 def _audit_entries(path: Path) -> list[tuple[str, dict[str, Any]]]:

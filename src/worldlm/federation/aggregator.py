@@ -323,8 +323,17 @@ class Aggregator:
             update = self.links.receive(reply, seen)  # decoded before any check
             limit = self.settings.max_change
             round_keys = got.round_keys
+            # The change's norm is an audit figure: unrecorded, the check reads the reply alone.
+            measure = not isinstance(self.ctx.audit, NoAudit)
             change = check_reply(
-                update, seen, got.answered, round_keys, limit, reference_norms, buffers
+                update,
+                seen,
+                got.answered,
+                round_keys,
+                limit,
+                reference_norms,
+                buffers,
+                measure=measure,
             )
             # DP clips here; a change whose norm overflows is refused like any bad reply.
             clipped = aggregation.add(update)

@@ -58,6 +58,23 @@ def change_norm(
     return total**0.5
 
 
+def reply_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> float:
+    """||value / scale||₂², reading `value` alone: each chunk's dot product with itself (in
+    float32 at least: half-precision chunks are widened through a buffer), summed across
+    chunks in float64. NaN or infinite if any value is, and infinite if a chunk's squares
+    overflow float32. A bound check's shortcut (reply_check), not an audit figure."""
+    flat = value.reshape(-1)
+    wide = flat.dtype in (torch.float32, torch.float64)
+    dtype = flat.dtype if wide else torch.float64 if not flat.is_floating_point() else torch.float32
+    total = 0.0
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK]
+        if not wide:
+            part = buffers.get(dtype, value.device, part.numel()).copy_(part)
+        total += float(torch.dot(part, part))
+    return total / scale / scale  # (scale² alone could overflow)
+
+
 def squared_norm(tensor: torch.Tensor) -> float:
     """||tensor||₂² (a model sent to many children: computed once per round)."""
     flat = tensor.reshape(-1)
