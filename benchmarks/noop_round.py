@@ -12,12 +12,15 @@ aggregation_throughput.transformer_shapes), five contestants, each in a fresh pr
    over an `InProcessTransport` whose N children are no-op handlers that answer each
    `TrainTask` with a copy (`clone`) of the state they were sent, as a trained `Leaf` answers
    with a fresh copy of its weights. That is the whole round engine: selection, tasks with
-   nonces, reply checks (`check_reply`: keys, shapes, dtypes, finiteness, change norm), the
-   streaming float64 sum, SHA-256 digests for the audit trail, the mean cast to float32 and the
-   metrics rows. (A real federation of `Leaf`s cannot train zero steps: `train.local_steps`
-   is refused below 1, so a no-op `Leaf` does not exist; the handlers stand in for it.)
-   `worldlm-f32`: the same with the aggregator's running sum in float32
-   (`nodes.<path>.sum_dtype = "float32"`; the default float64 sum is 2 model copies).
+   nonces, reply checks (`check_reply`: keys, shapes, dtypes, finiteness, the change's bound;
+   with no audit log the bound is settled from the reply's own norm, see reply_check.py), the
+   streaming float32 sum (the default `sum_dtype`), the mean in place and the metrics rows.
+   (SHA-256 digests for the audit trail are only taken when an audit log records them; the
+   breakdown below times one.) A real federation of `Leaf`s cannot train zero steps:
+   `train.local_steps` is refused below 1, so a no-op `Leaf` does not exist; the handlers stand
+   in for it.
+   `worldlm-f64`: the same with the aggregator's running sum in float64
+   (`nodes.<path>.sum_dtype = "float64"`: 2 model copies, the mean cast back to float32).
 3. `Flower simulation`: `flwr.simulation.run_simulation` with N virtual SuperNodes on the Ray
    backend (`init_args.num_cpus` 2, one CPU per ClientApp, so two actors), a `ServerApp`
    running the message-API `FedAvg` (`fraction_evaluate=0`: train rounds only) from an
@@ -49,18 +52,20 @@ interpreter, after torch), and memory:
   keeps for reuse (which is memory the process holds all the same).
 
 Also for `worldlm in-process`, where its round time goes (each part timed on its own, min of
-3): the no-op leaf's clone, `check_reply`, `state_digest` and the fold of one update, and the
-digest, mean and cast of the result.
+3): the no-op leaf's clone, `check_reply` and the fold of one update, and the mean of the
+result; apart, what an audit log would add per update (the check measuring the change, and
+`state_digest`).
 
     .benchvenv/bin/python benchmarks/noop_round.py --json /tmp/bench/noop.json
     .benchvenv/bin/python benchmarks/noop_round.py --quick
 
 Options: `--clients` (default 10 50), `--params` (1M 25M; suffixes k/M/G), `--rounds` (timed
 rounds after the first for the plain loop and worldlm, 5), `--flower-rounds` (rounds of the
-Flower simulation including the first, 4), `--contestants` (plain worldlm flower worldlm-ray),
-`--sample-ms` (100), `--threads` (torch threads in each cell; default torch's), `--max-gb`
-(skip a cell whose estimated memory is larger, 20), `--timeout` (seconds per cell, 3600),
-`--seed`, `--json PATH`.
+Flower simulation including the first, 4), `--contestants` (plain worldlm worldlm-f64 flower
+worldlm-ray), `--sample-ms` (100), `--threads` (torch threads in each cell; default torch's),
+`--max-gb` (skip a cell whose estimated memory is larger, 20), `--timeout` (seconds per cell,
+3600), `--glibc-default` (leave glibc's adaptive malloc thresholds alone; by default every
+cell runs with the fixed ones in `GLIBC_STEADY`, see there why), `--seed`, `--json PATH`.
 """
 
 from __future__ import annotations
@@ -97,15 +102,23 @@ from aggregation_throughput import (
 from machine_info import load_average, machine_info
 
 PLAIN, OURS, FLOWER, OURS_RAY = "plain", "worldlm", "flower", "worldlm-ray"
-OURS_F32 = "worldlm-f32"
+OURS_F64 = "worldlm-f64"
 LABELS = {
     PLAIN: "plain loop",
     OURS: "worldlm in-process",
-    OURS_F32: "worldlm in-process, float32 sum",
+    OURS_F64: "worldlm in-process, float64 sum",
     FLOWER: "Flower simulation (Ray)",
     OURS_RAY: "worldlm on Ray",
 }
 PARENT = "bench"
+# The same glibc malloc settings for every cell's processes (and Ray's and Flower's workers,
+# which inherit them). By default glibc adapts its mmap threshold as memory is freed and
+# returns a freed top of the heap to the kernel past a threshold; whether a freed 100 MB reply
+# lands there decides whether the next one is a page-faulting fresh allocation (30 ms) or a
+# reuse (5 ms), per process, at random: the plain loop's N=50, P=25M round took 0.46 or 2.45 s.
+# Fixed thresholds (tensors up to 32 MiB from the heap, freed memory kept) make every
+# contestant reuse its memory, run to run. `--glibc-default` leaves glibc alone.
+GLIBC_STEADY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 GB = 1e9
 TARGET_VS_PLAIN = 1.5  # our no-op round at most 1.5x the plain streaming loop
 TARGET_VS_FLOWER = 5.0  # and at least 5x faster than Flower's
@@ -277,7 +290,7 @@ def engine_rounds(
     from worldlm.federation.context import RunContext
     from worldlm.strategies.registry import build_strategy
 
-    sum_dtype = getattr(args, "sum_dtype", "float64")
+    sum_dtype = getattr(args, "sum_dtype", "float32")
     agg = Aggregator(
         PARENT,
         NodeConfig(sum_dtype=sum_dtype),
@@ -307,25 +320,26 @@ def ours_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
     for i, path in enumerate(paths):
         transport.register(NoOpLeaf(path, tokens_of(i)))
     out = engine_rounds(args, started, transport, in_process=True)
-    out["breakdown"] = breakdown(out.pop("state"), args.n)
+    out["breakdown"] = breakdown(out.pop("state"), args.n, getattr(args, "sum_dtype", "float32"))
     return out
 
 
-def ours_f32_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    """As `ours_cell`, with the aggregator's running sum in float32 (`sum_dtype`)."""
-    args.sum_dtype = "float32"
+def ours_f64_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
+    """As `ours_cell`, with the aggregator's running sum in float64 (`sum_dtype`)."""
+    args.sum_dtype = "float64"
     return ours_cell(args, started)
 
 
-def breakdown(state: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[str, float]:
     """Seconds of each part of an in-process no-op round (each the min of 3), per update and
-    per round."""
+    per round; the parts an audit log adds are timed apart and left out of the estimate."""
     from worldlm.audit.digest import state_digest
     from worldlm.config import NodeConfig
+    from worldlm.federation.chunked import ChunkBuffers, mean_like
     from worldlm.federation.messages import TrainTask, Update
     from worldlm.federation.reply_check import check_reply
-    from worldlm.model.state import cast_like
     from worldlm.strategies.fedavg import FedAvgRound
+    from worldlm.strategies.registry import SUM_DTYPES
 
     def best(fn: Callable[[], object]) -> float:
         """Min of 3 timings; NaN if the call fails (the engine's API may have moved on)."""
@@ -342,24 +356,45 @@ def breakdown(state: dict[str, torch.Tensor], n: int) -> dict[str, float]:
     limit = NodeConfig().max_change
     task = TrainTask("bench", 0, 0, PARENT, "leaf", "nonce", state)
     update = Update("leaf", 0, "nonce", {k: v.clone() for k, v in state.items()}, 1000.0)
-    rnd = FedAvgRound(state)
+    rnd = FedAvgRound(state, SUM_DTYPES[sum_dtype])
     rnd.add(update)
+    norms: dict[int, dict[str, float]] = {}  # the model sent's norms, once a round (as the engine)
+    check_reply(update, {"leaf": task}, set(), None, limit, norms)
     per_update = {
         "leaf: clone the state": best(lambda: {k: v.clone() for k, v in state.items()}),
-        "check_reply": best(lambda: check_reply(update, {"leaf": task}, set(), None, limit)),
-        "state_digest (audit, SHA-256)": best(lambda: state_digest(update.state)),
+        "check_reply": best(
+            lambda: check_reply(update, {"leaf": task}, set(), None, limit, norms, measure=False)
+        ),
         "fold (FedAvgRound.add)": best(lambda: rnd.add(update)),
     }
     sums, total = rnd.result()
+    buffers = ChunkBuffers()
+    # As the engine: a float32 sum divided in place (timed on a copy), a float64 one a chunk
+    # at a time into the model's dtype.
+    copies = (
+        {k: v.clone() for k, v in sums.items()}
+        if sums[next(iter(sums))].dtype == torch.float32
+        else None
+    )
     per_round = {
-        "result: mean (float64) + cast": best(
-            lambda: cast_like({k: v / total for k, v in sums.items()}, state)
+        "result: mean": best(
+            lambda: (
+                {k: v.div_(total) for k, v in copies.items()}
+                if copies is not None
+                else {k: mean_like(v, total, state[k], buffers) for k, v in sums.items()}
+            )
         ),
-        "result: state_digest (audit)": best(lambda: state_digest(state)),
+    }
+    audited = {
+        "check_reply measuring the change": best(
+            lambda: check_reply(update, {"leaf": task}, set(), None, limit, norms, measure=True)
+        ),
+        "state_digest (SHA-256)": best(lambda: state_digest(update.state)),
     }
     out = {f"per update: {k}": v for k, v in per_update.items()}
     out |= {f"per round: {k}": v for k, v in per_round.items()}
     out["estimate: N updates + result"] = n * sum(per_update.values()) + sum(per_round.values())
+    out |= {f"with an audit log, per update: {k}": v for k, v in audited.items()}
     return out
 
 
@@ -464,7 +499,7 @@ def flower_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
 CELLS = {
     PLAIN: plain_cell,
     OURS: ours_cell,
-    OURS_F32: ours_f32_cell,
+    OURS_F64: ours_f64_cell,
     FLOWER: flower_cell,
     OURS_RAY: ours_ray_cell,
 }
@@ -473,7 +508,7 @@ ENGINE = ["worldlm.federation.aggregator", "worldlm.transport.inprocess", "world
 IMPORTS = {
     PLAIN: [],
     OURS: ENGINE,
-    OURS_F32: ENGINE,
+    OURS_F64: ENGINE,
     FLOWER: ["flwr.simulation", "flwr.serverapp", "flwr.clientapp", "flwr.app"],
     OURS_RAY: [*ENGINE, "ray", "worldlm.transport.ray_transport"],
 }
@@ -555,6 +590,8 @@ def spawn_cell(
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_DEDUP_LOGS": "1"}
+    if not args.glibc_default:
+        env |= GLIBC_STEADY
     with log.open("w") as fh:
         try:
             subprocess.run(
@@ -670,7 +707,7 @@ def verdicts(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
             flower = find(cells, FLOWER, n, p)
             for cell, label in (
                 (ours, "worldlm"),
-                (find(cells, OURS_F32, n, p), "worldlm (float32 sum)"),
+                (find(cells, OURS_F64, n, p), "worldlm (float64 sum)"),
             ):
                 if cell and plain:
                     x = cell["steady_min_s"] / plain["steady_min_s"]
@@ -679,7 +716,7 @@ def verdicts(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
                         f"{where}: {label} round = {x:.2f}x the plain loop; target <= "
                         f"{TARGET_VS_PLAIN:g}x: {ok}"
                     )
-            for name in (OURS, OURS_F32, OURS_RAY):
+            for name in (OURS, OURS_F64, OURS_RAY):
                 mine = find(cells, name, n, p)
                 if mine and flower:
                     x = flower["steady_min_s"] / mine["steady_min_s"]
@@ -688,7 +725,7 @@ def verdicts(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
                         f"{where}: Flower's round = {x:.2f}x {LABELS[name]}'s; target >= "
                         f"{TARGET_VS_FLOWER:g}x: {ok}"
                     )
-        for name in (OURS, OURS_F32):
+        for name in (OURS, OURS_F64):
             out += memory_verdicts(cells, name, p, args.clients)
     return out
 
@@ -729,12 +766,17 @@ def parse_args() -> argparse.Namespace:
         "--contestants",
         nargs="+",
         choices=list(CELLS),
-        default=[PLAIN, OURS, OURS_F32, FLOWER, OURS_RAY],
+        default=[PLAIN, OURS, OURS_F64, FLOWER, OURS_RAY],
     )
     p.add_argument("--sample-ms", type=float, default=100.0, help="memory sampling interval")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--max-gb", type=float, default=20.0, help="skip cells estimated larger")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
+    p.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's adaptive malloc thresholds alone (default: fixed, see GLIBC_STEADY)",
+    )
     p.add_argument("--logs", default=None, help="keep each cell's log and JSON in this directory")
     p.add_argument("--quick", action="store_true", help="smoke mode: N 3 6, P 200k, few rounds")
     p.add_argument("--seed", type=int, default=0)

@@ -32,11 +32,12 @@ class FixedChild:
 
 
 def _fedavg_root(transport: InProcessTransport) -> Aggregator:
+    """A float64 sum (not the default): its result is the float64 reference's, rounded once."""
     return Aggregator(
         "root",
-        NodeConfig.model_validate({}),
+        NodeConfig.model_validate({"sum_dtype": "float64"}),
         transport=transport,
-        strategy=build_strategy("fedavg"),
+        strategy=build_strategy("fedavg", sum_dtype="float64"),
         ctx=RunContext("r", 0, torch.device("cpu")),
     )
 

@@ -115,11 +115,11 @@ def federation(tmp_path: Path) -> Iterator[Aggregator]:
         threading.Thread(target=rogue_loop, args=(rogue, stop), daemon=True).start()
         server.wait_for_children(timeout=30)
         transport = GrpcTransport(server, RoundPolicy(round_timeout=60))
-        yield Aggregator(
+        yield Aggregator(  # a float64 sum: bit for bit the reference, so any slip shows
             ROOT,
-            NodeConfig.model_validate({}),
+            NodeConfig.model_validate({"sum_dtype": "float64"}),
             transport=transport,
-            strategy=build_strategy("fedavg"),
+            strategy=build_strategy("fedavg", sum_dtype="float64"),
             ctx=RunContext("run", 0, torch.device("cpu")),
         )
     finally:

@@ -64,8 +64,15 @@ def _secure(path: str) -> str:
     return f"nodes.{path}.secure_aggregation.enabled=true"
 
 
+def _exact_sums(leaves: dict[str, str]) -> list[str]:
+    """float64 sums at every aggregator: a plain run is then the exact reference that a secure
+    sum is bounded against (a float32 sum would add its own roundings to the comparison)."""
+    inner = {"/".join(p.split("/")[:depth]) for p in leaves for depth in range(1, p.count("/") + 1)}
+    return [f"nodes.{path}.sum_dtype=float64" for path in sorted(inner)]
+
+
 def _session(tmp: Path, leaves: dict[str, str], overrides: list[str], name: str) -> Session:
-    config = tiny_config(tmp, leaves, [*FAST, *overrides], n_docs=30)
+    config = tiny_config(tmp, leaves, [*FAST, *_exact_sums(leaves), *overrides], n_docs=30)
     return open_session(config, QuietProgress(), tmp / name)
 
 

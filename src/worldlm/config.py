@@ -416,12 +416,13 @@ class NodeConfig(Section):
         "and is recorded as skipped.",
     )
     sum_dtype: Literal["float64", "float32"] = Field(
-        "float64",
-        description="Precision of FedAvg's running sum of replies. float64: arrival order and "
-        "the tree's shape do not change the float32 result (a hierarchy with one inner round "
-        "equals flat FedAvg bit for bit, gRPC equals in process); the sum is 2 model copies. "
-        "float32: 1 model copy and a sum at memory speed, equal to float64's result up to "
-        "float32 rounding (the last bits depend on the order replies arrive in).",
+        "float32",
+        description="Precision of FedAvg's running sum of replies, folded in path order on "
+        "every transport (in process, Ray and gRPC give the same bits either way). float32: "
+        "1 model copy and a sum at memory speed; a hierarchy equals flat FedAvg up to float32 "
+        "rounding. float64: 2 model copies at about half the speed; an inner aggregator "
+        "forwards its exact sum (twice the bytes up), so a hierarchy with one inner round "
+        "equals flat FedAvg bit for bit.",
     )
     max_change: float = Field(
         1000.0,

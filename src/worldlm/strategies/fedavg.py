@@ -1,9 +1,11 @@
 """FedAvg (McMahan et al. 2017): the token-weighted mean of the children's weights.
 
 Updates are folded one at a time into a running sum, so memory holds one accumulator whatever
-the number of children. In float64 (the default, `nodes.<path>.sum_dtype`) the float32 result
-does not depend on summation order beyond float64 rounding; in float32 the sum is half the
-memory and runs at memory speed, and its last bits depend on the order replies arrive in.
+the number of children. Every transport hands replies over in path order (DESIGN §4), so the
+sum's bits do not depend on when replies arrive. In float32 (the default,
+`nodes.<path>.sum_dtype`) the sum is one model copy and runs at memory speed; in float64 the
+float32 result does not depend on the summation order either (a tree's shape), at twice the
+memory and half the speed.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class WeightedSum:
 
 
 class FedAvgRound:
-    def __init__(self, current: State, sum_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, current: State, sum_dtype: torch.dtype = torch.float32) -> None:
         self.current = current
         self.acc = WeightedSum(sum_dtype)
 
@@ -92,7 +94,7 @@ class FedAvgRound:
 class FedAvg:
     """Stateless FedAvg at one aggregator; `sum_dtype` is the precision of its running sum."""
 
-    def __init__(self, sum_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, sum_dtype: torch.dtype = torch.float32) -> None:
         self.sum_dtype = sum_dtype
 
     def start_round(self, current: State) -> FedAvgRound:

@@ -83,7 +83,7 @@ SUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def build_strategy(
-    name: str, robust: RobustConfig | None = None, *, sum_dtype: str = "float64"
+    name: str, robust: RobustConfig | None = None, *, sum_dtype: str = "float32"
 ) -> Strategy:
     """The strategy `name`; with `robust.norm_bound` set, wrapped so that every reply's change
     is bounded before the rule sees it. `sum_dtype` is FedAvg's running-sum precision (the
