@@ -15,6 +15,7 @@ from worldlm.federation.chunked import (
     mean_like,
     reply_squares,
     squared_norm,
+    state_squares,
 )
 
 
@@ -106,3 +107,24 @@ def test_reply_squares_is_not_finite_for_bad_values_or_overflowing_squares() -> 
     assert math.isfinite(
         reply_squares(torch.full((10,), 1000.0, dtype=torch.float16), 1.0, ChunkBuffers())
     )
+
+
+def test_state_squares_sums_small_and_large_tensors_of_any_dtype() -> None:
+    """Small float tensors go through one foreach call, the rest chunk by chunk: the same sum."""
+    gen = torch.Generator().manual_seed(1)
+    values = [
+        torch.randn(3 * CHUNK + 5, generator=gen),  # large: chunked dot products
+        torch.randn(17, 9, generator=gen),  # small float32
+        torch.randn(300, generator=gen).double(),  # small float64
+        torch.randn(40, generator=gen).to(torch.bfloat16),  # small, widened
+        torch.randn(0, generator=gen),  # empty
+    ]
+    exact = sum(float(v.double().square().sum()) for v in values)
+    buffers = ChunkBuffers()
+    assert math.isclose(state_squares(values, 1.0, buffers), exact, rel_tol=1e-5)
+    scaled = [v * 8 for v in values]
+    assert math.isclose(state_squares(scaled, 8.0, buffers), exact, rel_tol=1e-5)
+    for bad in (math.nan, math.inf):
+        poisoned = [v.clone() for v in values]
+        poisoned[1][4, 2] = bad  # in a small tensor: the foreach path
+        assert not math.isfinite(state_squares(poisoned, 1.0, buffers))

@@ -58,6 +58,22 @@ def change_norm(
     return total**0.5
 
 
+def state_squares(values: list[torch.Tensor], scale: float, buffers: ChunkBuffers) -> float:
+    """The sum of `reply_squares` over a state's tensors. Those of at most `CHUNK` float32 or
+    float64 values, most of a model's tensors by count, go through one `_foreach_norm` call
+    (its per-tensor error is within a chunk's dot product's bound): a model of many small
+    tensors would otherwise pay Python's per-call overhead on each."""
+    small = [v for v in values if v.numel() <= CHUNK and v.dtype in (torch.float32, torch.float64)]
+    total = 0.0
+    if small:
+        norms = torch.stack(torch._foreach_norm(small)).double()
+        total = float(norms.square().sum()) / scale / scale
+    for value in values:
+        if value.numel() > CHUNK or value.dtype not in (torch.float32, torch.float64):
+            total += reply_squares(value, scale, buffers)
+    return total
+
+
 def reply_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> float:
     """||value / scale||₂², reading `value` alone: each chunk's dot product with itself (in
     float32 at least: half-precision chunks are widened through a buffer), summed across

@@ -8,7 +8,7 @@ import math
 import torch
 
 from worldlm.errors import UpdateRejected
-from worldlm.federation.chunked import ChunkBuffers, change_norm, reply_squares, squared_norm
+from worldlm.federation.chunked import ChunkBuffers, change_norm, squared_norm, state_squares
 from worldlm.federation.messages import TrainTask, Update
 
 
@@ -85,7 +85,7 @@ def _surely_within(update: Update, norm: float, max_change: float, buffers: Chun
     triangle inequality its change is then within the bound, and this reads the reply alone
     (half the bytes of measuring the change). False sends the reply to the exact measure,
     which also names the tensor of a refusal."""
-    squares = sum(reply_squares(value, update.scale, buffers) for value in update.state.values())
+    squares = state_squares(list(update.state.values()), update.scale, buffers)
     if not math.isfinite(squares):  # a NaN, an infinity, or squares beyond float32
         return False
     if norm == 0:  # a zero model has no scale to bound a change by: finiteness is all

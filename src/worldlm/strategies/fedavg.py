@@ -51,12 +51,14 @@ class WeightedSum:
         if not self.sums:
             self.sums = {k: self._first(v, alpha) for k, v in state.items()}
         else:
+            same = [k for k, acc in self.sums.items() if state[k].dtype == acc.dtype]
+            if same:  # one call for all of them: a model's many small tensors add up in Python
+                torch._foreach_add_(
+                    [self.sums[k] for k in same], [state[k] for k in same], alpha=alpha
+                )
             for key, acc in self.sums.items():
-                value = state[key]
-                if value.dtype == acc.dtype:
-                    acc.add_(value, alpha=alpha)
-                else:
-                    add_converted(acc, value, alpha, self._buffers)
+                if state[key].dtype != acc.dtype:
+                    add_converted(acc, state[key], alpha, self._buffers)
         self.total += weight
         self.count += 1
 
