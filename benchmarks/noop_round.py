@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import math
@@ -82,6 +83,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,17 +208,38 @@ class RoundLoop:
                 self.peak_gb.append(rss_gb("VmHWM"))
 
 
+class LiveTensors:
+    """The most tensor memory Python could reach at any `sample()`: every CPU tensor found by
+    the garbage collector, each storage counted once. It sees what the round keeps alive, not
+    what the allocator keeps mapped, so it tells the two apart in `agg peak`. Slow (a walk over
+    every object): used in one extra, untimed round."""
+
+    def __init__(self) -> None:
+        self.max_bytes = 0
+
+    def sample(self) -> None:
+        storages: dict[int, int] = {}
+        with warnings.catch_warnings():  # isinstance() on some torch modules warns
+            warnings.simplefilter("ignore")
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        self.max_bytes = max(self.max_bytes, sum(storages.values()))
+
+
 def plain_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
     state = transformer_state(args.p, args.seed)
     weights = [tokens_of(i) for i in range(args.n)]
     total = float(sum(weights))
     loop = RoundLoop(started, in_process=True)
 
-    def one_round(r: int) -> None:
+    def one_round(r: int, probe: Callable[[], None] = lambda: None) -> None:
         nonlocal state
         acc = {k: torch.zeros_like(v) for k, v in state.items()}
         for w in weights:
             client = {k: v.clone() for k, v in state.items()}  # the client's no-op "training"
+            probe()
             for key, t in client.items():
                 acc[key].add_(t, alpha=w)
             del client
@@ -225,7 +248,9 @@ def plain_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
         state = acc
 
     loop.run(args.rounds, one_round)
-    return {"loop": loop, "model_bytes": state_bytes(state)}
+    live = LiveTensors()
+    one_round(args.rounds + 1, live.sample)
+    return {"loop": loop, "model_bytes": state_bytes(state), "live_bytes": live.max_bytes}
 
 
 class NoOpLeaf:
@@ -309,7 +334,23 @@ def engine_rounds(
         state = outcome.state
 
     loop.run(args.rounds, one_round)
-    return {"loop": loop, "model_bytes": state_bytes(state), "state": state}
+    out = {"loop": loop, "model_bytes": state_bytes(state)}
+    if in_process:  # one more round, untimed, looking at the live tensors at every fold
+        from worldlm.strategies.fedavg import FedAvgRound
+
+        live, add = LiveTensors(), FedAvgRound.add
+
+        def probed(self: FedAvgRound, update: Any) -> None:
+            live.sample()
+            add(self, update)
+
+        FedAvgRound.add = probed  # type: ignore[method-assign]
+        try:
+            one_round(args.rounds + 1)
+        finally:
+            FedAvgRound.add = add  # type: ignore[method-assign]
+        out["live_bytes"] = live.max_bytes
+    return out | {"state": state}
 
 
 def ours_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
@@ -547,6 +588,9 @@ def run_cell_here(args: argparse.Namespace) -> None:
             "agg_peak_gb": peak - runtime_gb,
             "agg_peak_copies": (peak - runtime_gb) * GB / out["model_bytes"],
             "agg_peak_scope": "rounds after the first" if loop.peak_gb else "whole run",
+            "live_tensor_copies": (
+                out["live_bytes"] / out["model_bytes"] if "live_bytes" in out else None
+            ),
             "breakdown": out.get("breakdown", {}),
             "notes": out.get("notes", []),
         }
@@ -643,13 +687,14 @@ def print_cells(console: Console, cells: list[dict[str, Any]], imports: dict[str
         caption=f"x plain / x worldlm = the round's min over that of the plain loop / of worldlm "
         f"in-process; agg peak = the aggregating process's peak over its runtime before any "
         f"model (in process: during the rounds after the first; Ray/Flower: whole run, driver or "
-        f"server process); copies = GB / (4P bytes). Import after torch: worldlm "
-        f"{fmt(imports.get('worldlm'), 2)} s, flwr {fmt(imports.get('flwr'), 2)} s",
+        f"server process); copies = GB / (4P bytes); live copies = the most tensor memory "
+        f"Python could reach at a fold, in one extra round (in process). Import after torch: "
+        f"worldlm {fmt(imports.get('worldlm'), 2)} s, flwr {fmt(imports.get('flwr'), 2)} s",
     )
     for col in ("N", "P", "contestant"):
         table.add_column(col, no_wrap=True)
     cols = ["round min s", "median s", "x plain", "x worldlm", "start-up s", "tree PSS GB"]
-    cols += ["tree RSS GB", "procs", "agg peak GB", "copies"]
+    cols += ["tree RSS GB", "procs", "agg peak GB", "copies", "live copies"]
     for col in cols:
         table.add_column(col, justify="right")
     for c in cells:
@@ -671,6 +716,7 @@ def print_cells(console: Console, cells: list[dict[str, Any]], imports: dict[str
             str(c["tree_peak_processes"]),
             fmt(c["agg_peak_gb"], 3),
             fmt(c["agg_peak_copies"], 2),
+            fmt(c.get("live_tensor_copies"), 2),
         )
     console.print(table)
     parts = Table(title="worldlm in-process: where a round's time goes (min of 3 each)")
@@ -743,6 +789,20 @@ def memory_verdicts(
             f"P={p / 1e6:g}M: {LABELS[name]} round allocates {copies[top]:.2f} model copies at "
             f"N={top}; target <= {TARGET_COPIES:g}: {ok}"
         )
+        live = extra[top]["live_tensor_copies"] if extra[top] else None
+        if live is not None:
+            plain = find(cells, PLAIN, top, p)
+            besides = (
+                f" (the plain loop: {plain['live_tensor_copies']:.2f} live, "
+                f"{plain['agg_peak_copies']:.2f} allocated)"
+                if plain and plain.get("live_tensor_copies") is not None
+                else ""
+            )
+            ok = "met" if live <= TARGET_COPIES + 0.005 else "NOT met"
+            out.append(
+                f"P={p / 1e6:g}M: {LABELS[name]} keeps at most {live:.2f} model copies of live "
+                f"tensors at N={top}{besides}; target <= {TARGET_COPIES:g}: {ok}"
+            )
     if len(copies) > 1:
         low, high = min(copies), max(copies)
         grow = copies[high] - copies[low]
