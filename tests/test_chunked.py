@@ -13,9 +13,8 @@ from worldlm.federation.chunked import (
     add_converted,
     change_norm,
     mean_like,
-    reply_squares,
-    squared_norm,
     state_squares,
+    sum_of_squares,
 )
 
 
@@ -64,15 +63,6 @@ def test_change_norm_is_not_finite_when_any_value_is_not() -> None:
         assert not math.isfinite(change_norm(poisoned, reference, 1.0, ChunkBuffers()))
 
 
-def test_squared_norm_matches_float64() -> None:
-    value, _ = _pair(CHUNK + 77)
-    exact = float(value.double().square().sum())
-    assert math.isclose(squared_norm(value), exact, rel_tol=1e-9)
-    half = value.to(torch.bfloat16)
-    exact_half = float(half.double().square().sum())
-    assert math.isclose(squared_norm(half), exact_half, rel_tol=1e-9)
-
-
 def test_mean_like_rounds_exactly_as_the_plain_expression() -> None:
     value, reference = _pair(2 * CHUNK + 9)
     total = value.double() * 1234.5 + reference.double() * 17.0
@@ -85,27 +75,27 @@ def test_mean_like_rounds_exactly_as_the_plain_expression() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_reply_squares_matches_float64_in_every_dtype(dtype: torch.dtype) -> None:
+def test_sum_of_squares_matches_float64_in_every_dtype(dtype: torch.dtype) -> None:
     value, _ = _pair(3 * CHUNK + 77)
     value = value.to(dtype)
     exact = float(value.double().square().sum())
     buffers = ChunkBuffers()
     # float32 dot products per chunk (half precision widened first): 1e-6 seen, 1e-5 tested
-    assert math.isclose(reply_squares(value, 1.0, buffers), exact, rel_tol=1e-5)
-    assert math.isclose(reply_squares(value * 4, 4.0, buffers), exact, rel_tol=1e-5)
+    assert math.isclose(sum_of_squares(value, 1.0, buffers), exact, rel_tol=1e-5)
+    assert math.isclose(sum_of_squares(value * 4, 4.0, buffers), exact, rel_tol=1e-5)
     counts = torch.arange(CHUNK + 3)  # an integer tensor goes through float64
-    assert reply_squares(counts, 1.0, buffers) == float(counts.double().square().sum())
+    assert sum_of_squares(counts, 1.0, buffers) == float(counts.double().square().sum())
 
 
-def test_reply_squares_is_not_finite_for_bad_values_or_overflowing_squares() -> None:
+def test_sum_of_squares_is_not_finite_for_bad_values_or_overflowing_squares() -> None:
     value, _ = _pair(CHUNK + 5)
     for bad in (math.nan, math.inf, -math.inf, 1e30):
         poisoned = value.clone()
         poisoned[CHUNK + 2] = bad  # in the second chunk
-        assert not math.isfinite(reply_squares(poisoned, 1.0, ChunkBuffers())), bad
+        assert not math.isfinite(sum_of_squares(poisoned, 1.0, ChunkBuffers())), bad
     # float16's own squares would overflow at 256: widened, they do not
     assert math.isfinite(
-        reply_squares(torch.full((10,), 1000.0, dtype=torch.float16), 1.0, ChunkBuffers())
+        sum_of_squares(torch.full((10,), 1000.0, dtype=torch.float16), 1.0, ChunkBuffers())
     )
 
 

@@ -59,7 +59,7 @@ def change_norm(
 
 
 def state_squares(values: list[torch.Tensor], scale: float, buffers: ChunkBuffers) -> float:
-    """The sum of `reply_squares` over a state's tensors. Those of at most `CHUNK` float32 or
+    """The sum of `sum_of_squares` over a state's tensors. Those of at most `CHUNK` float32 or
     float64 values, most of a model's tensors by count, go through one `_foreach_norm` call
     (its per-tensor error is within a chunk's dot product's bound): a model of many small
     tensors would otherwise pay Python's per-call overhead on each."""
@@ -70,15 +70,15 @@ def state_squares(values: list[torch.Tensor], scale: float, buffers: ChunkBuffer
         total = float(norms.square().sum()) / scale / scale
     for value in values:
         if value.numel() > CHUNK or value.dtype not in (torch.float32, torch.float64):
-            total += reply_squares(value, scale, buffers)
+            total += sum_of_squares(value, scale, buffers)
     return total
 
 
-def reply_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> float:
+def sum_of_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> float:
     """||value / scale||₂², reading `value` alone: each chunk's dot product with itself (in
     float32 at least: half-precision chunks are widened through a buffer), summed across
     chunks in float64. NaN or infinite if any value is, and infinite if a chunk's squares
-    overflow float32. A bound check's shortcut (reply_check), not an audit figure."""
+    overflow float32. For the reply check's bound (reply_check), not an audit figure."""
     flat = value.reshape(-1)
     wide = flat.dtype in (torch.float32, torch.float64)
     dtype = flat.dtype if wide else torch.float64 if not flat.is_floating_point() else torch.float32
@@ -89,18 +89,6 @@ def reply_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> f
             part = buffers.get(dtype, value.device, part.numel()).copy_(part)
         total += float(torch.dot(part, part))
     return total / scale / scale  # (scale² alone could overflow)
-
-
-def squared_norm(tensor: torch.Tensor) -> float:
-    """||tensor||₂² (a model sent to many children: computed once per round)."""
-    flat = tensor.reshape(-1)
-    return sum(_squares(flat[i : i + CHUNK]) for i in range(0, flat.numel(), CHUNK))
-
-
-def _squares(chunk: torch.Tensor) -> float:
-    # The sum of squares in float64: the chunk is cast in cache. Once per round and tensor,
-    # so exactness costs little here.
-    return float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
 
 
 def add_converted(

@@ -8,7 +8,7 @@ import math
 import torch
 
 from worldlm.errors import UpdateRejected
-from worldlm.federation.chunked import ChunkBuffers, change_norm, squared_norm, state_squares
+from worldlm.federation.chunked import ChunkBuffers, change_norm, state_squares, sum_of_squares
 from worldlm.federation.messages import TrainTask, Update
 
 
@@ -65,8 +65,10 @@ def check_reply(
             )
     sent_norms = reference_norms.setdefault(id(sent), {}) if reference_norms is not None else {}
     for key in update.state:
-        if key not in sent_norms:  # the model sent is the same for many replies: once each
-            sent_norms[key] = squared_norm(sent[key])
+        # The model sent is the same for many replies: once each. (Its float32 dot products
+        # make a model with values beyond about 1e19 infinitely large: nothing exceeds it.)
+        if key not in sent_norms:
+            sent_norms[key] = sum_of_squares(sent[key], 1.0, buffers)
     norm = math.sqrt(sum(sent_norms[key] for key in update.state))
     if not measure and _surely_within(update, norm, max_change, buffers):
         return None
