@@ -155,3 +155,18 @@ def test_an_aggregator_with_a_float32_sum_returns_float32_sums() -> None:
     for key, value in outcome.exact.items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(outcome.state[key].double(), expected[key], rtol=1e-6, atol=1e-4)
+
+
+def test_a_float32_sum_equals_the_plain_add_loop_bit_for_bit() -> None:
+    """The default sum folds a reply's tensors in one foreach call: the same bits as adding
+    each tensor on its own, in the same order."""
+    states = [s[0] for s in (_states(i, 1) for i in range(5))]
+    weights = [3.0, 1.5, 2.0, 5.0, 0.25]
+    acc = WeightedSum(torch.float32)
+    for state, weight in zip(states, weights, strict=True):
+        acc.add(state, weight)
+    for key in states[0]:
+        plain = states[0][key] * weights[0]
+        for state, weight in zip(states[1:], weights[1:], strict=True):
+            plain.add_(state[key], alpha=weight)
+        assert torch.equal(acc.sums[key], plain), key
