@@ -209,20 +209,26 @@ class Inputs:
 
 
 def ours(inp: Inputs, sum_dtype: torch.dtype = torch.float32) -> State:
-    from worldlm.federation.chunked import ChunkBuffers, mean_like
     from worldlm.strategies.fedavg import FedAvg
 
     rnd = FedAvg(sum_dtype).start_round(inp.current)
     for update in inp.updates:
         rnd.add(update)
     sums, total = rnd.result()
-    # As Aggregator.run_round: each tensor over the total weight, in the model's dtype (a
-    # float32 sum in place, a float64 one a chunk at a time).
+    return engine_mean(sums, total, inp.current)
+
+
+def engine_mean(sums: State, total: float, current: State) -> State:
+    """As Aggregator.run_round: each tensor over the total weight, in the model's dtype (a
+    float32 sum divided in place, a float64 one a chunk at a time)."""
+    from worldlm.federation.chunked import ChunkBuffers, mean_like
+
     buffers = ChunkBuffers()
     return {
-        k: v.div_(total) if v.dtype == ref.dtype else mean_like(v, total, ref, buffers)
+        k: v.div_(total)
+        if v.dtype == current[k].dtype
+        else mean_like(v, total, current[k], buffers)
         for k, v in sums.items()
-        for ref in (inp.current[k],)
     }
 
 

@@ -94,6 +94,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregation_throughput import (
+    engine_mean,
     flower_version,
     parse_count,
     reset_peak_rss,
@@ -376,7 +377,6 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
     per round; the parts an audit log adds are timed apart and left out of the estimate."""
     from worldlm.audit.digest import state_digest
     from worldlm.config import NodeConfig
-    from worldlm.federation.chunked import ChunkBuffers, mean_like
     from worldlm.federation.messages import TrainTask, Update
     from worldlm.federation.reply_check import check_reply
     from worldlm.strategies.fedavg import FedAvgRound
@@ -409,22 +409,8 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
         "fold (FedAvgRound.add)": best(lambda: rnd.add(update)),
     }
     sums, total = rnd.result()
-    buffers = ChunkBuffers()
-    # As the engine: a float32 sum divided in place (timed on a copy), a float64 one a chunk
-    # at a time into the model's dtype.
-    copies = (
-        {k: v.clone() for k, v in sums.items()}
-        if sums[next(iter(sums))].dtype == torch.float32
-        else None
-    )
-    per_round = {
-        "result: mean": best(
-            lambda: (
-                {k: v.div_(total) for k, v in copies.items()}
-                if copies is not None
-                else {k: mean_like(v, total, state[k], buffers) for k, v in sums.items()}
-            )
-        ),
+    per_round = {  # (a float32 sum divided in place again on each timing: harmless here)
+        "result: mean": best(lambda: engine_mean(sums, total, state)),
     }
     audited = {
         "check_reply measuring the change": best(

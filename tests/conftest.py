@@ -83,18 +83,22 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
     return path
 
 
+def aggregator_paths(leaves: dict[str, str]) -> list[str]:
+    """The inner nodes of the tree whose leaves are `leaves`, sorted."""
+    return sorted(
+        {"/".join(p.split("/")[:depth]) for p in leaves for depth in range(1, p.count("/") + 1)}
+    )
+
+
 def tiny_config_dict(tmp_path: Path, leaves: dict[str, str], *, n_docs: int = 60) -> dict[str, Any]:
     """A tiny run over `leaves` (path -> topic); inner nodes are filled in automatically."""
-    nodes: dict[str, Any] = {}
+    nodes: dict[str, Any] = {path: {} for path in aggregator_paths(leaves)}
     for i, (path, topic) in enumerate(sorted(leaves.items())):
         file = write_jsonl(
             tmp_path / "data" / f"{path.replace('/', '_')}.jsonl",
             synthetic_documents(topic, n_docs, seed=i),
         )
         nodes[path] = {"data": {"paths": [str(file)]}}
-        parts = path.split("/")
-        for depth in range(1, len(parts)):
-            nodes.setdefault("/".join(parts[:depth]), {})
     return {
         "run": {
             "name": "t",

@@ -15,7 +15,7 @@ from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 from worldlm.run import open_session, resume, run
 
-from .conftest import TWO_LEVEL, tiny_config, tiny_config_dict
+from .conftest import TWO_LEVEL, aggregator_paths, tiny_config, tiny_config_dict
 
 # TESTPLAN A3: root -> 3 aggregators -> 12 leaves, one aggregator with 1 leaf and one with 8.
 TWELVE = {
@@ -41,8 +41,8 @@ def _root_states(
 def test_hierarchy_with_one_inner_round_equals_flat_fedavg(tmp_path: Path, sum_dtype: str) -> None:
     """float64 sums: bit for bit. float32 sums (the default) add in another order in a tree
     than flat, so the two agree up to float32 rounding, carried through a second round."""
-    aggregators = ["world", "world/solo", "world/trio", "world/eight"]
-    overrides = ["train.local_steps=2", *(f"nodes.{p}.sum_dtype={sum_dtype}" for p in aggregators)]
+    sums = [f"nodes.{p}.sum_dtype={sum_dtype}" for p in aggregator_paths(TWELVE)]
+    overrides = ["train.local_steps=2", *sums]
     config = tiny_config(tmp_path, TWELVE, overrides, n_docs=30)
     start, hier = _root_states(config, "hierfavg", 2, tmp_path / "h")
     _, flat = _root_states(config, "fedavg", 2, tmp_path / "f")

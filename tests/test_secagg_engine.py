@@ -43,7 +43,7 @@ from worldlm.run import Session, open_session
 from worldlm.transport.base import ChildInfo, Dropout
 from worldlm.transport.inprocess import InProcessTransport
 
-from .conftest import tiny_config
+from .conftest import aggregator_paths, tiny_config
 from .test_grpc_transport import over_grpc
 from .test_secagg import CHI2_15_P1E6, chi_square_uniform
 
@@ -67,8 +67,7 @@ def _secure(path: str) -> str:
 def _exact_sums(leaves: dict[str, str]) -> list[str]:
     """float64 sums at every aggregator: a plain run is then the exact reference that a secure
     sum is bounded against (a float32 sum would add its own roundings to the comparison)."""
-    inner = {"/".join(p.split("/")[:depth]) for p in leaves for depth in range(1, p.count("/") + 1)}
-    return [f"nodes.{path}.sum_dtype=float64" for path in sorted(inner)]
+    return [f"nodes.{path}.sum_dtype=float64" for path in aggregator_paths(leaves)]
 
 
 def _session(tmp: Path, leaves: dict[str, str], overrides: list[str], name: str) -> Session:

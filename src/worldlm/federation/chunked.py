@@ -16,6 +16,8 @@ import torch
 # read back, large enough that the per-chunk call overhead is small (measured on 25M-value
 # models: 2^18 was the fastest of 2^14..2^20 for both the change norm and the float64 fold).
 CHUNK = 1 << 18
+# dtypes whose dot products are taken as they are (others are widened through a buffer first)
+_DOT_DTYPES = (torch.float32, torch.float64)
 
 
 class ChunkBuffers:
@@ -63,14 +65,16 @@ def state_squares(values: list[torch.Tensor], scale: float, buffers: ChunkBuffer
     float64 values, most of a model's tensors by count, go through one `_foreach_norm` call
     (its per-tensor error is within a chunk's dot product's bound): a model of many small
     tensors would otherwise pay Python's per-call overhead on each."""
-    small = [v for v in values if v.numel() <= CHUNK and v.dtype in (torch.float32, torch.float64)]
+    small: list[torch.Tensor] = []
     total = 0.0
+    for value in values:
+        if value.numel() <= CHUNK and value.dtype in _DOT_DTYPES:
+            small.append(value)
+        else:
+            total += sum_of_squares(value, scale, buffers)
     if small:
         norms = torch.stack(torch._foreach_norm(small)).double()
-        total = float(norms.square().sum()) / scale / scale
-    for value in values:
-        if value.numel() > CHUNK or value.dtype not in (torch.float32, torch.float64):
-            total += sum_of_squares(value, scale, buffers)
+        total += float(norms.square().sum()) / scale / scale
     return total
 
 
@@ -80,7 +84,7 @@ def sum_of_squares(value: torch.Tensor, scale: float, buffers: ChunkBuffers) -> 
     chunks in float64. NaN or infinite if any value is, and infinite if a chunk's squares
     overflow float32. For the reply check's bound (reply_check), not an audit figure."""
     flat = value.reshape(-1)
-    wide = flat.dtype in (torch.float32, torch.float64)
+    wide = flat.dtype in _DOT_DTYPES
     dtype = flat.dtype if wide else torch.float64 if not flat.is_floating_point() else torch.float32
     total = 0.0
     for start in range(0, flat.numel(), CHUNK):
