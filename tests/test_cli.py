@@ -123,7 +123,7 @@ def test_compare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "FedAvg / WorldLM mean per-leaf perplexity" in printed
     assert (out / "results.md").is_file() and (out / "perplexity.png").is_file()
     assert main([*args[:-1], "fedavg,magic"]) == 2
-    assert "unknown ['magic']" in capsys.readouterr().err
+    assert "unknown method 'magic'" in capsys.readouterr().err
 
 
 def test_data_build_calls_the_tree_builder(

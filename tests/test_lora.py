@@ -229,6 +229,35 @@ def test_training_moves_adapters_and_leaves_the_base_unchanged(base_dir: Path) -
     assert all(not torch.equal(after[k], adapters_before[k]) for k in after if ".lora_B." in k)
 
 
+def test_fedprox_pulls_only_the_adapters(base_dir: Path) -> None:
+    """train.prox_mu anchors the trainable adapters; the frozen base is no parameter of it."""
+    moved = []
+    for mu in (0.0, 1.0):
+        model = build_model(ModelConfig.model_validate({"path": str(base_dir)}), 10, seed=0)
+        lora = ModelConfig.model_validate({"path": str(base_dir), "lora": {"enabled": True}})
+        wrap_lora(model, lora.lora, seed=1)
+        assert all(".lora_" in k for k, p in model.named_parameters() if p.requires_grad)
+        base_before = {k: v.clone() for k, v in model.named_buffers()}
+        before = get_state(model)
+        cfg = TrainConfig(
+            local_steps=4, batch_size=2, lr=1e-2, warmup_steps=0, weight_decay=0.0, prox_mu=mu
+        )
+        local_train(
+            model,
+            make_optimizer(model, cfg),
+            torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(2)),
+            cfg,
+            start_step=0,
+            total_steps=4,
+            gen=torch.Generator().manual_seed(0),
+            device=CPU,
+        )
+        assert all(torch.equal(v, base_before[k]) for k, v in model.named_buffers())
+        after = get_state(model)
+        moved.append(sum(float((after[k] - before[k]).pow(2).sum()) for k in after))
+    assert 0 < moved[1] < moved[0]
+
+
 def test_lora_dropout_is_seeded_by_the_session(base_dir: Path) -> None:
     cfg = TrainConfig(local_steps=2, batch_size=2, lr=1e-2, warmup_steps=0)
     lora = ModelConfig.model_validate(

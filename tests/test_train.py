@@ -10,7 +10,13 @@ import torch
 from worldlm.config import ModelConfig, TrainConfig
 from worldlm.model.build import build_model
 from worldlm.train.evaluate import evaluate
-from worldlm.train.local import batch_order, local_train, make_optimizer
+from worldlm.train.local import (
+    add_proximal_gradient,
+    batch_order,
+    local_train,
+    make_optimizer,
+    proximal_term,
+)
 from worldlm.train.schedule import lr_at
 
 
@@ -61,3 +67,108 @@ def test_weight_decay_skips_norms() -> None:
     groups = make_optimizer(model, TrainConfig.model_validate({})).param_groups
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] > 0
     assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0
+
+
+def _train_tiny(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(start, end) parameters of a tiny model trained by `cfg` on fixed random blocks."""
+    model = build_model(
+        ModelConfig.model_validate({"preset": "tiny", "block_size": 16}), 64, seed=0
+    )
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    local_train(
+        model,
+        make_optimizer(model, cfg),
+        torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3)),
+        cfg,
+        start_step=0,
+        total_steps=cfg.local_steps,
+        gen=torch.Generator().manual_seed(1),
+        device=torch.device("cpu"),
+    )
+    return start, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((a[k] - b[k]).pow(2).sum()) for k in a))
+
+
+PROX_BASE = {"local_steps": 20, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0}
+
+
+def test_prox_mu_zero_is_plain_local_training() -> None:
+    _, plain = _train_tiny(TrainConfig.model_validate(PROX_BASE))
+    _, zero = _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 0.0}))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+
+
+def test_prox_mu_keeps_the_weights_near_what_the_leaf_received() -> None:
+    # No weight decay: it pulls toward zero, not toward the received weights.
+    base = {**PROX_BASE, "weight_decay": 0.0}
+    start, plain = _train_tiny(TrainConfig.model_validate(base))
+    _, prox = _train_tiny(TrainConfig.model_validate({**base, "prox_mu": 1.0}))
+    _, pinned = _train_tiny(TrainConfig.model_validate({**base, "prox_mu": 1e4}))
+    moved, moved_prox, moved_pinned = (_distance(w, start) for w in (plain, prox, pinned))
+    assert moved_prox < moved
+    assert moved_pinned < 0.2 * moved  # AdamW steps ~lr, but no longer drift away
+
+
+def test_proximal_gradient_is_mu_times_the_distance_to_the_anchor() -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=gen, requires_grad=True), torch.randn(5, generator=gen)]
+    params[1].requires_grad_(True)
+    anchors = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
+    mu = 0.37
+    term = proximal_term(params, anchors)
+    pairs = zip(params, anchors, strict=True)
+    expected = 0.5 * sum(float((p.detach() - a).pow(2).sum()) for p, a in pairs)
+    assert float(term.detach()) == pytest.approx(expected)
+    (mu * term).backward()
+    autograd = [p.grad.clone() for p in params if p.grad is not None]
+    for p in params:
+        p.grad = torch.ones_like(p)  # added to what is already there
+    add_proximal_gradient(params, anchors, mu)
+    for p, a, g in zip(params, anchors, autograd, strict=True):
+        assert torch.allclose(g, mu * (p.detach() - a))
+        assert p.grad is not None and torch.allclose(p.grad, 1 + g)
+    fresh = torch.randn(2, generator=gen, requires_grad=True)
+    add_proximal_gradient([fresh], [torch.zeros(2)], mu)  # no gradient yet: it is the pull
+    assert fresh.grad is not None and torch.allclose(fresh.grad, mu * fresh.detach())
+
+
+def test_proximal_term_covers_only_trainable_parameters() -> None:
+    """As with LoRA's frozen base: frozen weights are neither anchored nor pulled."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
+    blocks = torch.randint(0, 4, (4, 3))
+
+    class Out:
+        def __init__(self, loss: torch.Tensor) -> None:
+            self.loss = loss
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Out:
+            x = torch.nn.functional.one_hot(input_ids, 4).float()
+            return Out(self.net(x).pow(2).mean())
+
+    wrapped = Wrapped()
+    cfg = TrainConfig.model_validate({**PROX_BASE, "local_steps": 3, "prox_mu": 10.0})
+    optimizer = make_optimizer(wrapped, cfg)
+    local_train(
+        wrapped,
+        optimizer,
+        blocks,
+        cfg,
+        start_step=0,
+        total_steps=3,
+        gen=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
+    assert all(torch.equal(v, frozen[k]) for k, v in model[0].state_dict().items())
+    assert all(p.grad is None for p in model[0].parameters())

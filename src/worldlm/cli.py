@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--methods",
         default=",".join(("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")),
-        help="comma-separated subset of the methods",
+        help="comma-separated methods, each BASE or BASE+OPTIMIZER: BASE one of centralized, "
+        "local, fedavg, hierfavg, fedper, worldlm, or fedprox (fedavg with the proximal term, mu "
+        "= train.prox_mu or 0.01); OPTIMIZER the root aggregator's server optimizer: fedavgm, "
+        "nesterov, fedadam, fedyogi or fedadagrad (e.g. fedavg+nesterov, worldlm+fedadam); "
+        "default: the six methods without one",
     )
     comp.add_argument("--quiet", action="store_true", help="no progress display")
     add_backend_args(comp)

@@ -3,6 +3,21 @@
 All methods share the seed, model, tokenizer, splits, rounds and local steps per leaf; the
 centralized baseline's single node takes `local_steps x n_leaves` steps per round so that it sees
 the same total number of tokens. Finished methods are reused and an interrupted one is resumed.
+
+A method name is `BASE` or `BASE+OPTIMIZER` (`parse_method`):
+
+- BASE is one of METHODS (the engine's methods, `run.method`) or `fedprox`: FedAvg whose leaves
+  add the proximal term (mu/2)·||w - w_received||² (Li et al. 2020) with mu = the config's
+  `train.prox_mu`, or FEDPROX_MU when that is 0. The config's `train.prox_mu` is the mu of the
+  fedprox methods only: every other method runs without the term, so that fedavg and fedprox
+  differ by it alone.
+- OPTIMIZER (one of SERVER_OPTIMIZERS) is the server optimizer of the global server, the root
+  aggregator, at its defaults, or as the config's root sets it when it names the same optimizer
+  (so its learning rate can be tuned there). Optimizers below the root are whatever the config
+  sets. `centralized` and `local` take none: nothing is aggregated at their root (centralized
+  trains one model on the pooled data; local keeps every leaf's own model).
+
+Each method runs as run.name = its full name in out_dir/<full name>.
 """
 
 from __future__ import annotations
@@ -14,14 +29,60 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from worldlm.config import RunConfig, dump_config, load_config
+from worldlm.config import (
+    Method,
+    RunConfig,
+    ServerOptimizerConfig,
+    ServerOptimizerName,
+    dump_config,
+    load_config,
+)
 from worldlm.errors import CheckpointError, ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.run import RunObserver, resume, run
 from worldlm.tree import build_tree
 
 METHODS = ("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")
+BASES = (*METHODS, "fedprox")
+SERVER_OPTIMIZERS = ("fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad")
+# Bases whose root aggregates nothing a server optimizer could step on.
+NO_SERVER_OPTIMIZER = ("centralized", "local")
+# FedProx's mu when the config's train.prox_mu is 0: the middle of the grid Li et al. (2020)
+# tune over (0.001, 0.01, 0.1, 1); a small pull that regularizes without stalling local training.
+FEDPROX_MU = 0.01
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A compare method: `name` = `base` or `base+optimizer`."""
+
+    name: str
+    base: str  # one of BASES
+    optimizer: ServerOptimizerName | None  # the root's server optimizer, or the config's
+
+    @property
+    def method(self) -> Method:
+        """The engine's method that runs it (run.method)."""
+        return cast(Method, "fedavg" if self.base == "fedprox" else self.base)
+
+
+def parse_method(name: str) -> MethodSpec:
+    """`BASE` or `BASE+OPTIMIZER`; ConfigError naming the valid choices otherwise."""
+    base, plus, optimizer = name.partition("+")
+    if base not in BASES or (plus and optimizer not in SERVER_OPTIMIZERS):
+        raise ConfigError(
+            f"--methods: unknown method {name!r}; a method is BASE or BASE+OPTIMIZER, BASE one "
+            f"of {', '.join(BASES)} and OPTIMIZER one of {', '.join(SERVER_OPTIMIZERS)} "
+            "(e.g. fedavg+nesterov)"
+        )
+    if plus and base in NO_SERVER_OPTIMIZER:
+        raise ConfigError(
+            f"--methods: {name!r}: {base} aggregates nothing at its root, so it takes no server "
+            f"optimizer; use {base} alone"
+        )
+    return MethodSpec(name, base, cast(ServerOptimizerName, optimizer) if plus else None)
 
 
 @dataclass(frozen=True)
@@ -40,13 +101,29 @@ class MethodResult:
 
 
 def method_config(config: RunConfig, method: str) -> RunConfig:
-    """`config` running `method`, with the centralized node given the whole token budget."""
-    run_section = config.run.model_copy(update={"method": method, "name": method})
-    update: dict[str, object] = {"run": run_section}
-    if method == "centralized":
+    """`config` running `method` (a name `parse_method` accepts): run.method its engine method,
+    run.name its full name; the centralized node given the whole token budget, train.prox_mu
+    on for fedprox only, and the root's server optimizer set for `+OPTIMIZER`."""
+    spec = parse_method(method)
+    run_section = config.run.model_copy(update={"method": spec.method, "name": spec.name})
+    train: dict[str, object] = {}
+    if spec.base == "centralized":
         n_leaves = len(list(build_tree(config.nodes).leaves()))
-        steps = config.train.local_steps * n_leaves
-        update["train"] = config.train.model_copy(update={"local_steps": steps})
+        train["local_steps"] = config.train.local_steps * n_leaves
+    if spec.base == "fedprox":
+        train["prox_mu"] = config.train.prox_mu if config.train.prox_mu > 0 else FEDPROX_MU
+    elif config.train.prox_mu > 0:
+        train["prox_mu"] = 0.0
+    update: dict[str, object] = {"run": run_section}
+    if train:
+        update["train"] = config.train.model_copy(update=train)
+    if spec.optimizer is not None:
+        root = build_tree(config.nodes).path
+        settings = config.nodes[root]
+        if settings.server_optimizer.name != spec.optimizer:
+            server = ServerOptimizerConfig(name=spec.optimizer)
+            settings = settings.model_copy(update={"server_optimizer": server})
+            update["nodes"] = {**config.nodes, root: settings}
     return config.model_copy(update=update)
 
 
@@ -108,9 +185,8 @@ def compare(
     methods: Sequence[str] = METHODS,
 ) -> list[MethodResult]:
     """Run (or reuse) each method, then write results.md and perplexity.png into out_dir."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    for method in methods:
+        parse_method(method)  # every name checked before anything runs
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for method in methods:

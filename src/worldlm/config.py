@@ -160,6 +160,13 @@ class TrainConfig(Section):
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW second-moment decay.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 = off.")
     keep_optimizer_state: bool = Field(True, description="Keep AdamW moments across rounds.")
+    prox_mu: float = Field(
+        0.0,
+        ge=0.0,
+        description="FedProx (Li et al. 2020): adds (mu/2)·||w − w_received||² to each local "
+        "step's loss, w_received being the model the leaf starts the round from; over the "
+        "trainable parameters only (with LoRA: the adapters). 0 = off, plain local training.",
+    )
 
 
 class EvalConfig(Section):
@@ -399,6 +406,53 @@ class LeafDataConfig(Section):
         return self
 
 
+ServerOptimizerName = Literal["fedavg", "fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad"]
+
+
+class ServerOptimizerConfig(Section):
+    """The optimizer an aggregator applies to its round's pseudo-gradient (the model it sent
+    minus the aggregate): FedOpt (Reddi et al. 2021), FedAvgM (Hsu et al. 2019), and DiLoCo's
+    outer Nesterov step (Douillard et al. 2023)."""
+
+    name: ServerOptimizerName = Field(
+        "fedavg",
+        description="fedavg (the aggregate itself at lr 1; a server learning rate otherwise), "
+        "fedavgm (heavy-ball momentum), nesterov (DiLoCo's outer optimizer: lr 0.7, momentum "
+        "0.9), fedadam, fedyogi or fedadagrad (adaptive, Reddi et al. 2021).",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="Server learning rate; default 1.0 for fedavg and fedavgm, 0.7 for nesterov, "
+        "0.01 for the adaptive ones.",
+    )
+    momentum: float = Field(
+        0.9, ge=0.0, lt=1.0, description="fedavgm and nesterov: momentum of the update."
+    )
+    beta1: float = Field(
+        0.9, ge=0.0, lt=1.0, description="Adaptive ones: decay of the first moment."
+    )
+    beta2: float = Field(
+        0.99, ge=0.0, lt=1.0, description="fedadam and fedyogi: decay of the second moment."
+    )
+    tau: float = Field(
+        1e-3,
+        gt=0.0,
+        description="Adaptive ones: the adaptivity floor added to sqrt(v) (and v's start, tau^2).",
+    )
+    key_layers: bool = Field(
+        False,
+        description="WorldLM: also step on the key layers' attention update at aggregators "
+        "that personalize them; by default the optimizer steps on the backbone only.",
+    )
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7}.get(self.name, 0.01)
+
+
 class NodeConfig(Section):
     strategy: str = Field(
         "fedavg",
@@ -441,6 +495,11 @@ class NodeConfig(Section):
     link: LinkConfig = Field(
         default_factory=LinkConfig,
         description="Compression of the link between this node and its parent (not the root).",
+    )
+    server_optimizer: ServerOptimizerConfig = Field(
+        default_factory=ServerOptimizerConfig,
+        description="An aggregator's optimizer on its round's pseudo-gradient (after robust "
+        "rules and DP noise).",
     )
 
 
@@ -522,6 +581,6 @@ def dump_config(config: RunConfig) -> str:
     data = config.model_dump(mode="json", exclude_none=True)
     for node in data["nodes"].values():
         if "data" in node:  # a leaf: aggregator-only settings are not part of it
-            for key in ("strategy", "inner_rounds", "sample", "sum_dtype"):
+            for key in ("strategy", "inner_rounds", "sample", "sum_dtype", "server_optimizer"):
                 node.pop(key, None)
     return to_toml(data)

@@ -86,6 +86,10 @@ def _assemble(path: str, nodes: Mapping[str, NodeConfig]) -> FederationNode:
     return FederationNode(path, nodes[path], tuple(_assemble(k, nodes) for k in kids))
 
 
+# Settings that only an aggregator has (a leaf setting one is refused).
+AGGREGATOR_ONLY = frozenset({"strategy", "inner_rounds", "sample", "sum_dtype", "server_optimizer"})
+
+
 def _check(tree: FederationNode) -> None:
     if tree.settings.inner_rounds != 1:
         raise ConfigError(
@@ -99,7 +103,7 @@ def _check(tree: FederationNode) -> None:
         if node.is_leaf:
             if node.settings.data is None:
                 raise ConfigError(f"{key}.data: a leaf needs data (paths = [...] or corpus = ...)")
-            extra = set_fields & {"strategy", "inner_rounds", "sample", "sum_dtype"}
+            extra = set_fields & AGGREGATOR_ONLY
             if extra:
                 raise ConfigError(f"{key}.{sorted(extra)[0]}: only aggregators have this setting")
             if node.settings.dp.enabled:

@@ -21,7 +21,13 @@ from worldlm.config import LinkConfig, NodeConfig
 from worldlm.errors import UpdateRejected
 from worldlm.federation.chunked import ChunkBuffers, mean_like
 from worldlm.federation.context import NoAudit, RunContext
-from worldlm.federation.key_layers import KeyLayerPolicy, KeyLayerRound, residual_of
+from worldlm.federation.key_layers import (
+    KeyLayerPolicy,
+    KeyLayerRound,
+    KeyLayers,
+    PersonalKeyLayers,
+    SharedKeyLayers,
+)
 from worldlm.federation.messages import (
     EvalReport,
     EvalTask,
@@ -32,11 +38,12 @@ from worldlm.federation.messages import (
     Update,
     tensor_bytes,
 )
-from worldlm.federation.privacy_policy import DPPolicy, check_dp_settings
+from worldlm.federation.privacy_policy import DPPolicy, DPRule, check_dp_settings
 from worldlm.federation.reply_check import check_reply
+from worldlm.federation.round_rule import RoundRule, StrategyRule
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.federation.secure_round import SecureSum, run_secure_round
+from worldlm.federation.secure_round import run_secure_round
 from worldlm.federation.selection import (
     eligible,
     sample_count,
@@ -44,11 +51,10 @@ from worldlm.federation.selection import (
     update_stragglers,
 )
 from worldlm.model.state import cast_like
-from worldlm.privacy.dp_round import DPRound
 from worldlm.seeding import derive_seed
-from worldlm.strategies.fedavg import FedAvgRound
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import Residual, route
+from worldlm.strategies.server_optimizer import ServerOptimizer
 from worldlm.train.evaluate import EvalResult
 from worldlm.transport.base import ChildInfo, Dropout, Transport
 
@@ -73,7 +79,7 @@ class Collected:
     """What a round's exchange with its children gave: the aggregation to finish and the rest
     of the round's record."""
 
-    aggregation: RoundAggregation | DPRound | SecureSum
+    aggregation: RoundAggregation
     records: list[Record] = field(default_factory=list)
     answered: set[str] = field(default_factory=set)
     weight: float = 0.0  # tokens trained by the children that took part
@@ -86,6 +92,10 @@ class Collected:
 
 
 class Aggregator:
+    """One federation's aggregator. What varies between methods and federations plugs in:
+    `rule` (the strategy, or DP-FedAvg around it), `keys` (WorldLM's key layers, or none),
+    `optimizer` (the server optimizer), `links` (compression), and plain or secure collection."""
+
     def __init__(
         self,
         path: str,
@@ -99,31 +109,51 @@ class Aggregator:
         child_links: Mapping[str, LinkConfig] | None = None,
     ) -> None:
         self.path = path
-        self.key_policy = key_policy  # WorldLM: this aggregator personalizes the key layers
-        self.key_state: State = {}  # its own K_p, kept between rounds
-        self.key_ref: State = {}  # the K it started from; residuals are K_p - K_ref
-        self.child_keys: dict[str, State] = {}  # per-child attended K (child_key_layers)
-        self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
-        self.router = router  # the root under WorldLM: routes residuals between sub-federations
-        self.residuals: dict[str, Residual] = {}  # latest residual of each child
-        self.routes: dict[str, list[tuple[str, float]]] = {}
         self.settings = settings
         self.transport = transport
         self.strategy = strategy
         self.ctx = ctx
+        check_dp_settings(
+            path, settings.dp, settings.strategy, key_policy is not None and key_policy.per_child
+        )
+        self.rule: RoundRule = (
+            DPRule(DPPolicy(settings.dp, path, ctx.seed))
+            if settings.dp.enabled
+            else StrategyRule(strategy)
+        )
+        self.keys: KeyLayers = (
+            PersonalKeyLayers(key_policy, attend=self.rule.attends_keys)
+            if key_policy is not None
+            else SharedKeyLayers()
+        )
+        self.optimizer = ServerOptimizer(settings.server_optimizer)
+        self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
+        self.router = router  # the root under WorldLM: routes residuals between sub-federations
+        self.residuals: dict[str, Residual] = {}  # latest residual of each child
+        self.routes: dict[str, list[tuple[str, float]]] = {}
         self.rounds_done = 0  # this node's own round counter (seeds its selection)
         self.misses: dict[str, int] = {}  # selected rounds in a row without a valid reply
         self.benched_until: dict[str, int] = {}  # stragglers sit out until this round index
         self.state: State = {}
-        check_dp_settings(
-            path, settings.dp, settings.strategy, key_policy is not None and key_policy.per_child
-        )
-        self.dp = DPPolicy(settings.dp, path, ctx.seed) if settings.dp.enabled else None
         self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
         check_child_links(path, settings, child_links or {})
         self.links = ChildLinks(child_links or {})  # compression towards each child
         self.uplink = Uplink(settings.link)  # and towards its own parent
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
+        secure = settings.secure_aggregation.enabled
+        self._collect = self._collect_secure if secure else self._collect_plain
+
+    @property
+    def key_policy(self) -> KeyLayerPolicy | None:
+        return self.keys.policy
+
+    @property
+    def key_state(self) -> State:
+        return self.keys.key_state
+
+    @property
+    def child_keys(self) -> dict[str, State]:
+        return self.keys.child_keys
 
     def info(self) -> ChildInfo:
         tokens = sum(c.train_tokens for c in self.transport.children(self.path))
@@ -131,14 +161,15 @@ class Aggregator:
 
     def with_own_key_layers(self, incoming: State) -> State:
         """The incoming model with this aggregator's K_p in place of the parent's K."""
-        if self.key_policy is not None and not self.key_state:
-            self.key_state = {k: incoming[k] for k in self.key_policy.partition.key_names}
-            self.key_ref = dict(self.key_state)
-        return {**incoming, **self.key_state}
+        return self.keys.own(incoming)
+
+    def state_for(self, child: str, state: State) -> State:
+        """What `child` is sent: the model, with its own attended K when it has one."""
+        return self.keys.state_for(child, state)
 
     def handle_train(self, task: TrainTask) -> Update:
         task = decode_task(task)  # the weights, if the parent compressed them
-        start = self.with_own_key_layers(task.state)
+        start = self.keys.own(task.state)
         self.routed = task.routed
         state, exact, scale, weight, records = start, start, 1.0, 0.0, []
         for _ in range(self.settings.inner_rounds):
@@ -146,18 +177,10 @@ class Aggregator:
             state, exact, scale = outcome.state, outcome.exact, outcome.scale
             weight += outcome.weight
             records.extend(outcome.records)
-        # Forward the exact float64 weighted sum, not a rounded mean, so that a hierarchy with
-        # one inner round equals flat FedAvg over the same leaves (DESIGN §4).
-        if self.key_policy is not None:
-            keys = self.key_policy.partition.key_names
-            exact = {k: v for k, v in exact.items() if k not in keys}
-            if not self.key_policy.private:  # inside a sub-federation K_p goes up, same scale
-                exact.update({k: self.key_state[k].double() * scale for k in keys})
-        residual = (
-            residual_of(self.key_state, self.key_ref, self.key_policy.residual_rank)
-            if self.key_policy is not None and self.key_policy.private
-            else {}
-        )
+        # A float64 sum goes up exact, not as a rounded mean, so that a hierarchy with one
+        # inner round equals flat FedAvg over the same leaves (DESIGN §4).
+        exact = self.keys.forwarded(exact, scale)
+        residual = self.keys.residual()
         update = Update(self.path, task.round, task.nonce, exact, weight, records, scale, residual)
         return self.uplink.encode(update, task.state)
 
@@ -166,14 +189,30 @@ class Aggregator:
         return self.secure_child.handle(message)
 
     def run_round(self, state: State, global_round: int) -> RoundOutcome:
-        """One round over this node's children: select, send, fold replies in, finalize."""
-        started = time.perf_counter()
-        r = self.rounds_done
-        infos = self.transport.children(self.path)
-        if self.dp is not None and self.dp.would_exceed_budget(
-            len(infos), sample_count(len(infos), self.settings.sample)
-        ):
+        """One round over this node's children: select, send, collect, finalize, record."""
+        started, r = time.perf_counter(), self.rounds_done
+        n_children, chosen = self._select(r)
+        if not self.rule.admits(n_children, sample_count(n_children, self.settings.sample)):
             return self._out_of_budget(state, global_round, r, started)
+        aggregation = self.rule.start_round(state, n_children, len(chosen), r)
+        key_round = self.keys.start_round(self.routed)
+        sent, seen = self.links.send(self._tasks(chosen, state, r, global_round))
+        got = self._collect(sent, seen, state, aggregation, key_round, (r, global_round))
+        benched = self._settle(got, chosen, r, global_round)
+        if got.status == "ok":
+            new_state, exact, scale = self._finalize(state, got, key_round, (r, global_round))
+        else:  # too few replies, or a secure round that released nothing: nothing changes
+            new_state, exact, scale, got.weight = state, state, 1.0, 0.0  # (TESTPLAN B6, F23)
+        row = self._aggregate_record(global_round, r, chosen, got, started, benched)
+        got.records.append(row)
+        self._audit_round(row, new_state if got.status == "ok" else None)
+        self.rounds_done += 1
+        self.state = new_state
+        return RoundOutcome(new_state, exact, scale, got.weight, got.records)
+
+    def _select(self, r: int) -> tuple[int, list[str]]:
+        """(how many children there are, the ones this round asks)."""
+        infos = self.transport.children(self.path)
         sizes = {c.path: c.train_tokens for c in infos}
         sample = self.settings.sample
         pool = eligible({c.path: c.resources for c in infos}, sample, self.benched_until, r)
@@ -185,7 +224,12 @@ class Aggregator:
             path=self.path,
             round_index=r,
         )
-        tasks = {
+        return len(infos), chosen
+
+    def _tasks(
+        self, chosen: list[str], state: State, r: int, global_round: int
+    ) -> dict[str, TrainTask]:
+        return {
             child: TrainTask(
                 self.ctx.run_id,
                 r,
@@ -193,104 +237,78 @@ class Aggregator:
                 self.path,
                 child,
                 secrets.token_hex(8),
-                self.state_for(child, state),
+                self.keys.state_for(child, state),
                 self._routed_to(child),
             )
             for child in chosen
         }
-        dp_round = (
-            self.dp.start_round(state, len(infos), len(chosen), r) if self.dp is not None else None
-        )
-        aggregation = dp_round if dp_round is not None else self.strategy.start_round(state)
-        # Under DP the key layers are the noisy mean like the rest (see privacy_policy):
-        # attention over the children's raw K would release them without noise.
-        key_round = (
-            KeyLayerRound(self.key_policy, self.key_state, self.key_ref, self.routed)
-            if self.key_policy is not None and self.dp is None
-            else None
-        )
-        # What crosses each link, and what each child trains from once it decodes that.
-        sent, seen = self.links.send(tasks)
-        if self.settings.secure_aggregation.enabled:  # never compressed down (policy)
-            got = self._collect_secure(tasks, state, dp_round, r, global_round)
-        else:
-            got = self._collect(sent, seen, aggregation, key_round, r, global_round)
-        records, answered, weight = got.records, got.answered, got.weight
+
+    def _settle(self, got: Collected, chosen: list[str], r: int, global_round: int) -> list[str]:
+        """Record who dropped out, bench stragglers, and decide whether the round counts."""
         for dropout in [*got.dropouts, *self.transport.dropouts()]:
-            records.append(_incident(global_round, self.path, dropout))
-            kind = records[-1]["kind"]
+            got.records.append(_incident(global_round, self.path, dropout))
+            kind = got.records[-1]["kind"]
             self._audit(kind, global_round, sender=dropout.path, reason=dropout.reason)
-        benched = update_stragglers(chosen, answered, self.misses, self.benched_until, sample, r)
-        status = got.status
-        if status == "ok" and len(answered) < self.settings.min_replies:
-            status = "too_few_replies"
-        if status != "ok":
-            # Too few replies to trust an aggregate, or a secure round that released nothing:
-            # this round changes nothing (TESTPLAN B6, F23).
-            records.append(
-                self._aggregate_record(global_round, r, chosen, answered, 0.0, started, benched)
-            )
-            records[-1].update(got.traffic, **got.row, status=status)
-            self._audit_round(records[-1], None)
-            self.rounds_done += 1
-            self.state = state
-            return RoundOutcome(state, state, 1.0, 0.0, records)
+        sample = self.settings.sample
+        misses, benched_until = self.misses, self.benched_until
+        benched = update_stragglers(chosen, got.answered, misses, benched_until, sample, r)
+        if got.status == "ok" and len(got.answered) < self.settings.min_replies:
+            got.status = "too_few_replies"
+        return benched
+
+    def _finalize(
+        self,
+        state: State,
+        got: Collected,
+        key_round: KeyLayerRound | None,
+        rounds: tuple[int, int],
+    ) -> tuple[State, State, float]:
+        """The new model, and what goes up (the model times `scale`): the rule's result, K_p,
+        then the server optimizer's step from the model sent."""
         self.residuals.update(got.residuals)
         exact, scale = got.aggregation.result()
-        if dp_round is not None and self.dp is not None:
-            records.append(self.dp.finish_round(dp_round, global_round))
-            privacy = records[-1]
-            self._audit(
-                "dp_noise",
-                global_round,
-                local_round=r,
-                noise_stddev=privacy["noise_stddev"],
-                clip=privacy["clip"],
-                clipped=privacy["clipped"],
-                epsilon=privacy["epsilon"],
-                delta=privacy["delta"],
-            )
-        # Keys no child sent (the root's K under WorldLM) keep their current value.
-        buffers = ChunkBuffers()
-        if scale != 1.0 and isinstance(got.aggregation, FedAvgRound) and not _wider(exact, state):
+        got.records.extend(
+            self.rule.finish_round(got.aggregation, rounds[1], rounds[0], self._audit)
+        )
+        if scale != 1.0 and not _wider(exact, state):
             # A float32 sum (sum_dtype) becomes the new model in place: no third copy. What
             # goes up is then the mean with scale 1 and the same weight, the same FedAvg sum
             # up to float32 rounding (a float32 sum has no exactness to keep).
-            exact = {k: v.div_(scale) for k, v in exact.items()}
-            scale = 1.0
-        # Each tensor divided and cast on its own: a whole float64 mean would be 2 more copies.
+            exact, scale = {k: v.div_(scale) for k, v in exact.items()}, 1.0
+        # Keys no child sent (the root's K under WorldLM) keep their current value. Each
+        # tensor is divided and cast on its own: a whole float64 mean would be 2 more copies.
+        buffers = ChunkBuffers()
         model = {**state, **{k: mean_like(v, scale, state[k], buffers) for k, v in exact.items()}}
-        if key_round is not None:
-            self.key_state = cast_like(key_round.result(), self.key_state)
-            model.update(self.key_state)
-            for child, keys in key_round.per_child().items():  # absent children keep theirs
-                self.child_keys[child] = cast_like(keys, self.key_state)
-        elif self.key_policy is not None:  # DP: K_p is the noisy mean, kept like attended K
-            names = self.key_policy.partition.key_names
-            self.key_state = cast_like({k: model[k] for k in names}, self.key_state)
-        new_state = cast_like(model, state)
+        self.keys.finish(model, key_round)
+        if not self.optimizer.is_identity:  # `state` is what was sent, K_p included
+            model.update(self.optimizer.step(state, model, self._optimized_keys(exact)))
+            self.keys.adopt(model)
+            exact, scale = {k: model[k] for k in exact}, 1.0
         if self.router is not None and len(self.residuals) > 1:
             self.routes = route(self.residuals, top_k=self.router.top_k, tau=self.router.tau)
-        records.append(
-            self._aggregate_record(global_round, r, chosen, answered, weight, started, benched)
-        )
-        records[-1].update(got.traffic, **got.row)
-        self._audit_round(records[-1], new_state)
-        self.rounds_done += 1
-        self.state = new_state
-        return RoundOutcome(new_state, exact, scale, weight, records)
+        return cast_like(model, state), exact, scale
 
-    def _collect(
+    def _optimized_keys(self, exact: State) -> list[str]:
+        """The keys the server optimizer steps on: what the round combined, less WorldLM's key
+        layers unless `server_optimizer.key_layers` asks for them too."""
+        personal = set(self.keys.names)
+        keys = [k for k in exact if k not in personal]
+        if self.settings.server_optimizer.key_layers:
+            keys += sorted(personal)
+        return keys
+
+    def _collect_plain(
         self,
         sent: dict[str, TrainTask],
         seen: dict[str, TrainTask],
-        aggregation: RoundAggregation | DPRound,
+        state: State,
+        aggregation: RoundAggregation,
         key_round: KeyLayerRound | None,
-        r: int,
-        global_round: int,
+        rounds: tuple[int, int],
     ) -> Collected:
         """A plain round: validate each reply as it arrives and fold it into `aggregation`.
         `sent` are the tasks as they cross the links, `seen` as the children decode them."""
+        del state  # each reply is checked against the model its own child was sent
         got = Collected(aggregation)
         reference_norms: dict[int, dict[str, float]] = {}
         buffers = ChunkBuffers()  # this round's: a round may run beside another's thread
@@ -299,7 +317,7 @@ class Aggregator:
             # Compact bytes, as they crossed the link; refused replies crossed it too.
             got.traffic["bytes_up"] += tensor_bytes(reply)
             scratch = (reference_norms, buffers)
-            self._take(reply, seen, got, aggregation, scratch, key_round, (r, global_round))
+            self._take(reply, seen, got, scratch, key_round, rounds)
             # Let the reply go before the transport produces the next one: the loop variable
             # would otherwise keep it alive beside its successor (one more model copy).
             del reply
@@ -310,7 +328,6 @@ class Aggregator:
         reply: Update,
         seen: dict[str, TrainTask],
         got: Collected,
-        aggregation: RoundAggregation | DPRound,
         scratch: tuple[dict[int, dict[str, float]], ChunkBuffers],
         key_round: KeyLayerRound | None,
         rounds: tuple[int, int],
@@ -336,7 +353,7 @@ class Aggregator:
                 measure=measure,
             )
             # DP clips here; a change whose norm overflows is refused like any bad reply.
-            clipped = aggregation.add(update)
+            clipped = got.aggregation.add(update)
         except UpdateRejected as exc:
             got.records.append(_rejection(global_round, self.path, exc))
             self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
@@ -350,7 +367,7 @@ class Aggregator:
             weight=update.weight,
             scale=update.scale,
             change_norm=change,
-            clip_factor=clipped[1] if isinstance(clipped, tuple) else None,
+            clip_factor=None if clipped is None else clipped[1],
         )
         got.round_keys = set(update.state)
         got.answered.add(update.sender)
@@ -363,32 +380,26 @@ class Aggregator:
 
     def _collect_secure(
         self,
-        tasks: dict[str, TrainTask],
+        sent: dict[str, TrainTask],
+        seen: dict[str, TrainTask],
         state: State,
-        dp_round: DPRound | None,
-        r: int,
-        global_round: int,
+        aggregation: RoundAggregation,
+        key_round: KeyLayerRound | None,
+        rounds: tuple[int, int],
     ) -> Collected:
-        """A secure round: only the sum of the children's changes arrives (secure_round)."""
+        """A secure round: only the sum of the children's changes arrives (secure_round).
+        Its links are never compressed (policy), so `sent` are the tasks themselves."""
+        del seen, key_round  # secure aggregation refuses key attention at build
+        r, global_round = rounds
         out = run_secure_round(
             self.transport,
-            tasks,
+            sent,
             state,
             self.settings.secure_aggregation,
-            dp_clip=None if dp_round is None else dp_round.clip,
+            dp_clip=self.rule.secure_clip(aggregation),
             graph_seed=derive_seed(self.ctx.seed, self.path, r, "secagg"),
         )
-        aggregation: RoundAggregation | DPRound | SecureSum = (
-            dp_round if dp_round is not None else SecureSum(state, {}, 1.0)
-        )
-        max_error = None
-        if out.changes is not None:
-            if dp_round is not None:
-                dp_round.add_sum(out.changes, len(out.included), out.dp_clipped)
-                max_error = out.error / dp_round.expected_children
-            else:
-                aggregation = SecureSum(state, out.changes, out.weight)
-                max_error = out.error / out.weight
+        aggregation, max_error = self.rule.secure_fold(aggregation, state, out)
         self._audit(
             "secure_aggregation",
             global_round,
@@ -408,7 +419,8 @@ class Aggregator:
             "secure_aggregation": True,
             "secagg_dropouts": out.dropouts,
             "secagg_clipped": out.clipped_coordinates,
-            "secagg_max_error": max_error,  # bound on |new model - exact mean| per value
+            # bound on |new model - exact mean| per value
+            "secagg_max_error": None if out.changes is None else max_error,
         }
         if out.reason is not None:
             got.row["reason"] = out.reason
@@ -419,31 +431,34 @@ class Aggregator:
         global_round: int,
         local_round: int,
         chosen: list[str],
-        answered: set[str],
-        weight: float,
+        got: Collected | None,
         started: float,
         benched: list[str],
     ) -> Record:
-        return {
+        answered = set() if got is None else got.answered
+        row: Record = {
             "round": global_round,
             "node": self.path,
             "kind": "aggregate",
             "local_round": local_round,
-            "status": "ok",
+            "status": "ok" if got is None else got.status,
             "selected": chosen,
             "participants": sorted(answered),
             "missing": sorted(set(chosen) - answered),
             "benched": benched,
-            "tokens": weight,
+            "tokens": 0.0 if got is None else got.weight,
             "seconds": time.perf_counter() - started,
         }
+        if got is not None:
+            row.update(got.traffic, **got.row)
+        return row
 
     def _out_of_budget(
         self, state: State, global_round: int, r: int, started: float
     ) -> RoundOutcome:
         """A round not run because it would take ε above the budget: nothing changes."""
         self.privacy_exhausted = True
-        row = self._aggregate_record(global_round, r, [], set(), 0.0, started, [])
+        row = self._aggregate_record(global_round, r, [], None, started, [])
         row["status"] = "privacy_budget_exhausted"
         self._audit_round(row, None)
         self.state = state
@@ -474,10 +489,6 @@ class Aggregator:
             result_digest=None if result is None else self._digest(result),
         )
 
-    def state_for(self, child: str, state: State) -> State:
-        """What `child` is sent: the model, with its own attended K when it has one."""
-        return {**state, **self.child_keys[child]} if child in self.child_keys else state
-
     def _routed_to(self, child: str) -> tuple[RoutedResidual, ...]:
         return tuple(
             RoutedResidual(source, weight, self.residuals[source])
@@ -487,7 +498,7 @@ class Aggregator:
     def handle_eval(self, task: EvalTask) -> EvalReport:
         """Every child (not a sample) evaluates the model it would deploy, or, for a task that
         is not `deployed`, the model it was sent, with no key layers of this level on top."""
-        state = self.with_own_key_layers(task.state) if task.deployed else task.state
+        state = self.keys.own(task.state) if task.deployed else task.state
         tasks = [
             EvalTask(
                 self.ctx.run_id,
@@ -495,7 +506,7 @@ class Aggregator:
                 self.path,
                 c.path,
                 secrets.token_hex(8),
-                self.state_for(c.path, state) if task.deployed else state,
+                self.keys.state_for(c.path, state) if task.deployed else state,
                 task.deployed,
             )
             for c in self.transport.children(self.path)
@@ -508,12 +519,10 @@ class Aggregator:
     # --- checkpointing -------------------------------------------------------------------
     def snapshot(self) -> tuple[State, dict[str, Any]]:
         tensors = {f"model/{k}": v for k, v in self.state.items()}
-        tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_dict().items()})
-        tensors.update({f"key/{k}": v for k, v in self.key_state.items()})
-        tensors.update({f"keyref/{k}": v for k, v in self.key_ref.items()})
+        tensors.update({f"strategy/{k}": v for k, v in self.rule.state_dict().items()})
+        tensors.update(self.keys.snapshot())
         tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
-        for child, keys in sorted(self.child_keys.items()):
-            tensors.update({f"childkey#{child}#{k}": v for k, v in keys.items()})
+        tensors.update({f"server_opt/{k}": v for k, v in self.optimizer.state_dict().items()})
         for source, residual in sorted(self.residuals.items()):
             for name, (left, right) in residual.items():
                 tensors[f"residual#{source}#{name}#U"] = left
@@ -523,26 +532,19 @@ class Aggregator:
             "routes": self.routes,
             "misses": self.misses,
             "benched_until": self.benched_until,
+            **self.rule.meta(),
         }
-        if self.dp is not None:
-            meta["dp"] = self.dp.state_dict()
         return tensors, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.rounds_done = int(meta["rounds_done"])
         self.misses = {k: int(v) for k, v in meta.get("misses", {}).items()}
         self.benched_until = {k: int(v) for k, v in meta.get("benched_until", {}).items()}
-        if self.dp is not None:
-            self.dp.load_state_dict(meta.get("dp", {}))
+        self.rule.load_meta(meta)
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
-        self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
-        self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
-        self.uplink.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("link/")})
-        self.child_keys = {}
-        for key, value in tensors.items():
-            if key.startswith("childkey#"):
-                _, child, name = key.split("#")
-                self.child_keys.setdefault(child, {})[name] = value.clone()
+        self.keys.restore(tensors)
+        self.uplink.load_state_dict(_under("link/", tensors))
+        self.optimizer.load_state_dict(_under("server_opt/", tensors))
         factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for key, value in tensors.items():
             if key.startswith("residual#"):
@@ -552,14 +554,16 @@ class Aggregator:
             s: {n: (uv["U"], uv["V"]) for n, uv in names.items()} for s, names in factors.items()
         }
         self.routes = {k: [(s, float(w)) for s, w in v] for k, v in meta.get("routes", {}).items()}
-        self.strategy.load_state_dict(
-            {k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")}
-        )
+        self.rule.load_state_dict(_under("strategy/", tensors))
 
 
 def _wider(sums: State, model: State) -> bool:
     """Whether any sum is kept in a wider dtype than the model's (float64 sums)."""
     return any(v.dtype != model[k].dtype for k, v in sums.items())
+
+
+def _under(prefix: str, tensors: State) -> State:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _incident(global_round: int, path: str, dropout: Dropout) -> Record:

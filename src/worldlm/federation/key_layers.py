@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from worldlm.federation.messages import RoutedResidual, Update
 from worldlm.model.partition import Partition
-from worldlm.model.state import State
+from worldlm.model.state import State, cast_like
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
 from worldlm.strategies.routing import Residual, decode, low_rank_factors
 
@@ -171,3 +172,162 @@ class KeyLayerRound:
             return {}
         personal = personalized_key_layers(self.children, self.sizes, self.policy, self.routed)
         return dict(zip(self.senders, personal, strict=True))
+
+
+class KeyLayers(Protocol):
+    """How an aggregator's key layers take part in its rounds (WorldLM's K, or none)."""
+
+    policy: KeyLayerPolicy | None
+    key_state: State
+    child_keys: dict[str, State]
+
+    def own(self, incoming: State) -> State: ...
+
+    def state_for(self, child: str, state: State) -> State: ...
+
+    def start_round(self, routed: tuple[RoutedResidual, ...]) -> KeyLayerRound | None: ...
+
+    def finish(self, model: State, key_round: KeyLayerRound | None) -> None: ...
+
+    def adopt(self, model: State) -> None:
+        """Keep `model`'s K as K_p (after a server optimizer stepped on it)."""
+        ...
+
+    def forwarded(self, exact: State, scale: float) -> State: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    def residual(self) -> Residual: ...
+
+    def snapshot(self) -> State: ...
+
+    def restore(self, tensors: State) -> None: ...
+
+
+class PersonalKeyLayers:
+    """WorldLM's key layers at one aggregator, across rounds: its own K_p, the K it started
+    from (residuals are K_p - K_ref), and per child the attended K it sends that child.
+
+    It plugs into the round at four points: what a child is sent (`state_for`), a round's
+    collection of the children's K (`start_round`), the new model (`finish`), and what goes up
+    (`forwarded`, `residual`). With `attend` off (DP), K_p is the round's noisy mean like the
+    rest of the model (see privacy_policy): attention over the children's raw K would release
+    them without noise."""
+
+    def __init__(self, policy: KeyLayerPolicy, *, attend: bool = True) -> None:
+        self.policy: KeyLayerPolicy | None = policy
+        self._policy = policy
+        self.attend = attend
+        self.key_state: State = {}  # K_p, kept between rounds
+        self.key_ref: State = {}  # the K it started from
+        self.child_keys: dict[str, State] = {}  # per-child attended K (child_key_layers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._policy.partition.key_names)
+
+    def own(self, incoming: State) -> State:
+        """The incoming model with K_p in place of the parent's K (K_p starts as that K)."""
+        if not self.key_state:
+            self.key_state = {k: incoming[k] for k in self.names}
+            self.key_ref = dict(self.key_state)
+        return {**incoming, **self.key_state}
+
+    def state_for(self, child: str, state: State) -> State:
+        """What `child` is sent: the model, with its own attended K when it has one."""
+        return {**state, **self.child_keys[child]} if child in self.child_keys else state
+
+    def start_round(self, routed: tuple[RoutedResidual, ...]) -> KeyLayerRound | None:
+        if not self.attend:
+            return None
+        return KeyLayerRound(self._policy, self.key_state, self.key_ref, routed)
+
+    def finish(self, model: State, key_round: KeyLayerRound | None) -> None:
+        """Put the round's K_p into `model` (in place) and keep it, with each child's K."""
+        if key_round is None:  # DP: K_p is the noisy mean, kept like attended K
+            self.key_state = cast_like({k: model[k] for k in self.names}, self.key_state)
+            return
+        self.key_state = cast_like(key_round.result(), self.key_state)
+        model.update(self.key_state)
+        for child, keys in key_round.per_child().items():  # absent children keep theirs
+            self.child_keys[child] = cast_like(keys, self.key_state)
+
+    def adopt(self, model: State) -> None:
+        """Keep `model`'s K as K_p (after a server optimizer stepped on it)."""
+        self.key_state = cast_like({k: model[k] for k in self.names}, self.key_state)
+
+    def forwarded(self, exact: State, scale: float) -> State:
+        """What goes up of a result (`exact` = the model times `scale`): the backbone, and K_p
+        (at the same scale) only where it may leave this subtree."""
+        up = {k: v for k, v in exact.items() if k not in self._policy.partition.key_names}
+        if not self._policy.private:  # inside a sub-federation K_p goes up
+            up.update({k: self.key_state[k].double() * scale for k in self.names})
+        return up
+
+    def residual(self) -> Residual:
+        """What a sub-federation tells the root's router: its K_p - K_ref in rank-r factors."""
+        if not self._policy.private:
+            return {}
+        return residual_of(self.key_state, self.key_ref, self._policy.residual_rank)
+
+    def snapshot(self) -> State:
+        tensors = {f"key/{k}": v for k, v in self.key_state.items()}
+        tensors.update({f"keyref/{k}": v for k, v in self.key_ref.items()})
+        for child, keys in sorted(self.child_keys.items()):
+            tensors.update({f"childkey#{child}#{k}": v for k, v in keys.items()})
+        return tensors
+
+    def restore(self, tensors: State) -> None:
+        self.key_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("key/")}
+        self.key_ref = {k[7:]: v.clone() for k, v in tensors.items() if k.startswith("keyref/")}
+        self.child_keys = {}
+        for key, value in tensors.items():
+            if key.startswith("childkey#"):
+                _, child, name = key.split("#")
+                self.child_keys.setdefault(child, {})[name] = value.clone()
+
+
+class SharedKeyLayers:
+    """No personalized key layers (every method but WorldLM): K is part of the model like the
+    rest, so every hook passes the model through unchanged."""
+
+    policy: KeyLayerPolicy | None = None
+
+    def __init__(self) -> None:
+        self.key_state: State = {}
+        self.child_keys: dict[str, State] = {}
+
+    def own(self, incoming: State) -> State:
+        return incoming
+
+    def state_for(self, child: str, state: State) -> State:
+        del child
+        return state
+
+    def start_round(self, routed: tuple[RoutedResidual, ...]) -> KeyLayerRound | None:
+        del routed
+        return None
+
+    def finish(self, model: State, key_round: KeyLayerRound | None) -> None:
+        del model, key_round
+
+    def adopt(self, model: State) -> None:
+        del model
+
+    def forwarded(self, exact: State, scale: float) -> State:
+        del scale
+        return exact
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ()
+
+    def residual(self) -> Residual:
+        return {}
+
+    def snapshot(self) -> State:
+        return {}
+
+    def restore(self, tensors: State) -> None:
+        del tensors

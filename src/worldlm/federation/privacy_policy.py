@@ -20,7 +20,7 @@ what z alone would (Andrew et al. 2021, Thm 1); the accountant is given z.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worldlm.config import DPConfig
 from worldlm.errors import CheckpointError, ConfigError
@@ -28,6 +28,11 @@ from worldlm.federation.messages import Record, State
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.privacy.adaptive import AdaptiveClip, default_count_stddev, update_noise_multiplier
 from worldlm.privacy.dp_round import DPRound, noise_generator
+
+if TYPE_CHECKING:
+    from worldlm.federation.round_rule import AuditFn
+    from worldlm.federation.secure_round import SecureOutcome
+    from worldlm.strategies.registry import RoundAggregation
 
 
 class DPPolicy:
@@ -133,3 +138,69 @@ def check_dp_settings(path: str, config: DPConfig, strategy: str, per_child_keys
             "attention mix of its siblings' key layers, which DP noise does not cover; use "
             "'shared' with DP"
         )
+
+
+class DPRule:
+    """DP-FedAvg wrapped around an aggregator's round (a `round_rule.RoundRule`): the policy's
+    budget decides whether a round runs, each reply is clipped into a DPRound in place of the
+    strategy's aggregation, and the finished round is accounted and audited."""
+
+    attends_keys = False  # attention over raw K would release it without noise
+
+    def __init__(self, policy: DPPolicy) -> None:
+        self.policy = policy
+
+    def admits(self, n_children: int, n_expected: int) -> bool:
+        return not self.policy.would_exceed_budget(n_children, n_expected)
+
+    def start_round(
+        self, current: State, n_children: int, n_selected: int, local_round: int
+    ) -> DPRound:
+        return self.policy.start_round(current, n_children, n_selected, local_round)
+
+    def secure_clip(self, aggregation: RoundAggregation) -> float | None:
+        return _dp_round(aggregation).clip
+
+    def secure_fold(
+        self, aggregation: RoundAggregation, current: State, out: SecureOutcome
+    ) -> tuple[RoundAggregation, float]:
+        del current
+        dp_round = _dp_round(aggregation)
+        if out.changes is None:
+            return dp_round, 0.0
+        dp_round.add_sum(out.changes, len(out.included), out.dp_clipped)
+        return dp_round, out.error / dp_round.expected_children
+
+    def finish_round(
+        self, aggregation: RoundAggregation, global_round: int, local_round: int, audit: AuditFn
+    ) -> list[Record]:
+        privacy = self.policy.finish_round(_dp_round(aggregation), global_round)
+        audit(
+            "dp_noise",
+            global_round,
+            local_round=local_round,
+            noise_stddev=privacy["noise_stddev"],
+            clip=privacy["clip"],
+            clipped=privacy["clipped"],
+            epsilon=privacy["epsilon"],
+            delta=privacy["delta"],
+        )
+        return [privacy]
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        del state
+
+    def meta(self) -> dict[str, Any]:
+        return {"dp": self.policy.state_dict()}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        self.policy.load_state_dict(meta.get("dp", {}))
+
+
+def _dp_round(aggregation: RoundAggregation) -> DPRound:
+    # The rule made this aggregation in start_round; anything else is a wiring bug.
+    assert isinstance(aggregation, DPRound), type(aggregation)
+    return aggregation

@@ -93,6 +93,13 @@ class SecureSum:
     def __init__(self, current: State, changes: State, weight: float) -> None:
         self.current, self.changes, self.weight = current, changes, weight
 
+    def add(self, update: object) -> None:
+        raise RuntimeError("a secure round's replies arrive only as their sum")
+
+    @property
+    def count(self) -> int:
+        return 1 if self.changes else 0
+
     def result(self) -> tuple[State, float]:
         w = self.weight
         return {k: self.current[k].double() * w + v for k, v in self.changes.items()}, w

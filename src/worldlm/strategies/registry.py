@@ -15,11 +15,14 @@ from worldlm.federation.messages import State, Update
 class RoundAggregation(Protocol):
     """One round's aggregation: fed one update at a time, then asked for the result."""
 
-    def add(self, update: Update) -> None: ...
+    def add(self, update: Update) -> tuple[float, float] | None:
+        """Fold one reply in; a rule that clips returns (the change's norm, its clip factor)."""
+        ...
 
     def result(self) -> tuple[State, float]:
         """The new model times a scale, and the scale (a FedAvg sum and its total weight), so
-        that exact sums can be forwarded upward; the model is `state / scale`."""
+        that exact sums can be forwarded upward; the model is `state / scale`. A result with a
+        scale other than 1 is the round's own running sum: the caller may divide it in place."""
         ...
 
     @property

@@ -1,9 +1,10 @@
-"""A leaf's local training: AdamW, warmup + cosine, gradient clipping, explicit loop."""
+"""A leaf's local training: AdamW, warmup + cosine, gradient clipping, explicit loop; with
+`train.prox_mu` > 0, FedProx's proximal term (Li et al. 2020)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,29 @@ def batch_order(n_blocks: int, batch_size: int, steps: int, gen: torch.Generator
     return torch.cat(perms)[:need].view(steps, batch_size)
 
 
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FedProx's proximal term without its mu: 0.5 * sum ||p - a||^2 over paired tensors
+    (differentiable in `params`; its gradient is p - a)."""
+    total = torch.zeros((), device=anchors[0].device if anchors else None)
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p - a).pow(2).sum()
+    return 0.5 * total
+
+
+@torch.no_grad()
+def add_proximal_gradient(
+    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float
+) -> None:
+    """Add mu * (p - a), the gradient of `mu * proximal_term(params, anchors)`, to each p.grad:
+    the same step as adding the term to the loss, without building its autograd graph."""
+    for p, a in zip(params, anchors, strict=True):
+        pull = (p - a).mul_(mu)
+        if p.grad is None:
+            p.grad = pull
+        else:
+            p.grad.add_(pull)
+
+
 def local_train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -58,8 +82,17 @@ def local_train(
     device: torch.device,
     on_step: StepCallback | None = None,
 ) -> LocalResult:
-    """Train `cfg.local_steps` steps on `blocks`; the schedule continues from `start_step`."""
+    """Train `cfg.local_steps` steps on `blocks`; the schedule continues from `start_step`.
+
+    With `cfg.prox_mu` > 0 each step also descends (mu/2)·||w - w0||², w0 being the trainable
+    parameters as this call finds them (what the leaf received, with its personal weights on
+    top): the gradient mu·(w - w0) is added before clipping. The reported loss is the language
+    model's alone."""
     model.train()
+    prox: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    if cfg.prox_mu > 0:
+        params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+        prox = (params, [p.detach().clone() for p in params])
     order = batch_order(blocks.shape[0], cfg.batch_size, cfg.local_steps, gen)
     loss_sum = torch.zeros((), device=device)
     with seeded_dropout(model, gen, device):
@@ -79,6 +112,8 @@ def local_train(
             with autocast(device):
                 loss = model(input_ids=x, labels=y).loss  # HF shifts labels inside
             loss.backward()
+            if prox is not None:
+                add_proximal_gradient(*prox, cfg.prox_mu)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
