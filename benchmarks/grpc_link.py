@@ -50,18 +50,18 @@ from rich.table import Table
 
 from machine_info import load_average, machine_info
 from worldlm.config import NodeConfig
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.security.certs import create_ca, issue_node_cert
 from worldlm.strategies.registry import build_strategy
-from worldlm.transport.base import ChildInfo
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import STOP_KIND, answer_parent
 from worldlm.transport.grpc.connection import ChildConnection
 from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
-from worldlm.transport.inprocess import InProcessTransport
 
 RUN_ID = "bench"
 PARENT = "bench"

@@ -33,11 +33,12 @@ from rich.table import Table
 
 from machine_info import load_average, machine_info
 from worldlm.config import EvalConfig, ModelConfig, TrainConfig
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import State, TrainTask
+from worldlm.core.state import get_state, set_state
 from worldlm.federation.context import RunContext
-from worldlm.federation.leaf import Leaf, LeafData
-from worldlm.federation.messages import State, TrainTask
+from worldlm.federation.leaf import Leaf
 from worldlm.model.build import build_model, count_parameters
-from worldlm.model.state import get_state, set_state
 from worldlm.seeding import generator
 from worldlm.train.local import local_train, make_optimizer
 

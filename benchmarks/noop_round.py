@@ -262,18 +262,18 @@ class NoOpLeaf:
         self.tokens = tokens
 
     def info(self) -> Any:
-        from worldlm.transport.base import ChildInfo
+        from worldlm.core.transport import ChildInfo
 
         return ChildInfo(self.path, self.tokens)
 
     def handle_train(self, task: Any) -> Any:
-        from worldlm.federation.messages import Update
+        from worldlm.core.messages import Update
 
         state = {k: v.clone() for k, v in task.state.items()}
         return Update(self.path, task.round, task.nonce, state, float(self.tokens))
 
     def handle_eval(self, task: Any) -> Any:
-        from worldlm.federation.messages import EvalReport
+        from worldlm.core.messages import EvalReport
 
         return EvalReport(self.path, task.nonce, {})
 
@@ -289,7 +289,7 @@ class NoOpWorker:
         return sorted(self.tokens)
 
     def handle_train(self, task: Any, state: Any) -> Any:
-        from worldlm.federation.messages import Update
+        from worldlm.core.messages import Update
 
         copy = {k: v.clone() for k, v in state.items()}
         return Update(
@@ -297,7 +297,7 @@ class NoOpWorker:
         )
 
     def handle_eval(self, task: Any, state: Any) -> Any:
-        from worldlm.federation.messages import EvalReport
+        from worldlm.core.messages import EvalReport
 
         del state
         return EvalReport(task.recipient, task.nonce, {})
@@ -355,7 +355,7 @@ def engine_rounds(
 
 
 def ours_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    from worldlm.transport.inprocess import InProcessTransport
+    from worldlm.core.inprocess import InProcessTransport
 
     paths = leaf_paths(args.n)
     transport = InProcessTransport({PARENT: paths})
@@ -377,7 +377,7 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
     per round; the parts an audit log adds are timed apart and left out of the estimate."""
     from worldlm.audit.digest import state_digest
     from worldlm.config import NodeConfig
-    from worldlm.federation.messages import TrainTask, Update
+    from worldlm.core.messages import TrainTask, Update
     from worldlm.federation.reply_check import check_reply
     from worldlm.strategies.fedavg import FedAvgRound
     from worldlm.strategies.registry import SUM_DTYPES
@@ -429,8 +429,8 @@ def ours_ray_cell(args: argparse.Namespace, started: float) -> dict[str, Any]:
     try:
         import ray
 
+        from worldlm.core.leaf_data import LeafData
         from worldlm.federation.context import SilentObserver
-        from worldlm.federation.leaf import LeafData
         from worldlm.transport.ray_transport import RayTransport, RemoteLeaf, start_ray
     except ImportError as exc:
         return {"skipped": f"worldlm's Ray backend is not importable here ({exc})"}
@@ -530,7 +530,7 @@ CELLS = {
     FLOWER: flower_cell,
     OURS_RAY: ours_ray_cell,
 }
-ENGINE = ["worldlm.federation.aggregator", "worldlm.transport.inprocess", "worldlm.config"]
+ENGINE = ["worldlm.federation.aggregator", "worldlm.core.inprocess", "worldlm.config"]
 # Imported before the clock and the memory baseline: their cost is reported on its own.
 IMPORTS = {
     PLAIN: [],

@@ -22,10 +22,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from worldlm.config import apply_overrides, validate_config
+from worldlm.config import apply_overrides
+from worldlm.config_load import validate_config
 from worldlm.federation.attacks import install_attack, sign_flip
 from worldlm.progress import QuietProgress
-from worldlm.run import evaluate_tree, mean_ppl, open_session
+from worldlm.root_loop import evaluate_tree, mean_ppl
+from worldlm.session import open_session
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "domains"
 SOURCES = [

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from machine_info import machine_info
-from worldlm.privacy.secagg.cost import CostRow, measure_cost, secagg_plus_neighbours
+from worldlm.secagg.cost import CostRow, measure_cost, secagg_plus_neighbours
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from worldlm.config import RunConfig, apply_overrides, validate_config
+from worldlm.config import RunConfig, apply_overrides
+from worldlm.config_load import validate_config
 
 _TOPICS = {
     "med": [

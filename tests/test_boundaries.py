@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -21,6 +22,75 @@ def test_core_imports_no_transport_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each top-level part of worldlm (a package, or a module at the top) -> the parts it
+    imports, from the source's import statements (type-checking-only imports included)."""
+
+    def part(module: str) -> str:
+        pieces = module.split(".")
+        return pieces[1] if len(pieces) > 1 else "worldlm"
+
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        here = part(".".join(p for p in rel.parts if p != "__init__"))
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                if name.startswith("worldlm.") and part(name) != here:
+                    graph.setdefault(here, set()).add(part(name))
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle between parts, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_layers_point_one_way() -> None:
+    graph = _package_imports()
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    # The shared types sit at the bottom: they import no package that builds on them.
+    assert graph["core"] <= {"errors", "secagg"}, graph["core"]
+    # Strategies, codecs, privacy and data are plugged into the engine, never above it.
+    for lower in ("strategies", "compression", "privacy", "data", "secagg", "train", "model"):
+        assert not graph.get(lower, set()) & {"federation", "transport", "session", "run"}, lower
+    # The engine knows the transport protocol (core), not the transports that implement it.
+    assert "transport" not in graph["federation"]
+    # Nothing but the entry points uses the orchestrator.
+    users = {part for part, targets in graph.items() if "run" in targets}
+    assert users <= {"cli", "compare"}, users
+
+
+def test_the_check_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}}) is None
 
 
 def test_no_unsafe_deserialization_in_source() -> None:

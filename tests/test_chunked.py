@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from worldlm.federation.chunked import (
+from worldlm.core.chunked import (
     CHUNK,
     ChunkBuffers,
     add_converted,

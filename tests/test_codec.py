@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from worldlm import wire
-from worldlm.errors import WireError
-from worldlm.federation.messages import (
+from worldlm.core.messages import (
     EvalReport,
+    EvalResult,
     EvalTask,
+    Residual,
     RoutedResidual,
     State,
     TrainTask,
     Update,
 )
-from worldlm.strategies.routing import Residual
-from worldlm.train.evaluate import EvalResult
+from worldlm.errors import WireError
 from worldlm.transport.codec import decode_message, encode_message
 
 

@@ -16,7 +16,8 @@ from worldlm.compare import (
     method_config,
     parse_method,
 )
-from worldlm.config import RunConfig, ServerOptimizerConfig, dump_config, load_config
+from worldlm.config import RunConfig, ServerOptimizerConfig, dump_config
+from worldlm.config_load import load_config
 from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress

@@ -20,11 +20,12 @@ from worldlm.compression.feedback import feedback_step
 from worldlm.compression.int8 import quantize
 from worldlm.compression.topk import kept_count
 from worldlm.config import LinkConfig
+from worldlm.core.messages import Record, State, TrainTask, Update
 from worldlm.errors import ConfigError, UpdateRejected, WireError
-from worldlm.federation.messages import Record, State, TrainTask, Update
 from worldlm.federation.snapshot import restore, snapshot
 from worldlm.progress import QuietProgress
-from worldlm.run import Session, evaluate_tree, mean_ppl, open_session
+from worldlm.root_loop import evaluate_tree, mean_ppl
+from worldlm.session import Session, open_session
 from worldlm.transport.codec import decode_message, encode_message
 
 from .conftest import TWO_LEVEL, tiny_config

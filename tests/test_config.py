@@ -11,9 +11,8 @@ from worldlm.config import (
     apply_overrides,
     default_config_text,
     dump_config,
-    load_config,
-    validate_config,
 )
+from worldlm.config_load import load_config, validate_config
 from worldlm.config_toml import parse_override
 from worldlm.errors import ConfigError
 

@@ -17,16 +17,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worldlm.config import RunConfig, dump_config, load_config
+from worldlm.config import RunConfig, dump_config
+from worldlm.config_load import load_config
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.data.tokenizer import train_tokenizer
 from worldlm.deploy.node_file import load_node_file
 from worldlm.errors import ConfigError
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import evaluate_tree, open_session, round_loop, run
+from worldlm.root_loop import evaluate_tree, round_loop
+from worldlm.run import run
 from worldlm.security.certs import safe_name
-from worldlm.transport.base import ChildInfo, Dropout, Transport
+from worldlm.session import open_session
 
 from .conftest import synthetic_documents, tiny_config
 

@@ -10,8 +10,8 @@ import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
 
+from worldlm.core.messages import State, Update
 from worldlm.errors import CheckpointError, ConfigError, UpdateRejected
-from worldlm.federation.messages import State, Update
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.privacy.adaptive import AdaptiveClip, default_count_stddev, update_noise_multiplier
 from worldlm.privacy.clipping import clip_delta, clip_factor, delta_norm, l2_norm

@@ -13,7 +13,8 @@ from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
-from worldlm.run import open_session, resume, run
+from worldlm.run import resume, run
+from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config
 from .test_engine import StopAtRound

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from worldlm.checkpoint import list_checkpoints, load_latest
-from worldlm.config import RunConfig, apply_overrides, validate_config
+from worldlm.config import RunConfig, apply_overrides
+from worldlm.config_load import validate_config
 from worldlm.errors import CheckpointError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import open_session, resume, run
+from worldlm.run import resume, run
+from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, aggregator_paths, tiny_config, tiny_config_dict
 

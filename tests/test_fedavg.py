@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from worldlm.config import NodeConfig
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.strategies.fedavg import WeightedSum, fedavg
 from worldlm.strategies.registry import build_strategy
-from worldlm.transport.base import ChildInfo
-from worldlm.transport.inprocess import InProcessTransport
 
 
 class FixedChild:

@@ -118,8 +118,15 @@ def test_a_gguf_file_is_converted_once_with_its_tokenizer(
     [converted] = (cache / "models").iterdir()
     assert (converted / "model.safetensors").is_file()
     # the GGUF's own tokenizer and chat template
-    tok = choose_tokenizer(config.tokenizer, config.model, [], cache)
+    tok = choose_tokenizer(
+        config.tokenizer, pretrained.pretrained_dir(config.model, cache), [], cache
+    )
     text = "<|user|>\nWhat is the fever of the patient?<|end|>"
     reference = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
     assert tok.encode(text).ids == reference.encode(text).ids
-    assert hf_tokenizer(tok, config.tokenizer, config.model, cache).chat_template == CHAT_TEMPLATE
+    assert (
+        hf_tokenizer(
+            tok, config.tokenizer, pretrained.pretrained_dir(config.model, cache)
+        ).chat_template
+        == CHAT_TEMPLATE
+    )

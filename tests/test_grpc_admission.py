@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.transport import ChildInfo
 from worldlm.security.certs import create_ca, issue_node_cert
-from worldlm.transport.base import ChildInfo
 from worldlm.transport.grpc import ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.child import answer_parent

@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from worldlm.config import NodeConfig
-from worldlm.federation.aggregator import Aggregator
-from worldlm.federation.context import RunContext
-from worldlm.federation.messages import (
+from worldlm.core.messages import (
     EvalReport,
     EvalTask,
     Record,
@@ -24,10 +22,12 @@ from worldlm.federation.messages import (
     TrainTask,
     Update,
 )
+from worldlm.core.transport import ChildInfo
+from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.context import RunContext
 from worldlm.security.certs import create_ca, issue_node_cert
 from worldlm.strategies.fedavg import fedavg
 from worldlm.strategies.registry import build_strategy
-from worldlm.transport.base import ChildInfo
 from worldlm.transport.codec import decode_message, encode_message
 from worldlm.transport.grpc import ChildLink, LinkError, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import TaskRefused, answer_parent, check_task

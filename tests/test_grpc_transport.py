@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.transport import ChildInfo, NodeHandler
 from worldlm.federation.secure_child import SecureChild
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.progress import QuietProgress
-from worldlm.run import Session, evaluate_tree, open_session, round_loop, run
+from worldlm.root_loop import evaluate_tree, round_loop
+from worldlm.run import run
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
-from worldlm.transport.base import ChildInfo, NodeHandler
+from worldlm.session import Session, open_session
 from worldlm.transport.grpc import ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
 from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy

@@ -12,13 +12,13 @@ import torch
 
 from worldlm.checkpoint import list_checkpoints
 from worldlm.config import SecAggConfig
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import Declined, SecureSetup, SecureStage, TrainedKeys
+from worldlm.core.transport import ChildInfo
 from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.errors import CheckpointError
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.federation.secure_child import vector_length
-from worldlm.federation.secure_messages import Declined, SecureSetup, SecureStage, TrainedKeys
-from worldlm.privacy.secagg import KeysBroadcast, plan_round
-from worldlm.transport.base import ChildInfo
+from worldlm.secagg import KeysBroadcast, plan_round
 
 
 class Accumulator:

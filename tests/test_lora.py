@@ -21,7 +21,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from worldlm.cli import main
-from worldlm.config import ModelConfig, RunConfig, TrainConfig, dump_config, validate_config
+from worldlm.config import ModelConfig, RunConfig, TrainConfig, dump_config
+from worldlm.config_load import validate_config
+from worldlm.core.messages import TrainTask, Update
+from worldlm.core.state import get_state, set_state
 from worldlm.data.blocks import IGNORE_INDEX, inputs_and_labels, pack_examples
 from worldlm.data.instructions import (
     Conversation,
@@ -33,15 +36,17 @@ from worldlm.data.prepare import prepare_data
 from worldlm.data.tokenizer import to_hf_tokenizer
 from worldlm.errors import ConfigError, DataError, ModelError
 from worldlm.federation.leaf import Leaf
-from worldlm.federation.messages import TrainTask, Update
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.build import build_model
 from worldlm.model.export import export_model
 from worldlm.model.lora import adapter_names, wrap_lora
 from worldlm.model.partition import key_layer_partition, split_state
-from worldlm.model.state import get_state, set_state
+from worldlm.model.pretrained import pretrained_dir
+from worldlm.model.workspace import build_workspace
 from worldlm.progress import QuietProgress
-from worldlm.run import Session, build_workspace, evaluate_tree, open_session, round_loop, run
+from worldlm.root_loop import evaluate_tree, round_loop
+from worldlm.run import run
+from worldlm.session import Session, open_session
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import local_train, make_optimizer
 from worldlm.tree import build_tree
@@ -380,7 +385,8 @@ def test_a_leaf_may_mix_text_and_instruction_files(tmp_path: Path, base_dir: Pat
             build_tree(config.nodes),
             data_cfg=config.data,
             tokenizer_cfg=config.tokenizer,
-            model_cfg=config.model,
+            block_size=config.model.block_size,
+            model_dir=pretrained_dir(config.model, tmp_path / "cache"),
             seed=0,
             cache_dir=tmp_path / "cache",
         )

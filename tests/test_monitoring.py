@@ -17,8 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from worldlm.checkpoint import list_checkpoints, load_checkpoint
 from worldlm.cli import main
 from worldlm.metrics.jsonl import read_metrics
+from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
-from worldlm.run import RunResult, run
+from worldlm.run import run
 
 from .conftest import TWO_LEVEL, synthetic_documents, tiny_config
 

@@ -14,14 +14,16 @@ from safetensors.torch import load_file
 
 from worldlm.cli import build_parser
 from worldlm.cli_args import backend_overrides
-from worldlm.config import RunConfig, dump_config, load_config
+from worldlm.config import RunConfig, dump_config
+from worldlm.config_load import load_config
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import State, TrainTask, Update
 from worldlm.errors import ConfigError
 from worldlm.federation.context import SilentObserver
-from worldlm.federation.leaf import LeafData
-from worldlm.federation.messages import State, TrainTask, Update
 from worldlm.model.io import weights_file
+from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
-from worldlm.run import RunResult, resume, run
+from worldlm.run import resume, run
 from worldlm.transport.ray_transport import RayTransport, RemoteLeaf
 
 from .conftest import TWO_LEVEL, tiny_config

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from worldlm.config import NodeConfig, load_config
+from worldlm.config import NodeConfig
+from worldlm.config_load import load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.metrics.report import (
     fairness_of,

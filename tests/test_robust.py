@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from worldlm.config import RobustConfig
+from worldlm.core.messages import State, Update
 from worldlm.errors import ConfigError
 from worldlm.federation.attacks import Attack, install_attack, model_replacement, sign_flip
-from worldlm.federation.messages import State, Update
 from worldlm.progress import QuietProgress
-from worldlm.run import evaluate_tree, mean_ppl, open_session
+from worldlm.root_loop import evaluate_tree, mean_ppl
+from worldlm.session import open_session
 from worldlm.strategies import robust
 from worldlm.strategies.norm_bound import bounded_update
 from worldlm.strategies.registry import build_strategy, check_strategy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worldlm.config import SecAggConfig
-from worldlm.privacy.secagg import (
+from worldlm.secagg import (
     MaskedInput,
     Quantizer,
     SecAggAborted,
@@ -25,7 +25,7 @@ from worldlm.privacy.secagg import (
     run_secagg,
     shamir,
 )
-from worldlm.privacy.secagg.graph import neighbourhood_graph
+from worldlm.secagg.graph import neighbourhood_graph
 
 # chi-square critical value for 15 degrees of freedom at p = 1e-6 (scipy.stats.chi2.isf):
 # a uniformity test that a correct implementation fails once in a million runs.

@@ -21,27 +21,27 @@ import numpy as np
 import pytest
 import torch
 
-from worldlm.errors import ConfigError
-from worldlm.federation.leaf import Leaf
-from worldlm.federation.messages import EvalReport, EvalTask, Record, State, TrainTask, Update
-from worldlm.federation.secure_child import SecureChild, flat_change
-from worldlm.federation.secure_messages import (
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.messages import EvalReport, EvalTask, Record, State, TrainTask, Update
+from worldlm.core.secure_messages import (
     Declined,
     SecureMessage,
     SecureReply,
     TrainedKeys,
 )
-from worldlm.privacy.secagg import (
+from worldlm.core.transport import ChildInfo, Dropout
+from worldlm.errors import ConfigError
+from worldlm.federation.leaf import Leaf
+from worldlm.federation.secure_child import SecureChild, flat_change
+from worldlm.progress import QuietProgress
+from worldlm.secagg import (
     MaskedInput,
     Quantizer,
     ShareKeys,
     Stage,
     UnmaskingShares,
 )
-from worldlm.progress import QuietProgress
-from worldlm.run import Session, open_session
-from worldlm.transport.base import ChildInfo, Dropout
-from worldlm.transport.inprocess import InProcessTransport
+from worldlm.session import Session, open_session
 
 from .conftest import aggregator_paths, tiny_config
 from .test_grpc_transport import over_grpc

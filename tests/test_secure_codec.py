@@ -12,9 +12,8 @@ import torch
 
 from worldlm import wire
 from worldlm.config import SecAggConfig
-from worldlm.errors import WireError
-from worldlm.federation.messages import TrainTask
-from worldlm.federation.secure_messages import (
+from worldlm.core.messages import TrainTask
+from worldlm.core.secure_messages import (
     Declined,
     MaskRequest,
     SecureReply,
@@ -22,7 +21,8 @@ from worldlm.federation.secure_messages import (
     SecureStage,
     TrainedKeys,
 )
-from worldlm.privacy.secagg import SecAggClient, SecAggServer, plan_round
+from worldlm.errors import WireError
+from worldlm.secagg import SecAggClient, SecAggServer, plan_round
 from worldlm.transport.codec import decode_message, encode_message
 
 PEERS = ["world/a", "world/b", "world/c", "world/d"]

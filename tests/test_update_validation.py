@@ -18,9 +18,8 @@ import torch
 from worldlm.audit.digest import state_digest
 from worldlm.audit.log import AuditLog, verify
 from worldlm.config import NodeConfig
-from worldlm.federation.aggregator import Aggregator
-from worldlm.federation.context import NoAudit, RunContext
-from worldlm.federation.messages import (
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.messages import (
     EvalReport,
     EvalTask,
     Record,
@@ -28,11 +27,12 @@ from worldlm.federation.messages import (
     TrainTask,
     Update,
 )
+from worldlm.core.transport import ChildInfo
+from worldlm.federation.aggregator import Aggregator
+from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.selection import eligible
 from worldlm.strategies.fedavg import fedavg
 from worldlm.strategies.registry import build_strategy
-from worldlm.transport.base import ChildInfo
-from worldlm.transport.inprocess import InProcessTransport
 
 Tamper = Callable[[Update], Update]
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worldlm.federation.messages import TrainTask, Update
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.messages import TrainTask, Update
 from worldlm.progress import QuietProgress
-from worldlm.run import open_session, resume, run
-from worldlm.transport.inprocess import InProcessTransport
+from worldlm.run import resume, run
+from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config
 from .test_engine import StopAtRound, _root_states

@@ -136,7 +136,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "compare":
         return _compare(args, console)
     if args.command == "check":
-        from worldlm.config import load_config
+        from worldlm.config_load import load_config
         from worldlm.data.prepare import check_sources
         from worldlm.tree import build_tree, render
 
@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from worldlm.config import load_config
+    from worldlm.config_load import load_config
     from worldlm.errors import ConfigError
     from worldlm.progress import QuietProgress, RichProgress
     from worldlm.report_table import perplexity_table
@@ -267,7 +267,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     from worldlm.compare import compare, fedavg_to_worldlm, table_rows
-    from worldlm.config import load_config
+    from worldlm.config_load import load_config
     from worldlm.progress import QuietProgress, RichProgress
 
     config = load_config(args.config, args.overrides + backend_overrides(args))

@@ -37,11 +37,12 @@ from worldlm.config import (
     ServerOptimizerConfig,
     ServerOptimizerName,
     dump_config,
-    load_config,
 )
+from worldlm.config_load import load_config
 from worldlm.errors import CheckpointError, ConfigError
 from worldlm.metrics.jsonl import read_metrics
-from worldlm.run import RunObserver, resume, run
+from worldlm.run import resume, run
+from worldlm.session import RunObserver
 from worldlm.tree import build_tree
 
 METHODS = ("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")

@@ -8,20 +8,15 @@ the key.
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from worldlm.config_errors import format_validation_error
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Re-exported: callers build configs from dicts with these (worldlm.config's API).
 from worldlm.config_toml import apply_overrides as apply_overrides
 from worldlm.config_toml import read_toml as read_toml
 from worldlm.config_toml import to_toml as to_toml
-from worldlm.errors import ConfigError
 
 Method = Literal["hierfavg", "fedavg", "centralized", "local", "fedper", "worldlm"]
 
@@ -523,57 +518,6 @@ DEFAULT_CONFIG = "default.toml"
 def default_config_text() -> str:
     """The embedded default config that `worldlm run` uses with no arguments."""
     return resources.files("worldlm.configs").joinpath(DEFAULT_CONFIG).read_text("utf-8")
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make relative leaf data paths (under data.root, if set) and model/tokenizer paths
-    relative to the config file."""
-    section = data.get("data")
-    data_base = base
-    if isinstance(section, dict) and isinstance(section.get("root"), str) and section["root"]:
-        section["root"] = _absolute(section["root"], base)
-        data_base = Path(section["root"])
-    for node in (data.get("nodes") or {}).values():
-        paths = node.get("data", {}).get("paths") if isinstance(node, dict) else None
-        if isinstance(paths, list):
-            node["data"]["paths"] = [_absolute(p, data_base) for p in paths]
-    for section in ("model", "tokenizer"):
-        part = data.get(section)
-        if isinstance(part, dict) and isinstance(part.get("path"), str):
-            part["path"] = _absolute(part["path"], base)
-
-
-def _absolute(value: Any, base: Path) -> Any:
-    if not isinstance(value, str):
-        return value  # the validator reports the wrong type
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
-
-
-def validate_config(data: dict[str, Any]) -> RunConfig:
-    """Validate a config dict (types, ranges, and the federation tree) into a RunConfig."""
-    try:
-        config = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, RunConfig)) from None
-    # The tree is checked here so that every entry point rejects an impossible tree up front.
-    from worldlm.tree import build_tree
-
-    build_tree(config.nodes)
-    return config
-
-
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from `path` (or the embedded default), apply overrides, validate."""
-    if path is None:
-        data = tomllib.loads(default_config_text())
-        base = Path.cwd()
-    else:
-        data = read_toml(path)
-        base = path.resolve().parent
-    data = apply_overrides(data, overrides or [])
-    _resolve_paths(data, base)
-    return validate_config(data)
 
 
 def dump_config(config: RunConfig) -> str:

@@ -11,10 +11,10 @@ The rows written here are what `metrics.jsonl`, TensorBoard and `worldlm report`
 
 from __future__ import annotations
 
+from worldlm.core.messages import EvalResult, EvalTask, Record, State
 from worldlm.federation.build import Federation
-from worldlm.federation.messages import EvalTask, Record, State
 from worldlm.metrics.fairness import fairness_figures
-from worldlm.train.evaluate import EvalResult, merge_results
+from worldlm.train.evaluate import merge_results
 from worldlm.tree import FederationNode
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from worldlm.train.evaluate import EvalResult, merge_results
+from worldlm.core.messages import EvalResult
+from worldlm.train.evaluate import merge_results
 
 
 def perplexity_table(

@@ -24,8 +24,8 @@ from worldlm.compression.base import TensorCodec, split_compact
 from worldlm.compression.feedback import ErrorFeedback
 from worldlm.compression.registry import DOWN_CODECS, NONE, TOPK, make_codec
 from worldlm.config import LinkConfig
+from worldlm.core.messages import Layout, State, TrainTask, Update
 from worldlm.errors import UpdateRejected, WireError
-from worldlm.federation.messages import Layout, State, TrainTask, Update
 
 _DTYPE_NAMES = {dtype: name for name, dtype in wire.DTYPES.items()}
 

@@ -18,7 +18,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from worldlm.config import DataConfig, ModelConfig, TokenizerConfig
+from worldlm.config import DataConfig, TokenizerConfig
+from worldlm.core.leaf_data import LeafData
 from worldlm.data.blocks import encode_documents, pack_blocks, pack_examples
 from worldlm.data.corpora import CORPORA, load_corpus
 from worldlm.data.instructions import (
@@ -34,8 +35,6 @@ from worldlm.data.sources import data_files, read_documents
 from worldlm.data.split import split_documents
 from worldlm.data.tokenizer import eos_id, load_tokenizer, to_hf_tokenizer, train_tokenizer
 from worldlm.errors import DataError
-from worldlm.federation.leaf import LeafData
-from worldlm.model.pretrained import base_model_dir
 from worldlm.tree import FederationNode
 
 Status = Callable[[str], None]
@@ -104,33 +103,32 @@ def documents_digest(docs: list[Document]) -> str:
 
 
 def choose_tokenizer(
-    cfg: TokenizerConfig, model: ModelConfig, train_texts: list[str], cache_dir: Path
+    cfg: TokenizerConfig, model_dir: Path | None, train_texts: list[str], cache_dir: Path
 ) -> Tokenizer:
-    """tokenizer.path if set, else the model's own, else one trained on `train_texts`."""
+    """tokenizer.path if set, else the pretrained model's own (`model_dir`, its Hugging Face
+    directory, see `model.pretrained.pretrained_dir`), else one trained on `train_texts`."""
     if cfg.path is not None:
         return load_tokenizer(Path(cfg.path))
-    if model.path is not None:
-        return load_tokenizer(base_model_dir(model, cache_dir))
+    if model_dir is not None:
+        return load_tokenizer(model_dir)
     return train_tokenizer(train_texts, vocab_size=cfg.vocab_size, cache_dir=cache_dir)
 
 
-def tokenizer_dir(cfg: TokenizerConfig, model: ModelConfig, cache_dir: Path) -> Path | None:
+def tokenizer_dir(cfg: TokenizerConfig, model_dir: Path | None) -> Path | None:
     """The Hugging Face directory the tokenizer comes from, if any (it may hold a chat
     template and the model's own special tokens)."""
     if cfg.path is not None:
         path = Path(cfg.path)
         return path if (path / "tokenizer_config.json").is_file() else None
-    if model.path is not None:
-        return base_model_dir(model, cache_dir)
-    return None
+    return model_dir
 
 
 def hf_tokenizer(
-    tok: Tokenizer, cfg: TokenizerConfig, model: ModelConfig, cache_dir: Path
+    tok: Tokenizer, cfg: TokenizerConfig, model_dir: Path | None
 ) -> PreTrainedTokenizerBase:
     """`tok` for transformers: its own directory's files (chat template included) when it
     came from one, else wrapped by `to_hf_tokenizer`."""
-    directory = tokenizer_dir(cfg, model, cache_dir)
+    directory = tokenizer_dir(cfg, model_dir)
     if directory is None or not (directory / "tokenizer_config.json").is_file():
         return to_hf_tokenizer(tok)
     try:
@@ -179,25 +177,27 @@ def prepare_data(
     *,
     data_cfg: DataConfig,
     tokenizer_cfg: TokenizerConfig,
-    model_cfg: ModelConfig,
+    block_size: int,
+    model_dir: Path | None,
     seed: int,
     cache_dir: Path,
     status: Status = lambda _msg: None,
 ) -> PreparedData:
-    """Blocks for every leaf of the configured tree (leaf names are unique)."""
+    """Blocks for every leaf of the configured tree (leaf names are unique); `model_dir` is a
+    pretrained model's directory, whose tokenizer is used unless tokenizer.path is set."""
     splits, digests = read_splits(tree, data_cfg, seed, cache_dir, status)
     status("preparing the tokenizer")
-    tokenizer = choose_tokenizer(tokenizer_cfg, model_cfg, training_union(splits), cache_dir)
+    tokenizer = choose_tokenizer(tokenizer_cfg, model_dir, training_union(splits), cache_dir)
     chat: PreTrainedTokenizerBase | None = None
     if any(isinstance(d, Conversation) for pair in splits.values() for d in pair[0]):
-        chat = hf_tokenizer(tokenizer, tokenizer_cfg, model_cfg, cache_dir)
+        chat = hf_tokenizer(tokenizer, tokenizer_cfg, model_dir)
         chat = chat if chat.chat_template else None  # none: the plain format
     leaves: dict[str, LeafData] = {}
     for name, (train_docs, val_docs) in splits.items():
         status(f"tokenizing {name}")
         try:
-            train = encode_blocks(tokenizer, train_docs, model_cfg.block_size, chat)
-            val = encode_blocks(tokenizer, val_docs, model_cfg.block_size, chat)
+            train = encode_blocks(tokenizer, train_docs, block_size, chat)
+            val = encode_blocks(tokenizer, val_docs, block_size, chat)
         except DataError as exc:
             raise DataError(f"leaf {name}: {exc}") from None
         leaves[name] = LeafData(name, train, {name: val})

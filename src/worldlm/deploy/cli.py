@@ -47,7 +47,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def run_deploy_local(args: argparse.Namespace, console: Console) -> int:
-    from worldlm.config import load_config
+    from worldlm.config_load import load_config
     from worldlm.deploy.local import write_local_deployment
     from worldlm.progress import RichProgress
 
@@ -63,7 +63,7 @@ def run_deploy_local(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
-    from worldlm.config import load_config
+    from worldlm.config_load import load_config
     from worldlm.deploy.node import answer_as_child, check_tls_files, open_node, run_root
     from worldlm.deploy.node_file import load_node_file
     from worldlm.progress import QuietProgress, RichProgress

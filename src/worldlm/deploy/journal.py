@@ -27,11 +27,11 @@ from worldlm.checkpoint import (
     load_latest,
     save_checkpoint,
 )
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.transport import ChildInfo, NodeHandler
 from worldlm.errors import CheckpointError
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.federation.secure_child import SecureChild
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.transport.base import ChildInfo, NodeHandler
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from worldlm.config import RunConfig, dump_config
 from worldlm.data.prepare import check_sources, choose_tokenizer, read_splits, training_union
 from worldlm.errors import ConfigError
-from worldlm.run import RunObserver, cache_dir_of
+from worldlm.model.workspace import cache_dir_of
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
+from worldlm.session import RunObserver
 from worldlm.tree import FederationNode, build_tree
 
 LOOPBACK = "127.0.0.1"
@@ -54,7 +55,7 @@ def write_local_deployment(
             tree, config.data, config.run.seed, cache_dir_of(config), observer.status
         )
         tokenizer = choose_tokenizer(
-            config.tokenizer, config.model, training_union(splits), cache_dir_of(config)
+            config.tokenizer, None, training_union(splits), cache_dir_of(config)
         )
         tokenizer.save(str(tokenizer_file))
         config = config.model_copy(

@@ -28,23 +28,21 @@ from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation, LeafNode
 from worldlm.federation.context import AuditRelay, RunContext
 from worldlm.federation.methods import plan_method
-from worldlm.run import (
+from worldlm.model.pretrained import pretrained_dir
+from worldlm.model.workspace import build_workspace, cache_dir_of
+from worldlm.outputs import RunResult
+from worldlm.root_loop import continue_session, evaluate_tree, round_loop
+from worldlm.security.certs import safe_name
+from worldlm.session import (
     RunObserver,
-    RunResult,
     Session,
     audit_run_start,
-    build_workspace,
-    cache_dir_of,
     config_digest,
-    continue_session,
-    evaluate_tree,
     federation_from_config,
     make_run_dir,
     open_metrics,
     prepare_config_data,
-    round_loop,
 )
-from worldlm.security.certs import safe_name
 from worldlm.train.device import pick_device
 from worldlm.transport.grpc import ChildLink, LinkTimeout, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
@@ -101,7 +99,12 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
         check_sources(node)
         data = prepare_config_data(node, config, observer)
     else:
-        tokenizer = choose_tokenizer(config.tokenizer, config.model, [], cache_dir_of(config))
+        tokenizer = choose_tokenizer(
+            config.tokenizer,
+            pretrained_dir(config.model, cache_dir_of(config)),
+            [],
+            cache_dir_of(config),
+        )
         data = PreparedData(tokenizer, {}, {})
     device = pick_device(config.run.device)
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)

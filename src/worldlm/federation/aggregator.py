@@ -18,8 +18,23 @@ from worldlm.audit.digest import state_digest
 from worldlm.compression.link import ChildLinks, Uplink, decode_task
 from worldlm.compression.policy import check_child_links
 from worldlm.config import LinkConfig, NodeConfig
+from worldlm.core.chunked import ChunkBuffers, mean_like
+from worldlm.core.messages import (
+    EvalReport,
+    EvalResult,
+    EvalTask,
+    Record,
+    Residual,
+    RoutedResidual,
+    State,
+    TrainTask,
+    Update,
+    tensor_bytes,
+)
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.state import cast_like
+from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.errors import UpdateRejected
-from worldlm.federation.chunked import ChunkBuffers, mean_like
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.key_layers import (
     KeyLayerPolicy,
@@ -28,21 +43,10 @@ from worldlm.federation.key_layers import (
     PersonalKeyLayers,
     SharedKeyLayers,
 )
-from worldlm.federation.messages import (
-    EvalReport,
-    EvalTask,
-    Record,
-    RoutedResidual,
-    State,
-    TrainTask,
-    Update,
-    tensor_bytes,
-)
 from worldlm.federation.privacy_policy import DPPolicy, DPRule, check_dp_settings
 from worldlm.federation.reply_check import check_reply
 from worldlm.federation.round_rule import RoundRule, StrategyRule
 from worldlm.federation.secure_child import SecureChild
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
 from worldlm.federation.secure_round import run_secure_round
 from worldlm.federation.selection import (
     eligible,
@@ -50,13 +54,10 @@ from worldlm.federation.selection import (
     select_children,
     update_stragglers,
 )
-from worldlm.model.state import cast_like
 from worldlm.seeding import derive_seed
 from worldlm.strategies.registry import RoundAggregation, Strategy
-from worldlm.strategies.routing import Residual, route
+from worldlm.strategies.routing import route
 from worldlm.strategies.server_optimizer import ServerOptimizer
-from worldlm.train.evaluate import EvalResult
-from worldlm.transport.base import ChildInfo, Dropout, Transport
 
 
 @dataclass(frozen=True)

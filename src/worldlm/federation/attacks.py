@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.transport import ChildInfo, NodeHandler
 from worldlm.federation.build import Federation
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.federation.secure_child import SecureChild
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.transport.base import ChildInfo, NodeHandler
 
 # (model the leaf was sent, its honest model) -> the model it replies with
 Attack = Callable[[State, State], State]

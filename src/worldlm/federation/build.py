@@ -10,18 +10,19 @@ from typing import Any, Protocol
 import torch
 
 from worldlm.config import RunConfig, StopConfig, TrainConfig, WorldLMConfig
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import State
+from worldlm.core.transport import NodeHandler
 from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
-from worldlm.federation.leaf import Leaf, LeafData
-from worldlm.federation.messages import State
+from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
 from worldlm.strategies.registry import build_strategy, check_strategy
-from worldlm.transport.base import NodeHandler
-from worldlm.transport.inprocess import InProcessTransport
 from worldlm.tree import FederationNode
 
 

@@ -15,11 +15,11 @@ from typing import Protocol
 
 import torch
 
-from worldlm.federation.messages import RoutedResidual, Update
+from worldlm.core.messages import Residual, RoutedResidual, Update
+from worldlm.core.state import State, cast_like
 from worldlm.model.partition import Partition
-from worldlm.model.state import State, cast_like
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
-from worldlm.strategies.routing import Residual, decode, low_rank_factors
+from worldlm.strategies.routing import decode, low_rank_factors
 
 
 @dataclass(frozen=True)

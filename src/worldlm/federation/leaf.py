@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Set
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from worldlm.compression.link import Uplink, decode_task
 from worldlm.config import DPConfig, EvalConfig, LinkConfig, TrainConfig
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.state import get_state, set_state
+from worldlm.core.transport import ChildInfo
 from worldlm.federation.context import RunContext
 from worldlm.federation.local_privacy import LocalDP
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.federation.secure_child import SecureChild
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.model.state import get_state, set_state
 from worldlm.seeding import generator
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import local_train, make_optimizer
-from worldlm.transport.base import ChildInfo
-
-
-@dataclass(frozen=True)
-class LeafData:
-    """A leaf's private blocks: one training set and the validation sets it reports on."""
-
-    name: str
-    train_blocks: torch.Tensor  # (N, T)
-    eval_sets: dict[str, torch.Tensor]  # name -> (M, T); normally {leaf name: its val blocks}
-
-    @property
-    def train_tokens(self) -> int:
-        return int(self.train_blocks.numel())
 
 
 class Leaf:

@@ -16,7 +16,7 @@ keep, so resume needs no extra state.
 from __future__ import annotations
 
 from worldlm.config import DPConfig
-from worldlm.federation.messages import Record, State
+from worldlm.core.messages import Record, State
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.privacy.clipping import l2_norm
 from worldlm.privacy.dp_round import local_dp, noise_generator

@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from worldlm.config import DPConfig
+from worldlm.core.messages import Record, State
 from worldlm.errors import CheckpointError, ConfigError
-from worldlm.federation.messages import Record, State
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.privacy.adaptive import AdaptiveClip, default_count_stddev, update_noise_multiplier
 from worldlm.privacy.dp_round import DPRound, noise_generator

@@ -7,9 +7,9 @@ import math
 
 import torch
 
+from worldlm.core.chunked import ChunkBuffers, change_norm, state_squares, sum_of_squares
+from worldlm.core.messages import TrainTask, Update
 from worldlm.errors import UpdateRejected
-from worldlm.federation.chunked import ChunkBuffers, change_norm, state_squares, sum_of_squares
-from worldlm.federation.messages import TrainTask, Update
 
 
 def check_reply(

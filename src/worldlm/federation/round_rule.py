@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from worldlm.federation.messages import Record, State
+from worldlm.core.messages import Record, State
 from worldlm.federation.secure_round import SecureOutcome, SecureSum
 from worldlm.strategies.registry import RoundAggregation, Strategy
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from worldlm.compression.link import decode_update
-from worldlm.federation.messages import State, TrainTask, Update
-from worldlm.federation.secure_messages import (
+from worldlm.core.messages import State, TrainTask, Update
+from worldlm.core.secure_messages import (
     Declined,
     MaskRequest,
     SecureMessage,
@@ -45,8 +45,8 @@ from worldlm.federation.secure_messages import (
     TrainedKeys,
 )
 from worldlm.privacy.clipping import clip_factor, tensor_norm
-from worldlm.privacy.secagg import SecAggClient, SecAggError, SecAggProtocolError
-from worldlm.privacy.secagg.messages import (
+from worldlm.secagg import SecAggClient, SecAggError, SecAggProtocolError
+from worldlm.secagg.messages import (
     KeysBroadcast,
     MaskedInput,
     ShareKeys,

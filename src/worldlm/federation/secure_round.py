@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from worldlm.config import NodeConfig, SecAggConfig
-from worldlm.errors import ConfigError
-from worldlm.federation.messages import Record, State, TrainTask, tensor_bytes
-from worldlm.federation.secure_child import read_sum, vector_length
-from worldlm.federation.secure_messages import (
+from worldlm.core.messages import Record, Residual, State, TrainTask, tensor_bytes
+from worldlm.core.secure_messages import (
     Declined,
     MaskRequest,
     SecureMessage,
@@ -41,7 +39,10 @@ from worldlm.federation.secure_messages import (
     SecureStage,
     TrainedKeys,
 )
-from worldlm.privacy.secagg import (
+from worldlm.core.transport import Dropout, Transport
+from worldlm.errors import ConfigError
+from worldlm.federation.secure_child import read_sum, vector_length
+from worldlm.secagg import (
     MaskedInput,
     Quantizer,
     RoundPlan,
@@ -54,9 +55,7 @@ from worldlm.privacy.secagg import (
     plan_round,
     wire_size,
 )
-from worldlm.privacy.secagg.ring import wire_dtype
-from worldlm.strategies.routing import Residual
-from worldlm.transport.base import Dropout, Transport
+from worldlm.secagg.ring import wire_dtype
 
 Body = TypeVar("Body", TrainedKeys, ShareKeys, MaskedInput, UnmaskingShares)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worldlm.config import RunConfig, load_config
+from worldlm.config import RunConfig
+from worldlm.config_load import load_config
 from worldlm.errors import WorldLMError
 from worldlm.metrics.fairness import fairness_figures
 from worldlm.metrics.jsonl import read_metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from worldlm.config import load_config
+from worldlm.config_load import load_config
 from worldlm.data.corpora import default_cache_dir
 from worldlm.errors import ConfigError, ModelError
 from worldlm.model.io import adapter_base, final_model_dir, load_saved_model

@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from worldlm.core.state import State, set_state
 from worldlm.data.tokenizer import to_hf_tokenizer
 from worldlm.errors import ModelError
 from worldlm.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_of, is_lora, save_adapters
-from worldlm.model.state import State, set_state
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"

@@ -23,8 +23,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from worldlm.config import LoRAConfig
+from worldlm.core.state import State, set_state
 from worldlm.errors import ModelError
-from worldlm.model.state import State, set_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -41,6 +41,11 @@ def base_model_dir(cfg: ModelConfig, cache_dir: Path) -> Path:
     return converted_gguf(path, cfg.gguf_file, cache_dir)
 
 
+def pretrained_dir(cfg: ModelConfig, cache_dir: Path) -> Path | None:
+    """`base_model_dir` of a pretrained model; None for a random-init preset."""
+    return None if cfg.path is None else base_model_dir(cfg, cache_dir)
+
+
 def converted_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> Path:
     """`<cache>/models/<stem>-<sha256[:16]>/`: the GGUF file as a Hugging Face directory."""
     source = directory / gguf_file

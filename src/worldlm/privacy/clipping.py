@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from worldlm.model.state import State
+from worldlm.core.state import State
 
 
 def tensor_norm(x: torch.Tensor) -> float:

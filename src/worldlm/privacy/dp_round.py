@@ -19,8 +19,8 @@ import secrets
 
 import torch
 
+from worldlm.core.messages import State, Update
 from worldlm.errors import UpdateRejected
-from worldlm.federation.messages import State, Update
 from worldlm.privacy.adaptive import AdaptiveClip
 from worldlm.privacy.clipping import clip_delta, clip_factor, l2_norm
 from worldlm.seeding import derive_seed

@@ -65,7 +65,7 @@ def run_certs(args: argparse.Namespace, console: Console) -> int:
         )
         console.print(f"{args.node_path}: wrote {files.cert} and {files.key}", highlight=False)
         return 0
-    from worldlm.config import load_config
+    from worldlm.config_load import load_config
     from worldlm.tree import build_tree
 
     config = load_config(args.config)

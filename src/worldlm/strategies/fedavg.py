@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from worldlm.federation.chunked import ChunkBuffers, add_converted
-from worldlm.federation.messages import State, Update
+from worldlm.core.chunked import ChunkBuffers, add_converted
+from worldlm.core.messages import State, Update
 from worldlm.strategies.registry import register_strategy
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worldlm.federation.messages import State, Update
+from worldlm.core.messages import State, Update
 from worldlm.strategies.registry import register_strategy
 
 

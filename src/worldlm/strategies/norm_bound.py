@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from worldlm.federation.messages import State, Update
+from worldlm.core.messages import State, Update
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.robust import bound_norm
 

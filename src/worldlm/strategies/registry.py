@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 
 from worldlm.config import RobustConfig
+from worldlm.core.messages import State, Update
 from worldlm.errors import ConfigError
-from worldlm.federation.messages import State, Update
 
 
 class RoundAggregation(Protocol):

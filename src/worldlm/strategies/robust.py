@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from worldlm.federation.messages import State
+from worldlm.core.messages import State
 
 Combine = Callable[[torch.Tensor], torch.Tensor]  # (n, numel) float64 -> (numel,)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worldlm.config import RobustConfig
-from worldlm.federation.messages import State, Update
+from worldlm.core.messages import State, Update
 from worldlm.strategies import robust
 from worldlm.strategies.registry import register_robust_strategy
 

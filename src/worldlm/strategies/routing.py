@@ -13,8 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-Factors = tuple[torch.Tensor, torch.Tensor]  # (U S: (m, r), V: (n, r)); the matrix is U S V^T
-Residual = dict[str, Factors]  # parameter name -> factors
+from worldlm.core.messages import Factors, Residual
+
+__all__ = ["Factors", "Residual", "decode", "low_rank_factors", "route"]
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> Factors:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from worldlm.config import ServerOptimizerConfig
-from worldlm.model.state import State
+from worldlm.core.state import State
 
 Step = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]
 

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
+from worldlm.core.messages import EvalResult
 from worldlm.data.blocks import IGNORE_INDEX, inputs_and_labels
 from worldlm.train.device import autocast
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float  # mean next-token cross-entropy (nats)
-    tokens: int  # predicted tokens
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(min(self.loss, 50.0))
 
 
 @torch.no_grad()

@@ -25,20 +25,20 @@ import torch
 from worldlm import wire
 from worldlm.compression.link import decode_task
 from worldlm.compression.registry import UP_CODECS
-from worldlm.errors import WireError
-from worldlm.federation.messages import (
+from worldlm.core.messages import (
     EvalReport,
+    EvalResult,
     EvalTask,
     Layout,
     Record,
+    Residual,
     RoutedResidual,
     State,
     TrainTask,
     Update,
 )
-from worldlm.federation.secure_messages import SecureReply, SecureSetup, SecureStage, TrainedKeys
-from worldlm.strategies.routing import Residual
-from worldlm.train.evaluate import EvalResult
+from worldlm.core.secure_messages import SecureReply, SecureSetup, SecureStage, TrainedKeys
+from worldlm.errors import WireError
 from worldlm.transport import secure_codec
 from worldlm.transport.fields import (
     array,

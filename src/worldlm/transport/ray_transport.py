@@ -36,16 +36,16 @@ from typing import Any
 import torch
 
 from worldlm.config import RunConfig
+from worldlm.core.inprocess import InProcessTransport
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.transport import ChildInfo
 from worldlm.data.prepare import PreparedData
 from worldlm.errors import ConfigError, TransportError, WorldLMError
 from worldlm.federation.build import Federation, build_federation, children_of
 from worldlm.federation.context import Observer, RunContext
-from worldlm.federation.leaf import LeafData
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.federation.methods import MethodPlan
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.transport.base import ChildInfo
-from worldlm.transport.inprocess import InProcessTransport
 from worldlm.transport.ray_worker import LeafWorker
 
 

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from worldlm.config import RunConfig
+from worldlm.core.leaf_data import LeafData
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.federation.build import build_leaves
 from worldlm.federation.context import RunContext
-from worldlm.federation.leaf import Leaf, LeafData
-from worldlm.federation.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
+from worldlm.model.workspace import build_workspace
 from worldlm.tree import build_tree
 
 
@@ -37,7 +39,6 @@ class LeafWorker:
     ) -> None:
         # One core per actor: actors side by side must not each start a thread per core.
         torch.set_num_threads(threads)
-        from worldlm.run import build_workspace  # the run module imports the transports
 
         cpu = torch.device("cpu")
         plan = plan_method(config.run.method, build_tree(config.nodes))

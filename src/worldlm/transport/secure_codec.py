@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from worldlm.errors import WireError
-from worldlm.federation.secure_messages import (
+from worldlm.core.secure_messages import (
     Declined,
     MaskRequest,
     SecureReply,
     SecureSetup,
     SecureStage,
 )
-from worldlm.privacy.secagg import (
+from worldlm.errors import WireError
+from worldlm.secagg import (
     AdvertiseKeys,
     ClientSetup,
     KeysBroadcast,
@@ -36,9 +36,9 @@ from worldlm.privacy.secagg import (
     UnmaskingShares,
     UnmaskRequest,
 )
-from worldlm.privacy.secagg.keys import KEY_BYTES, NONCE_BYTES
-from worldlm.privacy.secagg.plan import SESSION_BYTES
-from worldlm.privacy.secagg.shamir import SHARE_BYTES
+from worldlm.secagg.keys import KEY_BYTES, NONCE_BYTES
+from worldlm.secagg.plan import SESSION_BYTES
+from worldlm.secagg.shamir import SHARE_BYTES
 from worldlm.transport.fields import array, finite, integer, json_object, text
 
 Tensors = dict[str, torch.Tensor]

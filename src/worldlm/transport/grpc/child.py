@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from worldlm.core.messages import EvalTask, TrainTask
+from worldlm.core.secure_messages import SecureSetup, SecureStage
+from worldlm.core.transport import NodeHandler
 from worldlm.errors import WireError
-from worldlm.federation.messages import EvalTask, TrainTask
-from worldlm.federation.secure_messages import SecureSetup, SecureStage
-from worldlm.transport.base import NodeHandler
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.client import ChildLink

@@ -26,16 +26,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from worldlm.errors import WireError
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
-from worldlm.federation.secure_messages import (
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import (
     SecureMessage,
     SecureReply,
     SecureSetup,
     SecureStage,
     answers,
 )
-from worldlm.transport.base import ChildInfo, Dropout
+from worldlm.core.transport import ChildInfo, Dropout
+from worldlm.errors import WireError
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES

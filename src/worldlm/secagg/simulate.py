@@ -16,11 +16,11 @@ from typing import TypeVar
 import numpy as np
 
 from worldlm.config import SecAggConfig
-from worldlm.privacy.secagg.client import SecAggClient
-from worldlm.privacy.secagg.messages import Stage, wire_size
-from worldlm.privacy.secagg.plan import plan_round
-from worldlm.privacy.secagg.quantize import Quantizer
-from worldlm.privacy.secagg.server import SecAggServer
+from worldlm.secagg.client import SecAggClient
+from worldlm.secagg.messages import Stage, wire_size
+from worldlm.secagg.plan import plan_round
+from worldlm.secagg.quantize import Quantizer
+from worldlm.secagg.server import SecAggServer
 
 T = TypeVar("T")
 

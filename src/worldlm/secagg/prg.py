@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from worldlm.privacy.secagg.ring import wire_dtype
+from worldlm.secagg.ring import wire_dtype
 
 SEED_BYTES = 32
 _INITIAL_COUNTER = bytes(16)

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,16 @@ client and server are state machines that exchange the plain-data messages of `m
 
 from __future__ import annotations
 
-from worldlm.privacy.secagg.client import SecAggClient
-from worldlm.privacy.secagg.cost import CostRow, measure_cost
-from worldlm.privacy.secagg.errors import (
+from worldlm.secagg.client import SecAggClient
+from worldlm.secagg.cost import CostRow, measure_cost
+from worldlm.secagg.errors import (
     SecAggAborted,
     SecAggError,
     SecAggProtocolError,
     SecAggRefused,
     SecAggSetupError,
 )
-from worldlm.privacy.secagg.messages import (
+from worldlm.secagg.messages import (
     AdvertiseKeys,
     ClientSetup,
     KeysBroadcast,
@@ -30,10 +30,10 @@ from worldlm.privacy.secagg.messages import (
     UnmaskRequest,
     wire_size,
 )
-from worldlm.privacy.secagg.plan import RoundPlan, plan_round
-from worldlm.privacy.secagg.quantize import Quantizer
-from worldlm.privacy.secagg.server import MaskedSum, SecAggServer
-from worldlm.privacy.secagg.simulate import SecAggResult, run_secagg
+from worldlm.secagg.plan import RoundPlan, plan_round
+from worldlm.secagg.quantize import Quantizer
+from worldlm.secagg.server import MaskedSum, SecAggServer
+from worldlm.secagg.simulate import SecAggResult, run_secagg
 
 __all__ = [
     "AdvertiseKeys",

@@ -21,9 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
-from worldlm.privacy.secagg import keys, shamir
-from worldlm.privacy.secagg.errors import SecAggAborted, SecAggProtocolError
-from worldlm.privacy.secagg.messages import (
+from worldlm.secagg import keys, shamir
+from worldlm.secagg.errors import SecAggAborted, SecAggProtocolError
+from worldlm.secagg.messages import (
     AdvertiseKeys,
     ClientSetup,
     KeysBroadcast,
@@ -34,9 +34,9 @@ from worldlm.privacy.secagg.messages import (
     UnmaskingShares,
     UnmaskRequest,
 )
-from worldlm.privacy.secagg.plan import RoundPlan
-from worldlm.privacy.secagg.prg import SEED_BYTES, expand_mask, mask_sign
-from worldlm.privacy.secagg.ring import add_signed, modulus_mask, reduce, wire_dtype
+from worldlm.secagg.plan import RoundPlan
+from worldlm.secagg.prg import SEED_BYTES, expand_mask, mask_sign
+from worldlm.secagg.ring import add_signed, modulus_mask, reduce, wire_dtype
 
 
 class _FromClient(Protocol):

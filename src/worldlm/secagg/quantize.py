@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldlm.privacy.secagg.errors import SecAggSetupError
+from worldlm.secagg.errors import SecAggSetupError
 
 # Float64 carries 53 bits: past 2^40 levels its rounding of (x + c) / step, and of a decoded sum,
 # would stop being a negligible part of a step.

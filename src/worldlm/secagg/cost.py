@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from worldlm.config import SecAggConfig
-from worldlm.privacy.secagg.graph import neighbourhood_graph
-from worldlm.privacy.secagg.messages import Stage
-from worldlm.privacy.secagg.simulate import run_secagg
+from worldlm.secagg.graph import neighbourhood_graph
+from worldlm.secagg.messages import Stage
+from worldlm.secagg.simulate import run_secagg
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,10 +15,10 @@ import os
 from dataclasses import dataclass
 
 from worldlm.config import SecAggConfig
-from worldlm.privacy.secagg.errors import SecAggSetupError
-from worldlm.privacy.secagg.graph import neighbourhood_graph
-from worldlm.privacy.secagg.messages import ClientSetup
-from worldlm.privacy.secagg.quantize import Quantizer
+from worldlm.secagg.errors import SecAggSetupError
+from worldlm.secagg.graph import neighbourhood_graph
+from worldlm.secagg.messages import ClientSetup
+from worldlm.secagg.quantize import Quantizer
 
 SESSION_BYTES = 16
 

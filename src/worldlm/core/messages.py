@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from worldlm.model.state import State
-from worldlm.strategies.routing import Residual
+import torch
 
-if TYPE_CHECKING:  # (it would import the training stack, transformers included)
-    from worldlm.train.evaluate import EvalResult
+from worldlm.core.state import State
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (U S: (m, r), V: (n, r)); the matrix is U S V^T
+Residual = dict[str, Factors]  # parameter name -> factors of a low-rank residual (WorldLM)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A model's validation loss on a leaf's held-out blocks."""
+
+    loss: float  # mean next-token cross-entropy (nats)
+    tokens: int  # predicted tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
 
 __all__ = [
     "EvalReport",

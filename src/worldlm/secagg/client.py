@@ -17,9 +17,9 @@ from typing import Literal
 
 import numpy as np
 
-from worldlm.privacy.secagg import keys, shamir
-from worldlm.privacy.secagg.errors import SecAggAborted, SecAggProtocolError, SecAggRefused
-from worldlm.privacy.secagg.messages import (
+from worldlm.secagg import keys, shamir
+from worldlm.secagg.errors import SecAggAborted, SecAggProtocolError, SecAggRefused
+from worldlm.secagg.messages import (
     AdvertiseKeys,
     ClientSetup,
     KeysBroadcast,
@@ -30,9 +30,9 @@ from worldlm.privacy.secagg.messages import (
     UnmaskingShares,
     UnmaskRequest,
 )
-from worldlm.privacy.secagg.prg import SEED_BYTES, expand_mask, mask_sign
-from worldlm.privacy.secagg.quantize import Quantizer
-from worldlm.privacy.secagg.ring import add_signed, reduce, wire_dtype
+from worldlm.secagg.prg import SEED_BYTES, expand_mask, mask_sign
+from worldlm.secagg.quantize import Quantizer
+from worldlm.secagg.ring import add_signed, reduce, wire_dtype
 
 Secret = Literal["seed", "key"]
 

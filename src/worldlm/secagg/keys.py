@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from worldlm.privacy.secagg.errors import SecAggProtocolError
+from worldlm.secagg.errors import SecAggProtocolError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worldlm.federation.messages import Record, TrainTask
-from worldlm.privacy.secagg.messages import (
+from worldlm.core.messages import Record, Residual, TrainTask
+from worldlm.secagg.messages import (
     AdvertiseKeys,
     ClientSetup,
     KeysBroadcast,
@@ -24,7 +24,6 @@ from worldlm.privacy.secagg.messages import (
     UnmaskingShares,
     UnmaskRequest,
 )
-from worldlm.strategies.routing import Residual
 
 __all__ = [
     "Declined",

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.core.transport import ChildInfo, Dropout, NodeHandler
 from worldlm.errors import TransportError
-from worldlm.federation.messages import EvalReport, EvalTask, TrainTask, Update
-from worldlm.federation.secure_messages import SecureMessage, SecureReply
-from worldlm.transport.base import ChildInfo, Dropout, NodeHandler
 
 
 class InProcessTransport:

@@ -1,0 +1,3 @@
+"""The types every layer shares: model state, the messages that cross a link, the transport
+protocol, a leaf's data, and the chunked tensor helpers. Nothing here imports another worldlm
+package but `errors`, `config` and `secagg`'s message types: everything else builds on it."""
