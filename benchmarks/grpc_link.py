@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from machine_info import load_average, machine_info
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig
 from worldlm.core.inprocess import InProcessTransport
 from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.core.transport import ChildInfo
@@ -562,7 +562,7 @@ def round_benchmark(
         def aggregator(transport: Any) -> Aggregator:
             return Aggregator(
                 PARENT,
-                NodeConfig(),
+                AggregatorConfig(),
                 transport=transport,
                 strategy=build_strategy("fedavg"),
                 ctx=run_ctx,

@@ -42,7 +42,7 @@ from grpc_link import (
     state_bytes,
 )
 from machine_info import load_average, machine_info
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
 from worldlm.strategies.registry import build_strategy
@@ -107,7 +107,7 @@ def main() -> None:
                 transports[held] = GrpcTransport(server, RoundPolicy(round_timeout=600))
                 aggregators[held] = Aggregator(
                     PARENT,
-                    NodeConfig(sum_dtype="float32"),
+                    AggregatorConfig(sum_dtype="float32"),
                     transport=transports[held],
                     strategy=build_strategy("fedavg", sum_dtype="float32"),
                     ctx=run_ctx,

@@ -8,7 +8,7 @@ aggregation_throughput.transformer_shapes), five contestants, each in a fresh pr
 1. `plain loop`: per round, for each client, copy the global model (the client's reply) and
    fold it into a float32 accumulator (`add_(t, alpha=w)`), then divide. No checks, no
    metrics: the floor a streaming FedAvg round can reach in Python.
-2. `worldlm in-process`: `Aggregator.run_round` (strategy fedavg, `NodeConfig()` defaults)
+2. `worldlm in-process`: `Aggregator.run_round` (strategy fedavg, `AggregatorConfig()` defaults)
    over an `InProcessTransport` whose N children are no-op handlers that answer each
    `TrainTask` with a copy (`clone`) of the state they were sent, as a trained `Leaf` answers
    with a fresh copy of its weights. That is the whole round engine: selection, tasks with
@@ -311,7 +311,7 @@ def engine_rounds(
     args: argparse.Namespace, started: float, transport: Any, in_process: bool
 ) -> dict[str, Any]:
     """Rounds of worldlm's Aggregator over `transport`, whose children are no-op leaves."""
-    from worldlm.config import NodeConfig
+    from worldlm.config import AggregatorConfig
     from worldlm.federation.aggregator import Aggregator
     from worldlm.federation.context import RunContext
     from worldlm.strategies.registry import build_strategy
@@ -319,7 +319,7 @@ def engine_rounds(
     sum_dtype = getattr(args, "sum_dtype", "float32")
     agg = Aggregator(
         PARENT,
-        NodeConfig(sum_dtype=sum_dtype),
+        AggregatorConfig(sum_dtype=sum_dtype),
         transport=transport,
         strategy=build_strategy("fedavg", sum_dtype=sum_dtype),
         ctx=RunContext(run_id="bench", seed=args.seed, device=torch.device("cpu")),
@@ -376,7 +376,7 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
     """Seconds of each part of an in-process no-op round (each the min of 3), per update and
     per round; the parts an audit log adds are timed apart and left out of the estimate."""
     from worldlm.audit.digest import state_digest
-    from worldlm.config import NodeConfig
+    from worldlm.config import AggregatorConfig
     from worldlm.core.messages import TrainTask, Update
     from worldlm.federation.reply_check import check_reply
     from worldlm.strategies.fedavg import FedAvgRound
@@ -394,7 +394,7 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    limit = NodeConfig().max_change
+    limit = AggregatorConfig().max_change
     task = TrainTask("bench", 0, 0, PARENT, "leaf", "nonce", state)
     update = Update("leaf", 0, "nonce", {k: v.clone() for k, v in state.items()}, 1000.0)
     rnd = FedAvgRound(state, SUM_DTYPES[sum_dtype])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from worldlm.config import (
+    LeafConfig,
     apply_overrides,
     default_config_text,
     dump_config,
@@ -105,9 +106,9 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "d.txt").write_text("hello", encoding="utf-8")
     cfg = tmp_path / "c.toml"
     cfg.write_text('[nodes.w]\n[nodes."w/a"]\ndata = { paths = ["d.txt"] }\n', encoding="utf-8")
-    config = load_config(cfg)
-    assert config.nodes["w/a"].data is not None
-    assert config.nodes["w/a"].data.paths == [str(tmp_path / "d.txt")]
+    leaf = load_config(cfg).nodes["w/a"]
+    assert isinstance(leaf, LeafConfig) and leaf.data is not None
+    assert leaf.data.paths == [str(tmp_path / "d.txt")]
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_dumped_config_reloads_identically(tmp_path: Path) -> None:
 def test_embedded_default_is_valid() -> None:
     config = load_config(None)
     assert config.run.method == "hierfavg"
-    leaves = [p for p, n in config.nodes.items() if n.data is not None]
+    leaves = [p for p, n in config.nodes.items() if isinstance(n, LeafConfig)]
     assert len(leaves) >= 4 and all(p.count("/") == 2 for p in leaves)
     assert tomllib.loads(default_config_text()) == tomllib.loads(
         (Path(__file__).parent.parent / "configs" / "default.toml").read_text("utf-8")
@@ -160,9 +161,31 @@ def test_data_root_anchors_relative_leaf_paths(tmp_path: Path) -> None:
         '[data]\nroot = "corpora"\n[nodes.w]\n[nodes."w/a"]\ndata = { paths = ["a.jsonl"] }\n',
         encoding="utf-8",
     )
-    config = load_config(cfg)
-    assert config.nodes["w/a"].data is not None
-    assert config.nodes["w/a"].data.paths == [str(tmp_path / "corpora" / "a.jsonl")]
-    moved = load_config(cfg, ["data.root='/elsewhere'"])
-    assert moved.nodes["w/a"].data is not None
-    assert moved.nodes["w/a"].data.paths == ["/elsewhere/a.jsonl"]
+    leaf = load_config(cfg).nodes["w/a"]
+    assert isinstance(leaf, LeafConfig) and leaf.data is not None
+    assert leaf.data.paths == [str(tmp_path / "corpora" / "a.jsonl")]
+    moved = load_config(cfg, ["data.root='/elsewhere'"]).nodes["w/a"]
+    assert isinstance(moved, LeafConfig) and moved.data is not None
+    assert moved.data.paths == ["/elsewhere/a.jsonl"]
+
+
+def test_a_node_is_an_aggregator_or_a_leaf_never_both(tmp_path: Path) -> None:
+    config = validate_config(tiny_config_dict(tmp_path, TWO_LEVEL))
+    kinds = {path: type(node).__name__ for path, node in config.nodes.items()}
+    assert kinds == {
+        **{p: "AggregatorConfig" for p in ("world", "world/med", "world/soft")},
+        **{p: "LeafConfig" for p in TWO_LEVEL},
+    }
+    dumped = tomllib.loads(dump_config(config))["nodes"]
+    assert "data" not in dumped["world/med"] and "strategy" in dumped["world/med"]
+    assert set(dumped["world/med/a"]) == {"data", "link", "dp"}  # no aggregator settings
+    # The wrong kind of settings is refused by name, whichever side it is on.
+    data = tiny_config_dict(tmp_path, TWO_LEVEL)
+    leaf_error = _error(data, ["nodes.world/med/a.server_optimizer.name=fedadam"])
+    assert "nodes.world/med/a.server_optimizer: only aggregators" in leaf_error
+    assert "nodes.world/med.data: only leaves hold data" in _error(
+        data, ["nodes.world/med.data.corpus='hpo'"]
+    )
+    assert "nodes.world/med/b.data: a leaf needs data" in _error(
+        {**data, "nodes": {**data["nodes"], "world/med/b": {"inner_rounds": 2}}}, []
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig
 from worldlm.core.inprocess import InProcessTransport
 from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.core.transport import ChildInfo
@@ -35,7 +35,7 @@ def _fedavg_root(transport: InProcessTransport) -> Aggregator:
     """A float64 sum (not the default): its result is the float64 reference's, rounded once."""
     return Aggregator(
         "root",
-        NodeConfig.model_validate({"sum_dtype": "float64"}),
+        AggregatorConfig.model_validate({"sum_dtype": "float64"}),
         transport=transport,
         strategy=build_strategy("fedavg", sum_dtype="float64"),
         ctx=RunContext("r", 0, torch.device("cpu")),
@@ -144,7 +144,7 @@ def test_an_aggregator_with_a_float32_sum_returns_float32_sums() -> None:
         transport.register(FixedChild(c, states[c], [float(i + 1)]))
     root = Aggregator(
         "root",
-        NodeConfig.model_validate({"sum_dtype": "float32"}),
+        AggregatorConfig.model_validate({"sum_dtype": "float32"}),
         transport=transport,
         strategy=build_strategy("fedavg", sum_dtype="float32"),
         ctx=RunContext("r", 0, torch.device("cpu")),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig
 from worldlm.core.messages import (
     EvalReport,
     EvalTask,
@@ -117,7 +117,7 @@ def federation(tmp_path: Path) -> Iterator[Aggregator]:
         transport = GrpcTransport(server, RoundPolicy(round_timeout=60))
         yield Aggregator(  # a float64 sum: bit for bit the reference, so any slip shows
             ROOT,
-            NodeConfig.model_validate({"sum_dtype": "float64"}),
+            AggregatorConfig.model_validate({"sum_dtype": "float64"}),
             transport=transport,
             strategy=build_strategy("fedavg", sum_dtype="float64"),
             ctx=RunContext("run", 0, torch.device("cpu")),
@@ -215,7 +215,7 @@ def test_children_report_availability_on_attaching_and_unavailable_ones_sit_out(
         assert reported["world/b"] == {"available": False, "memory_gb": 16.0}
         root = Aggregator(
             ROOT,
-            NodeConfig.model_validate({}),
+            AggregatorConfig.model_validate({}),
             transport=transport,
             strategy=build_strategy("fedavg"),
             ctx=RunContext("run", 0, torch.device("cpu")),

@@ -95,9 +95,23 @@ def over_grpc(session: Session, pki: Path) -> Iterator[dict[str, GrpcTransport]]
             transport.stop_children()
 
 
-@pytest.mark.parametrize("method", ["hierfavg", "worldlm"])
-def test_grpc_federation_equals_the_in_process_engine(tmp_path: Path, method: str) -> None:
-    overrides = [f"run.method='{method}'", "stop.rounds=2", "worldlm.lambda_route=0.5"]
+# Server optimizers at the root and at a sub-federation: their state lives in the aggregators
+# wherever those run, so the deployed tree gives the same bytes as in process.
+OPTIMIZERS = [
+    "nodes.world.server_optimizer.name='nesterov'",
+    "nodes.world/med.server_optimizer.name='fedadam'",
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("hierfavg", []), ("worldlm", []), ("hierfavg", OPTIMIZERS)],
+    ids=["hierfavg", "worldlm", "hierfavg-server-optimizers"],
+)
+def test_grpc_federation_equals_the_in_process_engine(
+    tmp_path: Path, method: str, extra: list[str]
+) -> None:
+    overrides = [f"run.method='{method}'", "stop.rounds=2", "worldlm.lambda_route=0.5", *extra]
     config = tiny_config(tmp_path, TWO_LEVEL, overrides)
     reference = run(config, QuietProgress(), out=tmp_path / "in-process")
 

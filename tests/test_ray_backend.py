@@ -64,6 +64,20 @@ def test_ray_run_equals_in_process_run(tmp_path: Path, local_ray: None) -> None:
     assert (tmp_path / "ray" / final).read_bytes() == (tmp_path / "inprocess" / final).read_bytes()
 
 
+def test_server_optimizers_on_ray_equal_in_process(tmp_path: Path, local_ray: None) -> None:
+    # The optimizers' state lives in the driver's aggregators; the leaves in the actors.
+    optimizers = [
+        "nodes.world.server_optimizer.name='fedyogi'",
+        "nodes.world/soft.server_optimizer.name='fedavgm'",
+    ]
+    config = tiny_config(tmp_path, TWO_LEVEL, optimizers)
+    reference = run(config, QuietProgress(), out=tmp_path / "inprocess")
+    on_ray = run(_on_ray(config), QuietProgress(), out=tmp_path / "ray")
+    _assert_same_results(on_ray, reference)
+    final = "checkpoints/round-000002.wlm"
+    assert (tmp_path / "ray" / final).read_bytes() == (tmp_path / "inprocess" / final).read_bytes()
+
+
 @pytest.mark.slow
 def test_a_run_interrupted_on_ray_resumes_exactly(tmp_path: Path, local_ray: None) -> None:
     # WorldLM: key layers per sub-federation and leaves that keep theirs, which the

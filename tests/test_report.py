@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig, LeafConfig
 from worldlm.config_load import load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.metrics.report import (
@@ -220,8 +220,8 @@ def test_fairness_of_hand_made_leaves() -> None:
 
 
 def _hand_tree() -> FederationNode:
-    leaf = NodeConfig.model_validate({"data": {"paths": ["x.jsonl"]}})
-    inner = NodeConfig.model_validate({})
+    leaf = LeafConfig.model_validate({"data": {"paths": ["x.jsonl"]}})
+    inner = AggregatorConfig()
     return build_tree(
         {path: leaf for path in ("w/e/a", "w/e/b", "w/u/c")}
         | {path: inner for path in ("w", "w/e", "w/u")}

@@ -17,7 +17,7 @@ import torch
 
 from worldlm.audit.digest import state_digest
 from worldlm.audit.log import AuditLog, verify
-from worldlm.config import NodeConfig
+from worldlm.config import AggregatorConfig
 from worldlm.core.inprocess import InProcessTransport
 from worldlm.core.messages import (
     EvalReport,
@@ -86,7 +86,7 @@ def _federation(
         "root",
         # A float64 sum: the result is then FedAvg's float64 reference bit for bit, so a
         # refused reply that slipped into the sum would show.
-        NodeConfig.model_validate({"sum_dtype": "float64", **(settings or {})}),
+        AggregatorConfig.model_validate({"sum_dtype": "float64", **(settings or {})}),
         transport=transport,
         strategy=build_strategy("fedavg", sum_dtype="float64"),
         ctx=RunContext("run-1", 0, torch.device("cpu"), audit=audit or NoAudit()),

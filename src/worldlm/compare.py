@@ -119,8 +119,8 @@ def method_config(config: RunConfig, method: str) -> RunConfig:
     if train:
         update["train"] = config.train.model_copy(update=train)
     if spec.optimizer is not None:
-        root = build_tree(config.nodes).path
-        settings = config.nodes[root]
+        tree = build_tree(config.nodes)
+        root, settings = tree.path, tree.aggregator
         if settings.server_optimizer.name != spec.optimizer:
             server = ServerOptimizerConfig(name=spec.optimizer)
             settings = settings.model_copy(update={"server_optimizer": server})

@@ -9,9 +9,10 @@ the key.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 # Re-exported: callers build configs from dicts with these (worldlm.config's API).
 from worldlm.config_toml import apply_overrides as apply_overrides
@@ -448,7 +449,9 @@ class ServerOptimizerConfig(Section):
         return {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7}.get(self.name, 0.01)
 
 
-class NodeConfig(Section):
+class AggregatorConfig(Section):
+    """A node with children: the root or a sub-federation."""
+
     strategy: str = Field(
         "fedavg",
         description="Aggregation rule of an aggregator: fedavg, none, or a Byzantine-robust "
@@ -486,7 +489,6 @@ class NodeConfig(Section):
     secure_aggregation: SecAggConfig = Field(
         default_factory=SecAggConfig, description="Secure aggregation of this node's children."
     )
-    data: LeafDataConfig | None = Field(None, description="A leaf's own data.")
     link: LinkConfig = Field(
         default_factory=LinkConfig,
         description="Compression of the link between this node and its parent (not the root).",
@@ -496,6 +498,47 @@ class NodeConfig(Section):
         description="An aggregator's optimizer on its round's pseudo-gradient (after robust "
         "rules and DP noise).",
     )
+
+
+class LeafConfig(Section):
+    """A node without children: a data owner that trains on its own text."""
+
+    data: LeafDataConfig | None = Field(
+        None, description="Its own data (exactly one of paths or corpus); every leaf needs it."
+    )
+    link: LinkConfig = Field(
+        default_factory=LinkConfig,
+        description="Compression of the link between this node and its parent (not the root).",
+    )
+    dp: DPConfig = Field(default_factory=DPConfig, description="Differential privacy here.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_aggregator_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            extra = sorted(set(data) & set(AggregatorConfig.model_fields) - set(cls.model_fields))
+            if extra:
+                raise PydanticCustomError(
+                    "aggregator_only",
+                    "only aggregators have this setting",
+                    {"key": extra[0]},
+                )
+        return data
+
+
+def _node_kind(value: Any) -> str:
+    """A node table with `data` is a leaf's; the tree then checks that leaves and nodes
+    without children are the same (a leaf without data is reported there, by path)."""
+    if isinstance(value, dict):
+        return "leaf" if "data" in value else "aggregator"
+    return "leaf" if isinstance(value, LeafConfig) else "aggregator"
+
+
+# One node table: an aggregator's settings or a leaf's, told apart by `data`.
+NodeConfig = Annotated[
+    Annotated[AggregatorConfig, Tag("aggregator")] | Annotated[LeafConfig, Tag("leaf")],
+    Discriminator(_node_kind),
+]
 
 
 class RunConfig(Section):
@@ -522,9 +565,4 @@ def default_config_text() -> str:
 
 def dump_config(config: RunConfig) -> str:
     """The resolved config as TOML text (written into the run directory)."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    for node in data["nodes"].values():
-        if "data" in node:  # a leaf: aggregator-only settings are not part of it
-            for key in ("strategy", "inner_rounds", "sample", "sum_dtype", "server_optimizer"):
-                node.pop(key, None)
-    return to_toml(data)
+    return to_toml(config.model_dump(mode="json", exclude_none=True))

@@ -12,15 +12,16 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from worldlm.config import (
+    AggregatorConfig,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
+    LeafConfig,
     LeafDataConfig,
     LinkConfig,
     LoRAConfig,
     ModelConfig,
     MonitorConfig,
-    NodeConfig,
     RunSection,
     SampleConfig,
     ServerOptimizerConfig,
@@ -53,7 +54,18 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("checkpoint", CheckpointConfig, "Atomic checkpoints of the whole run state."),
     ("monitor", MonitorConfig, "Where metrics go besides metrics.jsonl."),
     ("worldlm", WorldLMConfig, "Key layers K (also FedPer's) and their attention aggregation."),
-    ('nodes."PATH"', NodeConfig, "One table per node of the federation tree, keyed by path."),
+    (
+        'nodes."PATH"',
+        AggregatorConfig,
+        "One table per node of the federation tree, keyed by path; this one for a node with "
+        "children (the root or a sub-federation).",
+    ),
+    (
+        'nodes."PATH" (a leaf)',
+        LeafConfig,
+        "A node without children: a data owner. Only `data`, `link` and `dp` (its local DP "
+        "settings) are a leaf's; aggregator settings on a leaf are refused.",
+    ),
     ('nodes."PATH".sample', SampleConfig, "Per-aggregator child sampling."),
     ('nodes."PATH".data', LeafDataConfig, "A leaf's own data (exactly one of paths or corpus)."),
     (

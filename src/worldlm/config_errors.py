@@ -15,10 +15,12 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
     """One line per problem: `key.path: what is wrong`."""
     lines = []
     for err in exc.errors():
-        loc = [str(part) for part in err["loc"]]
+        loc, section = _node_tag(root, [str(part) for part in err["loc"]])
         key = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            fields = _fields_at(root, loc[:-1])
+        if err["type"] == "aggregator_only":
+            lines.append(f"{key}.{err['ctx']['key']}: {err['msg']}")
+        elif err["type"] == "extra_forbidden":
+            fields = _fields_at(section or root, loc[2:-1] if section else loc[:-1])
             hint = difflib.get_close_matches(loc[-1], fields, n=1)
             known = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(fields)}"
             lines.append(f"{key}: unknown key ({known})")
@@ -29,6 +31,20 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
     count = len(lines)
     head = "invalid config" + (f" ({count} problems)" if count > 1 else "")
     return head + ":\n  " + "\n  ".join(lines)
+
+
+def _node_tag(root: type[BaseModel], loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """A node table is validated as an aggregator's or a leaf's (config.NodeConfig); pydantic
+    puts that tag in the location (`nodes.<path>.leaf.<key>`). Returns the location without it,
+    and the section the tag names (None elsewhere)."""
+    field = root.model_fields.get(loc[0]) if loc else None
+    if field is None or get_origin(field.annotation) is not dict or len(loc) < 3:
+        return loc, None
+    for member in get_args(get_args(get_args(field.annotation)[1])[0]):
+        cls, *meta = get_args(member)
+        if any(getattr(m, "tag", None) == loc[2] for m in meta):
+            return [*loc[:2], *loc[3:]], cls
+    return loc, None
 
 
 def _clean(msg: str) -> str:

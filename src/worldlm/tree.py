@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from worldlm.compression.policy import check_root_link
-from worldlm.config import LeafDataConfig, NodeConfig
+from worldlm.config import AggregatorConfig, LeafConfig, LeafDataConfig, NodeConfig
 from worldlm.errors import ConfigError
 from worldlm.strategies.registry import strategy_names
 
@@ -34,10 +34,22 @@ class FederationNode:
         return not self.children
 
     @property
+    def aggregator(self) -> AggregatorConfig:
+        """An aggregator's settings (the tree guarantees every node with children has them)."""
+        assert isinstance(self.settings, AggregatorConfig), f"{self.path} is a leaf"
+        return self.settings
+
+    @property
+    def leaf(self) -> LeafConfig:
+        """A leaf's settings (the tree guarantees every node without children has them)."""
+        assert isinstance(self.settings, LeafConfig), f"{self.path} is not a leaf"
+        return self.settings
+
+    @property
     def data(self) -> LeafDataConfig:
         """A leaf's data settings (the tree guarantees every leaf has them)."""
-        assert self.settings.data is not None, f"{self.path} is not a leaf"
-        return self.settings.data
+        assert self.leaf.data is not None, f"{self.path} has no data"
+        return self.leaf.data
 
     def leaves(self) -> Iterator[FederationNode]:
         """Every leaf under this node, in path order."""
@@ -86,27 +98,21 @@ def _assemble(path: str, nodes: Mapping[str, NodeConfig]) -> FederationNode:
     return FederationNode(path, nodes[path], tuple(_assemble(k, nodes) for k in kids))
 
 
-# Settings that only an aggregator has (a leaf setting one is refused).
-AGGREGATOR_ONLY = frozenset({"strategy", "inner_rounds", "sample", "sum_dtype", "server_optimizer"})
-
-
 def _check(tree: FederationNode) -> None:
-    if tree.settings.inner_rounds != 1:
-        raise ConfigError(
-            f"nodes.{tree.path}.inner_rounds: the root has no parent; set stop.rounds instead"
-        )
-    check_root_link(tree.path, tree.settings)
+    if isinstance(tree.settings, AggregatorConfig):
+        if tree.settings.inner_rounds != 1:
+            raise ConfigError(
+                f"nodes.{tree.path}.inner_rounds: the root has no parent; set stop.rounds instead"
+            )
+        check_root_link(tree.path, tree.settings)
     seen: dict[str, str] = {}
     for node in tree.walk():
         key = f"nodes.{node.path}"
-        set_fields = node.settings.model_fields_set
         if node.is_leaf:
-            if node.settings.data is None:
+            settings = node.settings
+            if not isinstance(settings, LeafConfig) or settings.data is None:
                 raise ConfigError(f"{key}.data: a leaf needs data (paths = [...] or corpus = ...)")
-            extra = set_fields & AGGREGATOR_ONLY
-            if extra:
-                raise ConfigError(f"{key}.{sorted(extra)[0]}: only aggregators have this setting")
-            if node.settings.dp.enabled:
+            if settings.dp.enabled:
                 raise ConfigError(
                     f"{key}.dp.enabled: DP-FedAvg runs at an aggregator over its children; a "
                     "leaf privatizes its own change with dp.local_noise_multiplier"
@@ -118,31 +124,34 @@ def _check(tree: FederationNode) -> None:
                 )
             seen[node.name] = node.path
             continue
-        if node.settings.data is not None:
+        if not isinstance(node.settings, AggregatorConfig):
             raise ConfigError(f"{key}.data: only leaves hold data ({node.path} has children)")
-        if node.settings.dp.local_noise_multiplier > 0:
-            raise ConfigError(
-                f"{key}.dp.local_noise_multiplier: local DP is applied by a leaf to its own "
-                f"change; {node.path} is an aggregator (set it on its leaves, or use dp.enabled)"
-            )
-        names = strategy_names()
-        if node.settings.strategy not in names:
-            raise ConfigError(
-                f"{key}.strategy: unknown strategy {node.settings.strategy!r}; "
-                f"choose one of {', '.join(names)}"
-            )
-        n = len(node.children)
-        if node.settings.sample.min > n:
-            raise ConfigError(
-                f"{key}.sample.min: {node.settings.sample.min} is above the number of children "
-                f"of {node.path} ({n})"
-            )
+        _check_aggregator(key, node.path, node.settings, len(node.children))
+
+
+def _check_aggregator(key: str, path: str, settings: AggregatorConfig, n: int) -> None:
+    if settings.dp.local_noise_multiplier > 0:
+        raise ConfigError(
+            f"{key}.dp.local_noise_multiplier: local DP is applied by a leaf to its own "
+            f"change; {path} is an aggregator (set it on its leaves, or use dp.enabled)"
+        )
+    names = strategy_names()
+    if settings.strategy not in names:
+        raise ConfigError(
+            f"{key}.strategy: unknown strategy {settings.strategy!r}; "
+            f"choose one of {', '.join(names)}"
+        )
+    if settings.sample.min > n:
+        raise ConfigError(
+            f"{key}.sample.min: {settings.sample.min} is above the number of children "
+            f"of {path} ({n})"
+        )
 
 
 def flatten(tree: FederationNode) -> FederationNode:
     """The root with every leaf as a direct child (flat FedAvg over the same leaves)."""
     leaves = tuple(replace(leaf, path=f"{tree.path}/{leaf.name}") for leaf in tree.leaves())
-    settings = tree.settings
+    settings = tree.aggregator
     if settings.sample.min > len(leaves):
         raise ConfigError(f"nodes.{tree.path}.sample.min: above the number of leaves")
     return FederationNode(tree.path, settings, leaves)
@@ -158,6 +167,6 @@ def render(tree: FederationNode) -> str:
             source = node.data.corpus or ", ".join(node.data.paths or [])
             label += f"  [{source}]"
         else:
-            label += f"  (inner_rounds={node.settings.inner_rounds})"
+            label += f"  (inner_rounds={node.aggregator.inner_rounds})"
         lines.append("  " * depth + ("- " if depth else "") + label)
     return "\n".join(lines)

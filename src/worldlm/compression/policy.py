@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from worldlm.config import LinkConfig, NodeConfig
+from worldlm.config import AggregatorConfig, LinkConfig
 from worldlm.errors import ConfigError
 
 # Casts change each value by a relative 2^-8 (bf16) or 2^-11 (fp16), nothing more.
 PRIVATE_UP_CODECS = ("none", "bf16", "fp16")
 
 
-def check_root_link(path: str, settings: NodeConfig) -> None:
+def check_root_link(path: str, settings: AggregatorConfig) -> None:
     """The root has no parent, so no link of its own to compress."""
     if settings.link != LinkConfig():
         raise ConfigError(
@@ -20,7 +20,9 @@ def check_root_link(path: str, settings: NodeConfig) -> None:
         )
 
 
-def check_child_links(path: str, settings: NodeConfig, links: Mapping[str, LinkConfig]) -> None:
+def check_child_links(
+    path: str, settings: AggregatorConfig, links: Mapping[str, LinkConfig]
+) -> None:
     """Refuse codecs that an aggregator's secure aggregation or DP cannot work with."""
     secure = settings.secure_aggregation.enabled
     for child, link in sorted(links.items()):

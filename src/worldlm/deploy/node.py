@@ -88,7 +88,7 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
     run_id = config_digest(config)[:16]  # of the shared config, before this node's own data
     if node.is_leaf:
         if node_file.data is not None:
-            settings = node.settings.model_copy(
+            settings = node.leaf.model_copy(
                 update={
                     "data": node.data.model_copy(
                         update={"paths": node_file.data.paths, "corpus": None}
@@ -276,7 +276,7 @@ def _inner_rounds_above(tree: FederationNode, node: FederationNode) -> list[int]
     """`inner_rounds` of the aggregators strictly between the root and `node`."""
     parts = node.path.split("/")
     between = ["/".join(parts[:i]) for i in range(2, len(parts))]
-    return [tree.find(path).settings.inner_rounds for path in between]
+    return [tree.find(path).aggregator.inner_rounds for path in between]
 
 
 def node_resources(available: bool, device: torch.device) -> dict[str, object]:

@@ -17,7 +17,7 @@ import torch
 from worldlm.audit.digest import state_digest
 from worldlm.compression.link import ChildLinks, Uplink, decode_task
 from worldlm.compression.policy import check_child_links
-from worldlm.config import LinkConfig, NodeConfig
+from worldlm.config import AggregatorConfig, LinkConfig
 from worldlm.core.chunked import ChunkBuffers, mean_like
 from worldlm.core.messages import (
     EvalReport,
@@ -100,7 +100,7 @@ class Aggregator:
     def __init__(
         self,
         path: str,
-        settings: NodeConfig,
+        settings: AggregatorConfig,
         *,
         transport: Transport,
         strategy: Strategy,

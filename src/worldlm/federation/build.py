@@ -95,7 +95,7 @@ def build_federation(
     for node in tree.walk():
         if node.is_leaf:
             continue
-        settings = node.settings
+        settings = node.aggregator
         # Robust rules are checked against the replies a round asks for (TESTPLAN 32).
         selected = sample_count(len(node.children), settings.sample)
         check_strategy(settings.strategy, settings.robust, selected, path=node.path)
@@ -175,8 +175,8 @@ def build_leaves(
                 else frozenset()
             ),
             ctx=ctx,
-            link=node.settings.link,
-            dp=node.settings.dp,
+            link=node.leaf.link,
+            dp=node.leaf.dp,
         )
     return leaves
 
@@ -209,7 +209,7 @@ def planned_steps(
     """The leaf's schedule horizon: root rounds x inner rounds of its ancestors x local steps
     (an upper bound when children are sampled)."""
     inner = math.prod(
-        node.settings.inner_rounds
+        node.aggregator.inner_rounds
         for node in tree.walk()
         if not node.is_leaf and leaf.path.startswith(node.path + "/") and node.path != tree.path
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from worldlm.config import NodeConfig, SampleConfig, SecAggConfig
+from worldlm.config import AggregatorConfig, LeafConfig, SampleConfig, SecAggConfig
 from worldlm.tree import FederationNode, flatten
 
 CENTRAL_LEAF = "centralized"
@@ -52,10 +52,10 @@ def plan_method(method: str, tree: FederationNode) -> MethodPlan:
         # Nothing is aggregated, so there is nothing for secure aggregation to hide.
         off = SecAggConfig()
         update = {"strategy": "none", "sample": SampleConfig(), "secure_aggregation": off}
-        settings = flat.settings.model_copy(update=update)
+        settings = flat.aggregator.model_copy(update=update)
         return MethodPlan(replace(flat, settings=settings), personal="all")
     if method == "centralized":
-        settings = NodeConfig.model_validate({"strategy": "fedavg"})
-        leaf = FederationNode(f"{tree.path}/{CENTRAL_LEAF}", NodeConfig.model_validate({}))
+        settings = AggregatorConfig(strategy="fedavg")
+        leaf = FederationNode(f"{tree.path}/{CENTRAL_LEAF}", LeafConfig())
         return MethodPlan(FederationNode(tree.path, settings, (leaf,)), pooled=True)
     raise ValueError(f"unknown method {method!r}")

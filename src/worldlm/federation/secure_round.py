@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from worldlm.config import NodeConfig, SecAggConfig
+from worldlm.config import AggregatorConfig, SecAggConfig
 from worldlm.core.messages import Record, Residual, State, TrainTask, tensor_bytes
 from worldlm.core.secure_messages import (
     Declined,
@@ -105,7 +105,7 @@ class SecureSum:
 
 
 def check_secure_aggregation(
-    path: str, settings: NodeConfig, n_selected: int, *, key_attention: bool
+    path: str, settings: AggregatorConfig, n_selected: int, *, key_attention: bool
 ) -> None:
     """Refuse, at build, secure aggregation where an aggregator would need what it hides."""
     config = settings.secure_aggregation

@@ -16,7 +16,7 @@ import torch
 
 from worldlm.core.chunked import ChunkBuffers, add_converted
 from worldlm.core.messages import State, Update
-from worldlm.strategies.registry import register_strategy
+from worldlm.strategies.registry import StrategySettings, register_strategy
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -92,7 +92,6 @@ class FedAvgRound:
         return self.acc.sums, self.acc.total
 
 
-@register_strategy("fedavg")
 class FedAvg:
     """Stateless FedAvg at one aggregator; `sum_dtype` is the precision of its running sum."""
 
@@ -107,3 +106,8 @@ class FedAvg:
 
     def load_state_dict(self, state: State) -> None:
         del state
+
+
+@register_strategy("fedavg")
+def fedavg_strategy(settings: StrategySettings) -> FedAvg:
+    return FedAvg(settings.sum_dtype)

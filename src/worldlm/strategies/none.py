@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worldlm.core.messages import State, Update
-from worldlm.strategies.registry import register_strategy
+from worldlm.strategies.registry import StrategySettings, register_strategy
 
 
 class KeepRound:
@@ -19,7 +19,6 @@ class KeepRound:
         return self.current, 1.0
 
 
-@register_strategy("none")
 class NoAggregation:
     def start_round(self, current: State) -> KeepRound:
         return KeepRound(current)
@@ -29,3 +28,9 @@ class NoAggregation:
 
     def load_state_dict(self, state: State) -> None:
         del state
+
+
+@register_strategy("none")
+def no_aggregation(settings: StrategySettings) -> NoAggregation:
+    del settings  # nothing to configure
+    return NoAggregation()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -39,7 +40,15 @@ class Strategy(Protocol):
     def load_state_dict(self, state: State) -> None: ...
 
 
-StrategyFactory = Callable[[RobustConfig], Strategy]
+@dataclass(frozen=True)
+class StrategySettings:
+    """What a strategy is built from: the node's robust settings, FedAvg's sum precision."""
+
+    robust: RobustConfig
+    sum_dtype: torch.dtype = torch.float32
+
+
+StrategyFactory = Callable[[StrategySettings], Strategy]
 # Why `robust` settings cannot work with n children per round, or None if they can.
 Requirement = Callable[[RobustConfig, int], str | None]
 
@@ -53,24 +62,27 @@ def _add(name: str, factory: StrategyFactory) -> None:
     STRATEGIES[name] = factory
 
 
-def register_strategy(name: str) -> Callable[[Callable[[], Strategy]], Callable[[], Strategy]]:
-    """Class decorator: make a strategy that takes no settings available under `name`."""
+def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator: make the strategy that `factory(settings)` builds available under `name`."""
 
-    def wrap(factory: Callable[[], Strategy]) -> Callable[[], Strategy]:
-        _add(name, lambda robust: factory())
+    def wrap(factory: StrategyFactory) -> StrategyFactory:
+        _add(name, factory)
         return factory
 
     return wrap
 
 
+RobustFactory = Callable[[RobustConfig], Strategy]
+
+
 def register_robust_strategy(
     name: str, requirement: Requirement
-) -> Callable[[StrategyFactory], StrategyFactory]:
+) -> Callable[[RobustFactory], RobustFactory]:
     """Decorator: a strategy built from the node's `robust` settings, with the check that
     rejects settings it cannot honour (see `check_strategy`)."""
 
-    def wrap(factory: StrategyFactory) -> StrategyFactory:
-        _add(name, factory)
+    def wrap(factory: RobustFactory) -> RobustFactory:
+        _add(name, lambda settings: factory(settings.robust))
         REQUIREMENTS[name] = requirement
         return factory
 
@@ -92,13 +104,10 @@ def build_strategy(
     is bounded before the rule sees it. `sum_dtype` is FedAvg's running-sum precision (the
     robust rules hold the replies themselves and have no running sum)."""
     _load_plugins()
-    from worldlm.strategies.fedavg import FedAvg
     from worldlm.strategies.norm_bound import NormBounded
 
     settings = RobustConfig() if robust is None else robust
-    strategy = STRATEGIES[name](settings)
-    if isinstance(strategy, FedAvg):
-        strategy.sum_dtype = SUM_DTYPES[sum_dtype]
+    strategy = STRATEGIES[name](StrategySettings(settings, SUM_DTYPES[sum_dtype]))
     if settings.norm_bound is not None:
         return NormBounded(strategy, settings.norm_bound)
     return strategy
