@@ -189,3 +189,24 @@ def test_a_node_is_an_aggregator_or_a_leaf_never_both(tmp_path: Path) -> None:
     assert "nodes.world/med/b.data: a leaf needs data" in _error(
         {**data, "nodes": {**data["nodes"], "world/med/b": {"inner_rounds": 2}}}, []
     )
+
+
+def test_a_leaf_table_written_before_the_split_still_loads(tmp_path: Path) -> None:
+    # Until the aggregator/leaf split, a written config kept these on every leaf, at defaults.
+    legacy = {
+        "min_replies": 1,
+        "max_change": 1000.0,
+        "robust": {"byzantine": 0, "trim_fraction": 0.1},
+        "secure_aggregation": {
+            "enabled": False,
+            "neighbours": 0,
+            "threshold": 0.5,
+            "bits": 32,
+            "clip_range": 1.0,
+        },
+    }
+    data = tiny_config_dict(tmp_path, TWO_LEVEL)
+    data["nodes"]["world/med/a"].update(legacy)
+    assert isinstance(validate_config(data).nodes["world/med/a"], LeafConfig)
+    data["nodes"]["world/med/a"]["max_change"] = 5.0  # a setting, not a leftover: refused
+    assert "nodes.world/med/a.max_change: only aggregators" in _error(data, [])

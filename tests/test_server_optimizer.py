@@ -166,3 +166,66 @@ def test_a_leaf_cannot_have_a_server_optimizer(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="server_optimizer: only aggregators"):
         tiny_config(tmp_path, TWO_LEVEL, ["nodes.world/med/a.server_optimizer.name=fedadam"])
+
+
+def _node_tensors(run_dir: Path, node: str, prefix: str) -> dict[str, torch.Tensor]:
+    _, tensors, _ = load_latest(run_dir / "checkpoints")
+    head = f"node/{node}#{prefix}"
+    return {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+WORLDLM_ONE_ROUND = ["run.method=worldlm", "stop.rounds=1"]
+HALF_STEP = [  # one round of this is x0 + 0.5 (aggregate - x0)
+    "nodes.world/med.server_optimizer.name=nesterov",
+    "nodes.world/med.server_optimizer.momentum=0.0",
+    "nodes.world/med.server_optimizer.lr=0.5",
+]
+DP_AT_MED = [
+    "nodes.world/med.dp.enabled=true",
+    "nodes.world/med.dp.clip=0.5",
+    "nodes.world/med.dp.noise_multiplier=0.1",
+    "nodes.world/med.dp.seeded_noise=true",
+]
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["attention", "dp"])
+def test_under_worldlm_the_optimizer_steps_key_layers_only_when_asked(
+    tmp_path: Path, dp: bool
+) -> None:
+    base = WORLDLM_ONE_ROUND + (DP_AT_MED if dp else [])
+    runs = {
+        name: run(
+            tiny_config(tmp_path, TWO_LEVEL, base + extra), QuietProgress(), out=tmp_path / name
+        )
+        for name, extra in [
+            ("plain", []),
+            ("backbone", HALF_STEP),
+            ("keys", [*HALF_STEP, "nodes.world/med.server_optimizer.key_layers=true"]),
+        ]
+    }
+    k = {name: _node_tensors(r.run_dir, "world/med", "key/") for name, r in runs.items()}
+    k0 = _node_tensors(runs["plain"].run_dir, "world/med", "keyref/")  # K before the round
+    assert k["plain"] and k["plain"].keys() == k0.keys()
+    # By default K_p is the key layers' own aggregate (attention, or DP's noisy mean) ...
+    assert all(torch.equal(k["backbone"][n], k["plain"][n]) for n in k0)
+    # ... while the backbone sent up took the optimizer's half step: the roots differ.
+    plain_root, stepped_root = (_final_state(runs[n].run_dir) for n in ("plain", "backbone"))
+    assert any(not torch.equal(plain_root[n], stepped_root[n]) for n in plain_root)
+    # With key_layers = true K_p takes the same half step from the K it sent.
+    for name in k0:
+        expected = k0[name] + 0.5 * (k["plain"][name] - k0[name])
+        torch.testing.assert_close(k["keys"][name], expected, rtol=0, atol=1e-6)
+    assert any(not torch.equal(k["keys"][n], k["plain"][n]) for n in k0)
+
+
+def test_the_optimizer_on_attended_child_key_layers_is_refused(tmp_path: Path) -> None:
+    from worldlm.errors import ConfigError
+
+    overrides = [
+        *WORLDLM_ONE_ROUND,
+        "worldlm.child_key_layers=attended",
+        "nodes.world/med.server_optimizer.name=nesterov",
+        "nodes.world/med.server_optimizer.key_layers=true",
+    ]
+    with pytest.raises(ConfigError, match=r"server_optimizer\.key_layers: with worldlm\.child_key"):
+        run(tiny_config(tmp_path, TWO_LEVEL, overrides), QuietProgress(), out=tmp_path / "r")

@@ -9,13 +9,13 @@ import torch
 
 from worldlm.config import ModelConfig, TrainConfig
 from worldlm.model.build import build_model
+from worldlm.train import local
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import (
     add_proximal_gradient,
     batch_order,
     local_train,
     make_optimizer,
-    proximal_term,
 )
 from worldlm.train.schedule import lr_at
 
@@ -95,10 +95,24 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 PROX_BASE = {"local_steps": 20, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0}
 
 
-def test_prox_mu_zero_is_plain_local_training() -> None:
-    _, plain = _train_tiny(TrainConfig.model_validate(PROX_BASE))
-    _, zero = _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 0.0}))
-    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+def test_prox_mu_zero_is_plain_local_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With mu = 0 the proximal code is never reached: training is the loop it was before."""
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("the proximal gradient was computed")
+
+    monkeypatch.setattr(local, "add_proximal_gradient", forbidden)
+    _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 0.0}))  # runs through
+    with pytest.raises(AssertionError, match="proximal gradient was computed"):
+        _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 1e-3}))
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """Reference: FedProx's term without mu, 0.5 * sum ||p - a||^2, differentiable in params."""
+    total = torch.zeros(())
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p - a).pow(2).sum()
+    return 0.5 * total
 
 
 def test_prox_mu_keeps_the_weights_near_what_the_leaf_received() -> None:

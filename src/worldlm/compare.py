@@ -13,9 +13,10 @@ A method name is `BASE` or `BASE+OPTIMIZER` (`parse_method`):
   differ by it alone.
 - OPTIMIZER (one of SERVER_OPTIMIZERS) is the server optimizer of the global server, the root
   aggregator, at its defaults, or as the config's root sets it when it names the same optimizer
-  (so its learning rate can be tuned there). Optimizers below the root are whatever the config
-  sets. `centralized` and `local` take none: nothing is aggregated at their root (centralized
-  trains one model on the pooled data; local keeps every leaf's own model).
+  (so its learning rate can be tuned there). Optimizers below the root, and the root's for a
+  bare BASE, are whatever the config sets: plain FedAvg unless the config names one.
+  `centralized` and `local` take none: nothing is aggregated at their root (centralized trains
+  one model on the pooled data; local keeps every leaf's own model).
 
 Each method runs as run.name = its full name in out_dir/<full name>.
 """

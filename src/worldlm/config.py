@@ -515,14 +515,21 @@ class LeafConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_aggregator_settings(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            extra = sorted(set(data) & set(AggregatorConfig.model_fields) - set(cls.model_fields))
-            if extra:
-                raise PydanticCustomError(
-                    "aggregator_only",
-                    "only aggregators have this setting",
-                    {"key": extra[0]},
-                )
+        if not isinstance(data, dict):
+            return data
+        others = set(AggregatorConfig.model_fields) - set(cls.model_fields)
+        # Configs written before the split carry some aggregator settings on every leaf, at
+        # their defaults: those are dropped, so old run directories still load.
+        defaults = AggregatorConfig().model_dump(mode="json", exclude_none=True)
+        data = {k: v for k, v in data.items() if k not in others or v != defaults[k]}
+        extra = sorted(set(data) & others)
+        if extra:
+            raise PydanticCustomError(
+                "aggregator_only",
+                "only aggregators have this setting (a node table with data is a leaf's: "
+                "remove data if this node has children)",
+                {"key": extra[0]},
+            )
         return data
 
 

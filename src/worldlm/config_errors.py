@@ -40,8 +40,9 @@ def _node_tag(root: type[BaseModel], loc: list[str]) -> tuple[list[str], type[Ba
     field = root.model_fields.get(loc[0]) if loc else None
     if field is None or get_origin(field.annotation) is not dict or len(loc) < 3:
         return loc, None
-    for member in get_args(get_args(get_args(field.annotation)[1])[0]):
-        cls, *meta = get_args(member)
+    value_type = get_args(field.annotation)[1]  # Annotated[A | B, Discriminator] for nodes
+    for member in get_args(get_args(value_type)[0]) if get_origin(value_type) else ():
+        cls, *meta = get_args(member) or (member,)
         if any(getattr(m, "tag", None) == loc[2] for m in meta):
             return [*loc[:2], *loc[3:]], cls
     return loc, None

@@ -28,14 +28,19 @@ class EvalResult:
 
 __all__ = [
     "EvalReport",
+    "EvalResult",
     "EvalTask",
+    "Factors",
     "Layout",
     "Record",
+    "Residual",
     "RoutedResidual",
     "State",
     "TrainTask",
     "Update",
+    "tensor_bytes",
 ]
+
 Record = dict[str, Any]  # one metrics row: {"round", "node", "kind", ...}
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (wire dtype name, shape)
 

@@ -1,7 +1,7 @@
 """The messages of a secure aggregation round between an aggregator and its children.
 
 A secure round replaces the one TrainTask/Update exchange of a plain round with the four stages
-of `privacy.secagg` (Bonawitz et al. 2017): the first request is the TrainTask itself plus the
+of `secagg` (Bonawitz et al. 2017): the first request is the TrainTask itself plus the
 child's ClientSetup, so a child trains and then advertises its keys; the next three carry the
 library's messages. Every reply names its sender and the nonce of the round's TrainTask, which
 is how a parent tells this round's answers from stale ones and a child tells which secure round

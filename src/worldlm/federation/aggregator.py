@@ -42,6 +42,7 @@ from worldlm.federation.key_layers import (
     KeyLayers,
     PersonalKeyLayers,
     SharedKeyLayers,
+    check_optimizer_on_keys,
 )
 from worldlm.federation.privacy_policy import DPPolicy, DPRule, check_dp_settings
 from worldlm.federation.reply_check import check_reply
@@ -69,7 +70,7 @@ class RouterPolicy:
 @dataclass
 class RoundOutcome:
     state: State  # the new model, in the model's dtypes
-    exact: State  # the strategy's result before casting: the model times `scale`, sent upward
+    exact: State  # what goes up: the model times `scale` (the rule's exact sum, or the model)
     scale: float
     weight: float  # tokens trained by the children that took part
     records: list[Record]
@@ -112,7 +113,6 @@ class Aggregator:
         self.path = path
         self.settings = settings
         self.transport = transport
-        self.strategy = strategy
         self.ctx = ctx
         check_dp_settings(
             path, settings.dp, settings.strategy, key_policy is not None and key_policy.per_child
@@ -127,6 +127,7 @@ class Aggregator:
             if key_policy is not None
             else SharedKeyLayers()
         )
+        check_optimizer_on_keys(path, settings.server_optimizer.key_layers, key_policy)
         self.optimizer = ServerOptimizer(settings.server_optimizer)
         self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
         self.router = router  # the root under WorldLM: routes residuals between sub-federations
@@ -420,7 +421,7 @@ class Aggregator:
             "secure_aggregation": True,
             "secagg_dropouts": out.dropouts,
             "secagg_clipped": out.clipped_coordinates,
-            # bound on |new model - exact mean| per value
+            # bound on |aggregate - exact mean| per value, before any server optimizer's step
             "secagg_max_error": None if out.changes is None else max_error,
         }
         if out.reason is not None:

@@ -17,6 +17,7 @@ import torch
 
 from worldlm.core.messages import Residual, RoutedResidual, Update
 from worldlm.core.state import State, cast_like
+from worldlm.errors import ConfigError
 from worldlm.model.partition import Partition
 from worldlm.strategies.attention import attend, attention_weights, layer_distance
 from worldlm.strategies.routing import decode, low_rank_factors
@@ -177,7 +178,9 @@ class KeyLayerRound:
 class KeyLayers(Protocol):
     """How an aggregator's key layers take part in its rounds (WorldLM's K, or none)."""
 
-    policy: KeyLayerPolicy | None
+    @property
+    def policy(self) -> KeyLayerPolicy | None: ...
+
     key_state: State
     child_keys: dict[str, State]
 
@@ -216,8 +219,7 @@ class PersonalKeyLayers:
     them without noise."""
 
     def __init__(self, policy: KeyLayerPolicy, *, attend: bool = True) -> None:
-        self.policy: KeyLayerPolicy | None = policy
-        self._policy = policy
+        self.policy = policy
         self.attend = attend
         self.key_state: State = {}  # K_p, kept between rounds
         self.key_ref: State = {}  # the K it started from
@@ -225,7 +227,7 @@ class PersonalKeyLayers:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self._policy.partition.key_names)
+        return tuple(self.policy.partition.key_names)
 
     def own(self, incoming: State) -> State:
         """The incoming model with K_p in place of the parent's K (K_p starts as that K)."""
@@ -241,7 +243,7 @@ class PersonalKeyLayers:
     def start_round(self, routed: tuple[RoutedResidual, ...]) -> KeyLayerRound | None:
         if not self.attend:
             return None
-        return KeyLayerRound(self._policy, self.key_state, self.key_ref, routed)
+        return KeyLayerRound(self.policy, self.key_state, self.key_ref, routed)
 
     def finish(self, model: State, key_round: KeyLayerRound | None) -> None:
         """Put the round's K_p into `model` (in place) and keep it, with each child's K."""
@@ -260,16 +262,16 @@ class PersonalKeyLayers:
     def forwarded(self, exact: State, scale: float) -> State:
         """What goes up of a result (`exact` = the model times `scale`): the backbone, and K_p
         (at the same scale) only where it may leave this subtree."""
-        up = {k: v for k, v in exact.items() if k not in self._policy.partition.key_names}
-        if not self._policy.private:  # inside a sub-federation K_p goes up
+        up = {k: v for k, v in exact.items() if k not in self.policy.partition.key_names}
+        if not self.policy.private:  # inside a sub-federation K_p goes up
             up.update({k: self.key_state[k].double() * scale for k in self.names})
         return up
 
     def residual(self) -> Residual:
         """What a sub-federation tells the root's router: its K_p - K_ref in rank-r factors."""
-        if not self._policy.private:
+        if not self.policy.private:
             return {}
-        return residual_of(self.key_state, self.key_ref, self._policy.residual_rank)
+        return residual_of(self.key_state, self.key_ref, self.policy.residual_rank)
 
     def snapshot(self) -> State:
         tensors = {f"key/{k}": v for k, v in self.key_state.items()}
@@ -292,7 +294,7 @@ class SharedKeyLayers:
     """No personalized key layers (every method but WorldLM): K is part of the model like the
     rest, so every hook passes the model through unchanged."""
 
-    policy: KeyLayerPolicy | None = None
+    policy: None = None
 
     def __init__(self) -> None:
         self.key_state: State = {}
@@ -331,3 +333,13 @@ class SharedKeyLayers:
 
     def restore(self, tensors: State) -> None:
         del tensors
+
+
+def check_optimizer_on_keys(path: str, step_keys: bool, policy: KeyLayerPolicy | None) -> None:
+    """Refuse a server optimizer on key layers where it would not reach what children train."""
+    if step_keys and policy is not None and policy.per_child:
+        raise ConfigError(
+            f"nodes.{path}.server_optimizer.key_layers: with worldlm.child_key_layers = "
+            "'attended' each child is sent its own attended K, which the optimizer does not "
+            "step; use child_key_layers = 'shared' or key_layers = false"
+        )

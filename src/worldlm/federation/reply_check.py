@@ -28,7 +28,7 @@ def check_reply(
     Returns the L2 norm of the change the reply makes to the model it was sent; with
     `measure=False` (nothing records it) None, unless the reply needed measuring to decide.
     `reference_norms` caches the squared norms of the models sent, across one round's replies;
-    `buffers` are the round's chunk buffers (`federation.chunked`)."""
+    `buffers` are the round's chunk buffers (`core.chunked`)."""
     buffers = ChunkBuffers() if buffers is None else buffers
     task = tasks.get(update.sender)
     if task is None:

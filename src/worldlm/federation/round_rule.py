@@ -1,6 +1,6 @@
 """What an aggregator combines a round's replies with: its strategy, or a wrapper around it.
 
-The round asks its rule four things, whatever the rule is: may this round run (a privacy
+The round asks its rule the same things, whatever the rule is: may this round run (a privacy
 budget), a fresh aggregation to fold replies into, how a secure round's sum enters it, and
 what the finished round adds to the record. `StrategyRule` is a plain strategy (FedAvg, a robust
 rule, either norm-bounded); `privacy_policy.DPRule` wraps DP-FedAvg around the round the same

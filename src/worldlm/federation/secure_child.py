@@ -2,7 +2,7 @@
 
 Asked to train in a secure round (`SecureSetup`), the child runs its node's own `handle_train`,
 turns the reply into the vector it protects, keeps that vector to itself, and answers the four
-stages through `privacy.secagg.SecAggClient`. The vector, flattened over the task's parameter
+stages through `secagg.SecAggClient`. The vector, flattened over the task's parameter
 names in sorted order (float64), is
 
     x = a * clip_c(change)  ++  [c * k / L, c * d]

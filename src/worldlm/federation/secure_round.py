@@ -1,7 +1,7 @@
 """An aggregator's side of a secure aggregation round: it learns only the sum of its children's
 (weighted) changes to the model (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020).
 
-The four stages of `privacy.secagg` run through the transport's one generic `exchange`: the
+The four stages of `secagg` run through the transport's one generic `exchange`: the
 first carries each child's TrainTask with its ClientSetup, so children train and then advertise
 keys; then ShareKeys, MaskedInputCollection (with the round's total weight) and Unmasking. A
 child that does not answer a stage, declines it or answers malformed is dropped at that stage;

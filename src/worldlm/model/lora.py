@@ -4,7 +4,7 @@
 `add_adapter`: the model stays a `PreTrainedModel`, and its `save_pretrained` writes the
 adapters in PEFT format), then turns every frozen base weight into a module *buffer*: state of
 the module that is not a parameter. From then on everything that walks `named_parameters()` —
-`model.state.get_state`/`set_state`, hence every update, aggregate, checkpoint and wire
+`core.state.get_state`/`set_state`, hence every update, aggregate, checkpoint and wire
 payload; the B/K partition (K = the adapters of the last blocks); the optimizer; the `local`
 baseline's set of personal weights — sees the adapters only, and the engine needs no LoRA
 branch. The base stays in memory, is used by the forward pass, and is never sent or saved.

@@ -47,21 +47,12 @@ def batch_order(n_blocks: int, batch_size: int, steps: int, gen: torch.Generator
     return torch.cat(perms)[:need].view(steps, batch_size)
 
 
-def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """FedProx's proximal term without its mu: 0.5 * sum ||p - a||^2 over paired tensors
-    (differentiable in `params`; its gradient is p - a)."""
-    total = torch.zeros((), device=anchors[0].device if anchors else None)
-    for p, a in zip(params, anchors, strict=True):
-        total = total + (p - a).pow(2).sum()
-    return 0.5 * total
-
-
 @torch.no_grad()
 def add_proximal_gradient(
     params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float
 ) -> None:
-    """Add mu * (p - a), the gradient of `mu * proximal_term(params, anchors)`, to each p.grad:
-    the same step as adding the term to the loss, without building its autograd graph."""
+    """Add mu * (p - a), the gradient of FedProx's (mu/2)·sum ||p - a||², to each p.grad: the
+    same step as adding the term to the loss, without building its autograd graph."""
     for p, a in zip(params, anchors, strict=True):
         pull = (p - a).mul_(mu)
         if p.grad is None:

@@ -1,4 +1,4 @@
-"""Secure aggregation messages (`federation.secure_messages`) as parts of a wire payload.
+"""Secure aggregation messages (`core.secure_messages`) as parts of a wire payload.
 
 `codec` owns the payload; this module gives it, per secure kind, the metadata fields, the tensor
 prefixes and the checks, and turns the protocol's bodies into tensors and back. Bytes travel as
