@@ -39,21 +39,19 @@ def sgd_step(x: torch.Tensor, g: torch.Tensor, slots: dict[str, torch.Tensor], l
 
 
 def momentum_step(
-    x: torch.Tensor, g: torch.Tensor, slots: dict[str, torch.Tensor], lr: float, mu: float
+    x: torch.Tensor,
+    g: torch.Tensor,
+    slots: dict[str, torch.Tensor],
+    lr: float,
+    mu: float,
+    *,
+    nesterov: bool,
 ) -> None:
-    """Heavy-ball momentum (FedAvgM), in place on the float32 `x`."""
+    """Heavy-ball (FedAvgM) or Nesterov (DiLoCo's outer optimizer) momentum, in place on the
+    float32 `x`: torch.optim.SGD's update with dampening 0."""
     b = slots.get("momentum")
     b = slots.setdefault("momentum", g.clone()) if b is None else b.mul_(mu).add_(g)
-    x.add_(b, alpha=-lr)
-
-
-def nesterov_step(
-    x: torch.Tensor, g: torch.Tensor, slots: dict[str, torch.Tensor], lr: float, mu: float
-) -> None:
-    """Nesterov momentum (DiLoCo's outer optimizer), in place on the float32 `x`."""
-    b = slots.get("momentum")
-    b = slots.setdefault("momentum", g.clone()) if b is None else b.mul_(mu).add_(g)
-    x.add_(g.add(b, alpha=mu), alpha=-lr)
+    x.add_(g.add(b, alpha=mu) if nesterov else b, alpha=-lr)
 
 
 def adaptive_step(
@@ -87,10 +85,11 @@ def _step_for(config: ServerOptimizerConfig) -> Step:
     lr, name = config.learning_rate, config.name
     if name == "fedavg":
         return lambda x, g, slots: sgd_step(x, g, slots, lr)
-    if name == "fedavgm":
-        return lambda x, g, slots: momentum_step(x, g, slots, lr, config.momentum)
-    if name == "nesterov":
-        return lambda x, g, slots: nesterov_step(x, g, slots, lr, config.momentum)
+    if name in ("fedavgm", "nesterov"):
+        nesterov = name == "nesterov"
+        return lambda x, g, slots: momentum_step(
+            x, g, slots, lr, config.momentum, nesterov=nesterov
+        )
     hyper = {"lr": lr, "beta1": config.beta1, "beta2": config.beta2, "tau": config.tau}
     return lambda x, g, slots: adaptive_step(x, g, slots, rule=name, **hyper)
 
