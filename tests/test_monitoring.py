@@ -149,3 +149,13 @@ def test_the_audit_log_tells_the_run_and_catches_an_edit(
         )
     assert main(["audit", "verify", str(run_dir)]) == 1
     assert f"row {seq}: its hash does not match its content" in capsys.readouterr().out
+
+
+def test_the_summary_records_each_leafs_unigram_reference(hierfavg: Ran) -> None:
+    result, _ = hierfavg
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    vocab = 320  # conftest's tokenizer.vocab_size
+    refs = {leaf: info["unigram_ppl"] for leaf, info in summary["leaves"].items()}
+    assert refs.keys() == result.after.keys()
+    # Templated topic words: far better than uniform over the vocabulary, far worse than 1.
+    assert all(2.0 < ppl < vocab for ppl in refs.values()), refs

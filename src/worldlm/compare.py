@@ -28,7 +28,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -92,6 +92,8 @@ class MethodResult:
     method: str
     ppl: dict[str, float]  # leaf path -> validation perplexity of its deployed model, at the end
     curve: list[tuple[int, float]]  # (round, mean per-leaf perplexity)
+    # leaf path -> perplexity of a unigram model of its own training text (train.unigram)
+    unigram: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -177,7 +179,12 @@ def read_method(run_dir: Path, method: str) -> MethodResult:
         if row["node"] in ppl:
             by_round.setdefault(int(row["round"]), []).append(float(row["ppl"]))
     curve = [(r, sum(v) / len(v)) for r, v in sorted(by_round.items())]
-    return MethodResult(method, ppl, curve)
+    unigram = {
+        leaf: float(v["unigram_ppl"])
+        for leaf, v in summary["leaves"].items()
+        if v.get("unigram_ppl") is not None  # (runs written before it was recorded)
+    }
+    return MethodResult(method, ppl, curve, unigram)
 
 
 def compare(
@@ -200,12 +207,19 @@ def compare(
 
 
 def table_rows(results: Sequence[MethodResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per leaf, then the mean and the worst leaf."""
+    """Header and rows: one row per leaf, then the mean and the worst leaf; a last column holds
+    each leaf's unigram reference when the runs recorded it."""
     header = ["leaf", *[r.method for r in results]]
     leaves = sorted(results[0].ppl)
     rows = [[leaf, *[f"{r.ppl[leaf]:.1f}" for r in results]] for leaf in leaves]
     rows.append(["mean", *[f"{r.mean:.1f}" for r in results]])
     rows.append(["worst leaf", *[f"{r.worst:.1f}" for r in results]])
+    unigram = next((r.unigram for r in results if set(r.unigram) == set(leaves)), None)
+    if unigram is not None:
+        header.append("unigram")
+        values = [unigram[leaf] for leaf in leaves]
+        for row, value in zip(rows, [*values, sum(values) / len(values), max(values)], strict=True):
+            row.append(f"{value:.1f}")
     return header, rows
 
 
@@ -228,6 +242,13 @@ def results_markdown(results: Sequence[MethodResult]) -> str:
         "|" + "---|" * len(header),
         *["| " + " | ".join(row) + " |" for row in rows],
     ]
+    if header[-1] == "unigram":
+        lines += [
+            "",
+            "unigram: the perplexity of a table of the leaf's own training-token frequencies "
+            "(add-one smoothed) on the same validation tokens. A method above it has learned "
+            "less than those frequencies, and its column says nothing about federation.",
+        ]
     ratio = fedavg_to_worldlm(results)
     if ratio is not None:
         lines += ["", f"FedAvg / WorldLM mean per-leaf perplexity: **{ratio:.2f}x**"]

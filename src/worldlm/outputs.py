@@ -25,6 +25,7 @@ from worldlm.model.pretrained import base_model_dir, pretrained_dir
 from worldlm.model.workspace import cache_dir_of
 from worldlm.session import Session, config_digest
 from worldlm.train.evaluate import merge_results
+from worldlm.train.unigram import unigram_result
 
 
 @dataclass
@@ -159,7 +160,11 @@ def write_summary(
     digests: dict[str, str],
     audit_head: list[Any] | None = None,
     privacy: dict[str, dict[str, Any]] | None = None,
+    unigram: dict[str, float] | None = None,
 ) -> None:
+    """summary.json: the run's outcome per leaf, its final models, privacy spent and audit
+    head; `unigram` is each leaf's unigram reference perplexity, by leaf name."""
+    unigram = unigram or {}
     summary: dict[str, Any] = {
         "worldlm": __version__,
         "rounds": result.rounds,
@@ -170,6 +175,8 @@ def write_summary(
             path: {
                 "ppl_before": result.before[path].ppl,
                 "ppl_after": result.after[path].ppl,
+                # What a table of the leaf's own token frequencies scores (train.unigram).
+                "unigram_ppl": unigram.get(path.rsplit("/", 1)[-1]),
                 "data_sha256": digests.get(path.rsplit("/", 1)[-1]),
             }
             for path in result.after
@@ -180,3 +187,19 @@ def write_summary(
     if audit_head is not None:
         summary["audit_head"] = audit_head  # `worldlm audit verify` checks the log against it
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def unigram_references(session: Session) -> dict[str, float]:
+    """Each leaf's unigram perplexity on the validation blocks it is evaluated on, by name."""
+    limit = session.config.eval.max_blocks
+    vocab = session.data.tokenizer.get_vocab_size()
+    refs: dict[str, float] = {}
+    for leaf in session.tree.leaves():
+        data = session.data.leaves.get(leaf.name)
+        if data is None or leaf.name not in data.eval_sets:  # a leaf that runs elsewhere
+            continue
+        val = data.eval_sets[leaf.name]
+        refs[leaf.name] = unigram_result(
+            data.train_blocks, val[:limit] if limit else val, vocab
+        ).ppl
+    return refs

@@ -19,6 +19,7 @@ from worldlm.outputs import (
     audit_run_end,
     resume_audit,
     save_final_models,
+    unigram_references,
     write_checkpoint,
     write_model_cards,
     write_summary,
@@ -116,7 +117,8 @@ def round_loop(
     write_model_cards(session, result)
     audit_head = audit_run_end(session, result)
     privacy = latest_privacy(read_metrics(session.metrics.path))
-    write_summary(result, session.run_dir, session.data.digests, audit_head, privacy)
+    unigram = unigram_references(session)
+    write_summary(result, session.run_dir, session.data.digests, audit_head, privacy, unigram)
     session.metrics.close()
     if session.audit is not None:
         session.audit.close()  # folds the write-ahead log into audit.sqlite
