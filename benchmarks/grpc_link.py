@@ -56,7 +56,7 @@ from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
 from worldlm.security.certs import create_ca, issue_node_cert
-from worldlm.strategies.registry import build_strategy
+from worldlm.strategies.catalog import build_strategy
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import STOP_KIND, answer_parent

@@ -45,7 +45,7 @@ from machine_info import load_average, machine_info
 from worldlm.config import AggregatorConfig
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
-from worldlm.strategies.registry import build_strategy
+from worldlm.strategies.catalog import build_strategy
 from worldlm.transport.grpc import DEFAULT_CHUNK_BYTES, ParentLinkServer
 from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
 

@@ -314,7 +314,7 @@ def engine_rounds(
     from worldlm.config import AggregatorConfig
     from worldlm.federation.aggregator import Aggregator
     from worldlm.federation.context import RunContext
-    from worldlm.strategies.registry import build_strategy
+    from worldlm.strategies.catalog import build_strategy
 
     sum_dtype = getattr(args, "sum_dtype", "float32")
     agg = Aggregator(
@@ -379,8 +379,8 @@ def breakdown(state: dict[str, torch.Tensor], n: int, sum_dtype: str) -> dict[st
     from worldlm.config import AggregatorConfig
     from worldlm.core.messages import TrainTask, Update
     from worldlm.federation.reply_check import check_reply
+    from worldlm.strategies.catalog import SUM_DTYPES
     from worldlm.strategies.fedavg import FedAvgRound
-    from worldlm.strategies.registry import SUM_DTYPES
 
     def best(fn: Callable[[], object]) -> float:
         """Min of 3 timings; NaN if the call fails (the engine's API may have moved on)."""

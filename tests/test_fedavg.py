@@ -10,8 +10,8 @@ from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
+from worldlm.strategies.catalog import build_strategy
 from worldlm.strategies.fedavg import WeightedSum, fedavg
-from worldlm.strategies.registry import build_strategy
 
 
 class FixedChild:

@@ -26,8 +26,8 @@ from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import RunContext
 from worldlm.security.certs import create_ca, issue_node_cert
+from worldlm.strategies.catalog import build_strategy
 from worldlm.strategies.fedavg import fedavg
-from worldlm.strategies.registry import build_strategy
 from worldlm.transport.codec import decode_message, encode_message
 from worldlm.transport.grpc import ChildLink, LinkError, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import TaskRefused, answer_parent, check_task

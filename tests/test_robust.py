@@ -21,8 +21,8 @@ from worldlm.progress import QuietProgress
 from worldlm.root_loop import evaluate_tree, mean_ppl
 from worldlm.session import open_session
 from worldlm.strategies import robust
+from worldlm.strategies.catalog import build_strategy, check_strategy
 from worldlm.strategies.norm_bound import bounded_update
-from worldlm.strategies.registry import build_strategy, check_strategy
 from worldlm.strategies.robust_rounds import RobustRound
 
 from .conftest import tiny_config

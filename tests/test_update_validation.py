@@ -31,8 +31,8 @@ from worldlm.core.transport import ChildInfo
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.selection import eligible
+from worldlm.strategies.catalog import build_strategy
 from worldlm.strategies.fedavg import fedavg
-from worldlm.strategies.registry import build_strategy
 
 Tamper = Callable[[Update], Update]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from worldlm.compression.policy import check_root_link
 from worldlm.config import AggregatorConfig, LeafConfig, LeafDataConfig, NodeConfig
 from worldlm.errors import ConfigError
-from worldlm.strategies.registry import strategy_names
+from worldlm.strategies.catalog import strategy_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -22,7 +22,7 @@ from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
-from worldlm.strategies.registry import build_strategy, check_strategy
+from worldlm.strategies.catalog import build_strategy, check_strategy
 from worldlm.tree import FederationNode
 
 
