@@ -12,6 +12,7 @@ from worldlm.model.build import build_model
 from worldlm.train import local
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import (
+    LocalResult,
     add_proximal_gradient,
     batch_order,
     local_train,
@@ -37,6 +38,22 @@ def test_batch_order_sees_every_block_once_per_pass() -> None:
     assert len(set(flat[10:])) == 8
 
 
+def _train(
+    model: torch.nn.Module, cfg: TrainConfig, blocks: torch.Tensor, seed: int
+) -> LocalResult:
+    """`cfg.local_steps` steps of `local_train` from step 0 on CPU, data order seeded by `seed`."""
+    return local_train(
+        model,
+        make_optimizer(model, cfg),
+        blocks,
+        cfg,
+        start_step=0,
+        total_steps=cfg.local_steps,
+        gen=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
+    )
+
+
 def test_local_training_lowers_the_loss_on_its_blocks() -> None:
     torch.manual_seed(0)
     model = build_model(
@@ -47,16 +64,7 @@ def test_local_training_lowers_the_loss_on_its_blocks() -> None:
         {"local_steps": 30, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0}
     )
     before = evaluate(model, blocks, batch_size=4, device=torch.device("cpu"))
-    result = local_train(
-        model,
-        make_optimizer(model, cfg),
-        blocks,
-        cfg,
-        start_step=0,
-        total_steps=30,
-        gen=torch.Generator().manual_seed(1),
-        device=torch.device("cpu"),
-    )
+    result = _train(model, cfg, blocks, seed=1)
     after = evaluate(model, blocks, batch_size=4, device=torch.device("cpu"))
     assert result.tokens == 30 * 4 * 16 and result.steps == 30
     assert after.loss < 0.5 * before.loss
@@ -75,16 +83,7 @@ def _train_tiny(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, to
         ModelConfig.model_validate({"preset": "tiny", "block_size": 16}), 64, seed=0
     )
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    local_train(
-        model,
-        make_optimizer(model, cfg),
-        torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3)),
-        cfg,
-        start_step=0,
-        total_steps=cfg.local_steps,
-        gen=torch.Generator().manual_seed(1),
-        device=torch.device("cpu"),
-    )
+    _train(model, cfg, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3)), 1)
     return start, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
@@ -173,16 +172,6 @@ def test_proximal_term_covers_only_trainable_parameters() -> None:
 
     wrapped = Wrapped()
     cfg = TrainConfig.model_validate({**PROX_BASE, "local_steps": 3, "prox_mu": 10.0})
-    optimizer = make_optimizer(wrapped, cfg)
-    local_train(
-        wrapped,
-        optimizer,
-        blocks,
-        cfg,
-        start_step=0,
-        total_steps=3,
-        gen=torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-    )
+    _train(wrapped, cfg, blocks, seed=0)
     assert all(torch.equal(v, frozen[k]) for k, v in model[0].state_dict().items())
     assert all(p.grad is None for p in model[0].parameters())

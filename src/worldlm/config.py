@@ -8,6 +8,7 @@ the key.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -449,7 +450,17 @@ class ServerOptimizerConfig(Section):
         return {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7}.get(self.name, 0.01)
 
 
-class AggregatorConfig(Section):
+class NodeSettings(Section):
+    """What every node of the tree has, aggregator or leaf."""
+
+    dp: DPConfig = Field(default_factory=DPConfig, description="Differential privacy here.")
+    link: LinkConfig = Field(
+        default_factory=LinkConfig,
+        description="Compression of the link between this node and its parent (not the root).",
+    )
+
+
+class AggregatorConfig(NodeSettings):
     """A node with children: the root or a sub-federation."""
 
     strategy: str = Field(
@@ -485,13 +496,8 @@ class AggregatorConfig(Section):
     robust: RobustConfig = Field(
         default_factory=RobustConfig, description="Settings of the robust aggregation rules."
     )
-    dp: DPConfig = Field(default_factory=DPConfig, description="Differential privacy here.")
     secure_aggregation: SecAggConfig = Field(
         default_factory=SecAggConfig, description="Secure aggregation of this node's children."
-    )
-    link: LinkConfig = Field(
-        default_factory=LinkConfig,
-        description="Compression of the link between this node and its parent (not the root).",
     )
     server_optimizer: ServerOptimizerConfig = Field(
         default_factory=ServerOptimizerConfig,
@@ -500,17 +506,12 @@ class AggregatorConfig(Section):
     )
 
 
-class LeafConfig(Section):
+class LeafConfig(NodeSettings):
     """A node without children: a data owner that trains on its own text."""
 
     data: LeafDataConfig | None = Field(
         None, description="Its own data (exactly one of paths or corpus); every leaf needs it."
     )
-    link: LinkConfig = Field(
-        default_factory=LinkConfig,
-        description="Compression of the link between this node and its parent (not the root).",
-    )
-    dp: DPConfig = Field(default_factory=DPConfig, description="Differential privacy here.")
 
     @model_validator(mode="before")
     @classmethod
@@ -520,7 +521,7 @@ class LeafConfig(Section):
         others = set(AggregatorConfig.model_fields) - set(cls.model_fields)
         # Configs written before the split carry some aggregator settings on every leaf, at
         # their defaults: those are dropped, so old run directories still load.
-        defaults = AggregatorConfig().model_dump(mode="json", exclude_none=True)
+        defaults = _aggregator_defaults()
         data = {k: v for k, v in data.items() if k not in others or v != defaults[k]}
         extra = sorted(set(data) & others)
         if extra:
@@ -531,6 +532,11 @@ class LeafConfig(Section):
                 {"key": extra[0]},
             )
         return data
+
+
+@functools.cache
+def _aggregator_defaults() -> dict[str, Any]:
+    return AggregatorConfig().model_dump(mode="json", exclude_none=True)
 
 
 def _node_kind(value: Any) -> str:
