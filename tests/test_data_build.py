@@ -8,13 +8,20 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from worldlm.data.build import domains, fetch, languages
+from worldlm.data.build import domains, families, fetch, languages
 from worldlm.data.build.fetch import Leaf, Source, build_leaves, deb_members
-from worldlm.data.build.textutil import dedupe, detect_language, language_filter
+from worldlm.data.build.textutil import (
+    LANGUAGES,
+    candidate_languages,
+    dedupe,
+    detect_language,
+    language_filter,
+)
 from worldlm.errors import DataError
 
 IT = "Questo programma converte i file di musica nel formato che LilyPond può leggere."
@@ -22,6 +29,19 @@ FR = "Cette commande affiche la liste des fichiers qui sont dans le répertoire 
 EN = "This program converts the music files into the format that is read by the tool."
 UK = "Наступного ранку я пішов до міста, де була велика їдальня і гарний парк."
 BG = "Когато човек се върне вкъщи, той трябва да си почине и да прочете книга."
+# One sentence per language of the families tree (it and fr are above).
+FAMILY_SAMPLES = {
+    "es": "El programa convierte los archivos de música en el formato que lee la herramienta.",
+    "de": "Das Programm wandelt die Musikdateien in das Format um, das von dem Werkzeug kommt.",
+    "nl": "Het programma zet de muziekbestanden om naar het formaat dat het hulpmiddel leest.",
+    "sv": "Programmet konverterar musikfilerna till det format som läses av verktyget.",
+    "pl": "Ten program konwertuje pliki muzyczne do formatu, który może odczytać narzędzie.",
+    "cs": "Tento program převádí hudební soubory do formátu, který je možné číst nástrojem.",
+    "fi": "Tämä ohjelma muuntaa musiikkitiedostot muotoon, jota työkalu voi lukea, ja se on nopea.",
+    "hu": "Ez a program a zenei fájlokat olyan formátumba alakítja, amelyet az eszköz olvas.",
+    "et": "See programm teisendab muusikafailid vormingusse, mida tööriist saab lugeda.",
+    "ru": "Эта программа преобразует музыкальные файлы в формат, который читает инструмент.",
+}
 
 
 def test_dedupe_drops_whitespace_duplicates_and_empties_keeping_order() -> None:
@@ -36,6 +56,38 @@ def test_detect_language_on_hand_written_samples(text: str, lang: str) -> None:
     assert detect_language(text) == lang
 
 
+@pytest.mark.parametrize(("lang", "text"), FAMILY_SAMPLES.items())
+def test_detect_language_on_family_samples(lang: str, text: str) -> None:
+    assert detect_language(text) == lang
+
+
+def test_every_sample_is_kept_by_its_own_language_filter_only() -> None:
+    samples = {"it": IT, "fr": FR, "en": EN, "uk": UK, "bg": BG, **FAMILY_SAMPLES}
+    assert set(samples) == set(LANGUAGES)
+    for lang in LANGUAGES:
+        kept = language_filter(samples.values(), lang)
+        assert kept == [samples[lang]], lang
+
+
+def test_ties_are_kept_for_each_tied_language_but_not_when_english_ties() -> None:
+    # "de la" is French and Spanish alike: a French source keeps it, detection names neither.
+    assert candidate_languages("Choix de la couleur") == {"fr", "es"}
+    assert detect_language("Choix de la couleur") is None
+    assert language_filter(["Choix de la couleur"], "fr") == ["Choix de la couleur"]
+    # Untranslated English UI strings must not slip into a leaf through a shared word.
+    assert "en" in candidate_languages("Zoom in")
+    assert language_filter(["Zoom in"], "de") == []
+    assert language_filter(["Zoom in"], "en") == ["Zoom in"]
+
+
+def test_cyrillic_marks_tell_russian_from_ukrainian_and_bulgarian() -> None:
+    assert detect_language("Отвори файл") == "cyrl"
+    assert language_filter(["Отвори файл"], "ru") == ["Отвори файл"]
+    # ы with і is a mixed paragraph, kept by no filter.
+    assert detect_language("Привет, це ї мы") is None
+    assert all(not language_filter(["Привет, це ї мы"], lang) for lang in ("uk", "bg", "ru"))
+
+
 def test_language_filter_keeps_only_the_asked_language() -> None:
     mixed = [IT, FR, EN, UK, BG, "12345 -- ##", "Привет, это русский язык."]
     assert language_filter(mixed, "it") == [IT]
@@ -46,7 +98,7 @@ def test_language_filter_keeps_only_the_asked_language() -> None:
     # A short Cyrillic string with no telling letter is kept for either Cyrillic language.
     assert language_filter(["Отвори файл"], "bg") == ["Отвори файл"]
     with pytest.raises(ValueError, match="unsupported language"):
-        language_filter([IT], "de")
+        language_filter([IT], "ja")
 
 
 def _tar_gz(files: dict[str, bytes]) -> bytes:
@@ -176,3 +228,44 @@ def test_failed_leaf_is_reported_after_the_others_are_written(
 def test_unknown_leaf_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown languages leaves"):
         languages.build(tmp_path, tmp_path, leaves=["high/de"])
+
+
+def test_families_tree_is_four_families_of_three_libreoffice_help_leaves() -> None:
+    assert list(families.LEAVES) == [
+        "romance/es",
+        "romance/fr",
+        "romance/it",
+        "germanic/de",
+        "germanic/nl",
+        "germanic/sv",
+        "slavic/ru",
+        "slavic/pl",
+        "slavic/cs",
+        "uralic/fi",
+        "uralic/hu",
+        "uralic/et",
+    ]
+    for name, leaf in families.LEAVES.items():
+        lang = name.split("/")[1]
+        assert leaf.sources == (
+            Source(registry="debian", name=f"libreoffice-help-{lang}", version=None),
+        )
+
+
+def test_families_config_names_every_leaf_of_the_tree() -> None:
+    config = Path(__file__).parent.parent / "configs" / "families.toml"
+    nodes = tomllib.loads(config.read_text(encoding="utf-8"))["nodes"]
+    paths = {name: node["data"]["paths"] for name, node in nodes.items() if "data" in node}
+    assert paths == {f"world/{leaf}": [f"{leaf}.jsonl"] for leaf in families.LEAVES}
+
+
+def test_families_leaf_keeps_its_language_from_a_handmade_help_deb(tmp_path: Path) -> None:
+    page = (
+        "<html><head><title>Nápověda</title></head><body>"
+        f"<p>{FAMILY_SAMPLES['cs']}</p><p>{EN}</p><p>{FAMILY_SAMPLES['pl']}</p></body></html>"
+    )
+    deb = _deb(
+        tmp_path / "libreoffice-help-cs_1_all.deb",
+        {"./usr/share/libreoffice/help/cs/text/shared/main.html": page.encode()},
+    )
+    assert list(families.LEAVES["slavic/cs"].extract([deb])) == [FAMILY_SAMPLES["cs"]]

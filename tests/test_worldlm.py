@@ -122,3 +122,22 @@ def test_attended_child_key_layers_personalize_each_leaf_and_resume(tmp_path: Pa
     last_block = [k for k in a if ".layers.3." in k]
     assert last_block and all(not torch.equal(a[k], b[k]) for k in last_block)
     assert all(not torch.equal(a[k], fed_k[k]) for k in last_block)
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.25, 1.0])
+def test_key_mix_starts_a_round_between_the_leafs_own_k_and_the_received_k(
+    tmp_path: Path, mix: float
+) -> None:
+    overrides = ["run.method='worldlm'", "worldlm.leaf_key_layers='own'", f"worldlm.key_mix={mix}"]
+    session = open_session(tiny_config(tmp_path, TWO_LEVEL, overrides), QuietProgress(), tmp_path)
+    state = session.fed.root.run_round(session.fed.root.state, 1).state
+    leaf = session.fed.leaves["world/med/a"]
+    received = {**state, **session.fed.aggregators["world/med"].key_state}  # what it is sent
+    start = leaf.training_start(received)
+    assert leaf.adapted_state  # its own last-trained K
+    for key, own in leaf.adapted_state.items():
+        assert not torch.equal(own, received[key])  # (otherwise the check below says nothing)
+        expected = own + mix * (received[key] - own)
+        torch.testing.assert_close(start[key], expected, rtol=0, atol=1e-6)
+    for key in set(start) - set(leaf.adapted_state):  # B: always what was received
+        assert torch.equal(start[key], received[key])

@@ -52,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=",".join(("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")),
         help="comma-separated methods, each BASE or BASE+OPTIMIZER: BASE one of centralized, "
-        "local, fedavg, hierfavg, fedper, worldlm, or fedprox (fedavg with the proximal term, mu "
-        "= train.prox_mu or 0.01); OPTIMIZER the root aggregator's server optimizer: fedavgm, "
-        "nesterov, fedadam, fedyogi or fedadagrad (e.g. fedavg+nesterov, worldlm+fedadam); "
+        "local, fedavg, hierfavg, fedper, worldlm, fedprox (fedavg with the proximal term, mu "
+        "= train.prox_mu or 0.01); fedavg, hierfavg, fedper, worldlm or fedprox may end in _ft "
+        "(their last train.finetune_rounds, or a fifth of the rounds, fine-tune at each leaf: "
+        "fedavg_ft is FedAvg + fine-tuning); OPTIMIZER the root aggregator's server optimizer: "
+        "fedavgm, nesterov, fedadam, fedyogi or fedadagrad (e.g. fedavg+nesterov, "
+        "worldlm+fedadam); "
         "default: the six methods without one",
     )
     comp.add_argument("--quiet", action="store_true", help="no progress display")
@@ -98,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build named corpora trees from their packages")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser(
-        "build", help="build the domains or languages tree as JSONL per leaf"
+        "build", help="build the domains, languages or families tree as JSONL per leaf"
     )
-    build.add_argument("tree", choices=["domains", "languages"])
+    build.add_argument("tree", choices=["domains", "languages", "families"])
     build.add_argument("--out", type=Path, default=Path("data"), help="default: ./data/<tree>")
     build.add_argument("--cache", type=Path, help="download cache (default: the worldlm cache)")
     build.add_argument("--leaves", help="comma-separated leaf paths (default: all)")

@@ -11,6 +11,12 @@ A method name is `BASE` or `BASE+OPTIMIZER` (`parse_method`):
   `train.prox_mu`, or FEDPROX_MU when that is 0. The config's `train.prox_mu` is the mu of the
   fedprox methods only: every other method runs without the term, so that fedavg and fedprox
   differ by it alone.
+- A BASE may end in `_ft` (`fedavg_ft`, `worldlm_ft`, ...: FINETUNED): the method whose last
+  `train.finetune_rounds` rounds (or FINETUNE_SHARE of stop.rounds when that is 0) are a
+  personalization phase, in which each leaf fine-tunes the model it would deploy on its own data
+  and deploys the result. `fedavg_ft` is FedAvg + local fine-tuning. The budget is every
+  method's: the same rounds of the same local steps. Like prox_mu, the config's
+  `train.finetune_rounds` belongs to the `_ft` methods alone: the others run without the phase.
 - OPTIMIZER (one of SERVER_OPTIMIZERS) is the server optimizer of the global server, the root
   aggregator, at its defaults, or as the config's root sets it when it names the same optimizer
   (so its learning rate can be tuned there). Optimizers below the root, and the root's for a
@@ -47,13 +53,18 @@ from worldlm.session import RunObserver
 from worldlm.tree import build_tree
 
 METHODS = ("centralized", "local", "fedavg", "hierfavg", "fedper", "worldlm")
-BASES = (*METHODS, "fedprox")
+# Methods that can end in a personalization phase (centralized has one model, local only its own).
+FINETUNED = ("fedavg", "hierfavg", "fedper", "worldlm", "fedprox")
+BASES = (*METHODS, "fedprox", *(f"{base}_ft" for base in FINETUNED))
 SERVER_OPTIMIZERS = ("fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad")
 # Bases whose root aggregates nothing a server optimizer could step on.
 NO_SERVER_OPTIMIZER = ("centralized", "local")
 # FedProx's mu when the config's train.prox_mu is 0: the middle of the grid Li et al. (2020)
 # tune over (0.001, 0.01, 0.1, 1); a small pull that regularizes without stalling local training.
 FEDPROX_MU = 0.01
+# The personalization phase of the _ft methods when the config's train.finetune_rounds is 0: the
+# last fifth of the rounds (at least one), enough to adapt without forgetting what was federated.
+FINETUNE_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,12 @@ class MethodSpec:
     @property
     def method(self) -> Method:
         """The engine's method that runs it (run.method)."""
-        return cast(Method, "fedavg" if self.base == "fedprox" else self.base)
+        base = self.base.removesuffix("_ft")
+        return cast(Method, "fedavg" if base == "fedprox" else base)
+
+    @property
+    def finetunes(self) -> bool:
+        return self.base.endswith("_ft")
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -107,17 +123,22 @@ class MethodResult:
 def method_config(config: RunConfig, method: str) -> RunConfig:
     """`config` running `method` (a name `parse_method` accepts): run.method its engine method,
     run.name its full name; the centralized node given the whole token budget, train.prox_mu
-    on for fedprox only, and the root's server optimizer set for `+OPTIMIZER`."""
+    on for fedprox only, train.finetune_rounds for the _ft methods only, and the root's server
+    optimizer set for `+OPTIMIZER`."""
     spec = parse_method(method)
     run_section = config.run.model_copy(update={"method": spec.method, "name": spec.name})
     train: dict[str, object] = {}
     if spec.base == "centralized":
         n_leaves = len(list(build_tree(config.nodes).leaves()))
         train["local_steps"] = config.train.local_steps * n_leaves
-    if spec.base == "fedprox":
+    if spec.base.removesuffix("_ft") == "fedprox":
         train["prox_mu"] = config.train.prox_mu if config.train.prox_mu > 0 else FEDPROX_MU
     elif config.train.prox_mu > 0:
         train["prox_mu"] = 0.0
+    if spec.finetunes:
+        train["finetune_rounds"] = finetune_rounds(config)
+    elif config.train.finetune_rounds > 0:
+        train["finetune_rounds"] = 0
     update: dict[str, object] = {"run": run_section}
     if train:
         update["train"] = config.train.model_copy(update=train)
@@ -129,6 +150,13 @@ def method_config(config: RunConfig, method: str) -> RunConfig:
             settings = settings.model_copy(update={"server_optimizer": server})
             update["nodes"] = {**config.nodes, root: settings}
     return config.model_copy(update=update)
+
+
+def finetune_rounds(config: RunConfig) -> int:
+    """The _ft methods' personalization phase: the config's, or FINETUNE_SHARE of the rounds."""
+    if config.train.finetune_rounds > 0:
+        return config.train.finetune_rounds
+    return max(1, round(config.stop.rounds * FINETUNE_SHARE))
 
 
 def run_method(

@@ -164,6 +164,14 @@ class TrainConfig(Section):
         "step's loss, w_received being the model the leaf starts the round from; over the "
         "trainable parameters only (with LoRA: the adapters). 0 = off, plain local training.",
     )
+    finetune_rounds: int = Field(
+        0,
+        ge=0,
+        description="A personalization phase: in the last N root rounds each leaf fine-tunes the "
+        "model it would deploy on its own data and keeps and deploys all of it (the weights it "
+        "sends up are the ones it received, so nothing trained in the phase leaves it). The same "
+        "local steps as a federated round; must be fewer than stop.rounds. 0 = off.",
+    )
 
 
 class EvalConfig(Section):
@@ -209,6 +217,16 @@ class WorldLMConfig(Section):
     leaf_key_layers: Literal["federation", "own"] = Field(
         "federation",
         description="A leaf deploys its sub-federation's K, or its own K as last trained.",
+    )
+    key_mix: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "With leaf_key_layers = 'own': where a leaf's round starts its K, this share of the "
+            "way from its own last-trained K toward the K it is sent (1: the K it is sent; 0: "
+            "its own, like FedPer, though its K still goes up to be attended over)."
+        ),
     )
     child_key_layers: Literal["shared", "attended"] = Field(
         "shared",

@@ -86,7 +86,7 @@ def open_metrics(config: RunConfig, run_dir: Path) -> MetricsWriter:
 def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Session:
     """Read and tokenize the data, build the model and the live federation."""
     tree = build_tree(config.nodes)
-    plan = plan_method(config.run.method, tree)
+    plan = plan_method(config.run.method, tree, finetune_rounds=config.train.finetune_rounds)
     remote = uses_ray(config, plan, observer)
     device = torch.device("cpu") if remote else pick_device(config.run.device)
     data = prepare_config_data(tree, config, observer)

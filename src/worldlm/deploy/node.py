@@ -211,7 +211,9 @@ def run_root(
             rt.data,
             run_dir,
             open_metrics(rt.config, run_dir),
-            plan_method(rt.config.run.method, rt.tree).personalizes,
+            plan_method(
+                rt.config.run.method, rt.tree, finetune_rounds=rt.config.train.finetune_rounds
+            ).personalizes,
             audit,
         )
         if resume is not None:

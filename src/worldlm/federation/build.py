@@ -177,6 +177,8 @@ def build_leaves(
             ctx=ctx,
             link=node.leaf.link,
             dp=node.leaf.dp,
+            finetune_after=finetune_after(config),
+            key_mix=config.worldlm.key_mix,
         )
     return leaves
 
@@ -201,6 +203,12 @@ def _key_policy(
         cfg.lambda_route,
         per_child=cfg.child_key_layers == "attended",
     )
+
+
+def finetune_after(config: RunConfig) -> int | None:
+    """The last federated root round when the run ends in a personalization phase."""
+    rounds = config.train.finetune_rounds
+    return config.stop.rounds - rounds if rounds > 0 else None
 
 
 def planned_steps(

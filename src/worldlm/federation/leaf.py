@@ -25,7 +25,9 @@ from worldlm.train.local import local_train, make_optimizer
 
 class Leaf:
     """Trains the model it is sent; keeps `personal_keys` of its own between rounds (all of
-    them for the `local` baseline, none for FedAvg)."""
+    them for the `local` baseline, none for FedAvg). After root round `finetune_after` (the
+    personalization phase, `train.finetune_rounds`) it trains and keeps its whole deployed model
+    and sends back what it received."""
 
     def __init__(
         self,
@@ -41,6 +43,8 @@ class Leaf:
         adapted_keys: Set[str] = frozenset(),
         link: LinkConfig | None = None,
         dp: DPConfig | None = None,
+        finetune_after: int | None = None,
+        key_mix: float = 1.0,
     ) -> None:
         self.path = path
         self.data = data
@@ -52,7 +56,11 @@ class Leaf:
         # Weights the leaf deploys as it last trained them, though each round starts again from
         # what it is sent (WorldLM's "optionally its own" K).
         self.adapted_keys = frozenset(adapted_keys) - self.personal_keys
+        # Where a round starts its adapted weights: key_mix of the way from its own toward the
+        # received ones (1: the received ones; 0: its own, FedPer-style, though still sent up).
+        self.key_mix = key_mix
         self.ctx = ctx
+        self.finetune_after = finetune_after
         self.sessions = 0  # training sessions so far; seeds this leaf's data order
         self.steps_done = 0  # optimizer steps so far; drives the learning-rate schedule
         self.own_state: State = {}  # personal weights, kept between rounds
@@ -67,8 +75,13 @@ class Leaf:
         return ChildInfo(self.path, self.data.train_tokens)
 
     def training_start(self, incoming: State) -> State:
-        """What a round trains from: the incoming model with the personal weights on top."""
-        return {**incoming, **self.own_state}
+        """What a round trains from: the incoming model with the personal weights on top, and
+        the adapted weights moved key_mix of the way from the leaf's own toward the incoming."""
+        start = {**incoming, **self.own_state}
+        if self.key_mix < 1.0:
+            for key, own in self.adapted_state.items():
+                start[key] = torch.lerp(own, incoming[key].to(own.dtype), self.key_mix)
+        return start
 
     def deployed_state(self, incoming: State) -> State:
         """What this leaf would deploy: the training start with its adapted weights on top."""
@@ -77,7 +90,11 @@ class Leaf:
     def handle_train(self, task: TrainTask) -> Update:
         task = decode_task(task)  # the weights, if the parent compressed them
         model, device = self.workspace, self.ctx.device
-        set_state(model, self.training_start(task.state))
+        finetuning = self.finetune_after is not None and task.global_round > self.finetune_after
+        # A fine-tuning round continues the model the leaf deploys (in its first one: what it
+        # would have deployed after the federated rounds).
+        start = self.deployed_state(task.state) if finetuning else self.training_start(task.state)
+        set_state(model, start)
         optimizer = make_optimizer(model, self.train_cfg)
         if self.train_cfg.keep_optimizer_state and self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
@@ -101,8 +118,11 @@ class Leaf:
             optimizer.state_dict() if self.train_cfg.keep_optimizer_state else None
         )
         new_state = get_state(model)
-        self.own_state = {k: new_state[k] for k in self.personal_keys}
-        self.adapted_state = {k: new_state[k] for k in self.adapted_keys}
+        if finetuning:
+            self.own_state, self.adapted_state = new_state, {}
+        else:
+            self.own_state = {k: new_state[k] for k in self.personal_keys}
+            self.adapted_state = {k: new_state[k] for k in self.adapted_keys}
         self.sessions += 1
         self.steps_done += result.steps
         record = {
@@ -114,8 +134,10 @@ class Leaf:
             "steps": result.steps,
             "seconds": time.perf_counter() - started,
         }
-        # Personal weights stay here (FedPer's K, or everything for the local baseline).
-        shared = {k: v for k, v in new_state.items() if k not in self.personal_keys}
+        # Personal weights stay here (FedPer's K, or everything for the local baseline); while
+        # fine-tuning, every trained weight does, and the received ones go back unchanged.
+        sent = task.state if finetuning else new_state
+        shared = {k: sent[k] for k in new_state if k not in self.personal_keys}
         records = [record]
         if self.local_dp is not None:  # the parent only ever sees the noisy change
             release = self.sessions - 1

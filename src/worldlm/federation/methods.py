@@ -30,15 +30,21 @@ class MethodPlan:
     personal: Literal["none", "keys", "all"] = "none"  # what a leaf keeps of its own
     pooled: bool = False  # one leaf trains on every leaf's training data (centralized)
     key_layers: bool = False  # aggregators below the root personalize K (WorldLM)
+    finetunes: bool = False  # the run ends in a personalization phase (train.finetune_rounds)
 
     @property
     def personalizes(self) -> bool:
         """Whether a leaf may deploy something other than the global model."""
-        return self.personal != "none" or self.key_layers
+        return self.personal != "none" or self.key_layers or self.finetunes
 
 
-def plan_method(method: str, tree: FederationNode) -> MethodPlan:
-    """The tree and leaf policy that `method` runs on the shared engine."""
+def plan_method(method: str, tree: FederationNode, *, finetune_rounds: int = 0) -> MethodPlan:
+    """The tree and leaf policy that `method` runs on the shared engine (ending in
+    `finetune_rounds` of personalization at the leaves)."""
+    return replace(_plan(method, tree), finetunes=finetune_rounds > 0)
+
+
+def _plan(method: str, tree: FederationNode) -> MethodPlan:
     if method == "hierfavg":
         return MethodPlan(tree)
     if method == "worldlm":
