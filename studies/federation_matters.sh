@@ -6,7 +6,7 @@
 #   bash studies/federation_matters.sh TREE [REGIME] [SEEDS]
 # TREE: languages or domains (../shared/corpora, or `worldlm data build TREE` with CORPORA=$PWD/data)
 #       or families (`worldlm data build families`, CORPORA=$PWD/data);
-# REGIME: scarce (default) or rich; SEEDS: space-separated, default "0".
+# REGIME: scarce (default), moderate or rich; SEEDS: space-separated, default "0".
 # METHODS overrides the method list; STAGES picks what runs: "main" (the methods), "variants"
 # (WorldLM's variants), "sweep" (learning rates). Runs are resumed or reused; one at a time (two
 # torch processes on two cores slow each other down many times over).
@@ -21,22 +21,25 @@ STAGES=${STAGES:-main variants sweep}
 # The regime: a 0.9M-parameter Llama (`tiny`), a 512-token byte-level BPE (so that a model gets
 # well below a unigram table in minutes on 2 cores), blocks of 128 tokens, 30 rounds of 12 local
 # steps of 8 blocks per leaf (368,640 tokens per leaf).
-#   scarce: 200k characters per leaf (about 90k training tokens at ~2 characters per token), so
-#           the budget runs about 4 epochs over each leaf's text;
-#   rich:   2M characters per leaf, more than the budget reads (under half an epoch).
+#   scarce:   50k characters per leaf (about 28k training tokens at ~1.6 characters per token):
+#             about 13 epochs, and `local` overfits (its validation curve turns up);
+#   moderate: 200k characters per leaf (about 110k training tokens, 3.3 epochs): `local` is
+#             still improving at the end;
+#   rich:     2M characters per leaf, more than the budget reads (a third of an epoch).
 COMMON=(--set model.preset=tiny --set tokenizer.vocab_size=512 --set model.block_size=128
   --set stop.rounds=30 --set train.local_steps=12 --set train.batch_size=8 --set eval.every=3)
 case $REGIME in
-  scarce) COMMON+=(--set data.max_chars=200000) ;;
+  scarce) COMMON+=(--set data.max_chars=50000) ;;
+  moderate) COMMON+=(--set data.max_chars=200000) ;;
   rich) COMMON+=(--set data.max_chars=2000000) ;;
-  *) echo "regime: scarce or rich" >&2; exit 2 ;;
+  *) echo "regime: scarce, moderate or rich" >&2; exit 2 ;;
 esac
 case $TREE in
   families) CONFIG=configs/families.toml ;;
   *) CONFIG=configs/$TREE.toml ;;
 esac
 DATA=(--set "data.root=$CORPORA/$TREE")
-METHODS=${METHODS:-local,fedavg,fedavg+nesterov,fedprox,fedper,fedavg_ft,worldlm,centralized}
+METHODS=${METHODS:-local,fedavg,fedprox,fedper,fedper_ft,fedavg_ft,worldlm,centralized}
 
 compare() {  # out_dir, methods, overrides...
   local out=$1 methods=$2
@@ -51,17 +54,18 @@ for seed in $SEEDS; do
   fi
 done
 
-# WorldLM's variants (seed 0), one design change at a time; the reference is the main table.
+# WorldLM's variants (seed 0), one design change at a time; the reference is the main table's
+# worldlm (the defaults: own K, attended K, key_mix 0.5, key_fraction 1).
 if [[ $STAGES == *variants* ]]; then
-  own=(--set worldlm.leaf_key_layers=own --set worldlm.child_key_layers=attended)
+  own=(--set worldlm.leaf_key_layers=own --set worldlm.child_key_layers=attended
+    --set worldlm.key_mix=0.5)
   compare variants/old-default worldlm --set worldlm.leaf_key_layers=federation \
-    --set worldlm.child_key_layers=shared --set worldlm.key_mix=1
-  compare variants/own-attended-mix1 worldlm "${own[@]}" --set worldlm.key_mix=1
-  compare variants/own-attended-mix0.5 worldlm "${own[@]}" --set worldlm.key_mix=0.5
-  compare variants/own-attended-mix0.25 worldlm "${own[@]}" --set worldlm.key_mix=0.25
-  # (key_mix 0 is FedPer on the hierarchy's B: a leaf never starts from the K it is sent.)
-  compare variants/own-shared-mix0.25 worldlm --set worldlm.leaf_key_layers=own \
-    --set worldlm.child_key_layers=shared --set worldlm.key_mix=0.25
+    --set worldlm.child_key_layers=shared --set worldlm.key_mix=1 --set worldlm.key_fraction=0.3
+  compare variants/own-attended-mix0.5-kf0.3 worldlm "${own[@]}" --set worldlm.key_fraction=0.3
+  compare variants/own-attended-mix0.5-kf0.5 worldlm "${own[@]}" --set worldlm.key_fraction=0.5
+  compare variants/ft worldlm_ft
+  compare variants/no-attention worldlm --set worldlm.tau=1e9
+  compare variants/routing worldlm --set worldlm.lambda_route=0.1
 fi
 
 # Learning rates (seed 0): 3 points around the configs' 2e-3.

@@ -12,7 +12,13 @@ tree and regime found it prints, as markdown:
   per leaf, and the mean against FedAvg;
 - the per-leaf table (seed-averaged), with each leaf's unigram reference and how far below it
   the best method is;
+- WorldLM's variants (RUNS_DIR/<tree>/<regime>/variants/<name>/<method>/, seed 0) against the
+  seed-0 runs of local and FedAvg;
 - the learning-rate sweep, when there is one.
+
+Bytes on the wire are what the engine's aggregators sent and received; `local` and
+`centralized` still send each leaf the (unused) global model every round, which a real
+deployment of them would not.
 
 A method's perplexity is that of the model each leaf deploys after the last round: the same rule
 for every method (no best-round selection for anyone).
@@ -142,6 +148,43 @@ def per_leaf(methods: dict[str, Seeds]) -> str:
     return markdown_table(header, rows)
 
 
+def variants(setting: Path, methods: dict[str, Seeds]) -> str | None:
+    """Each variant run (seed 0) against seed 0's local and FedAvg."""
+    runs = sorted(p for p in setting.glob("variants/*/*") if (p / "summary.json").is_file())
+    if not runs:
+        return None
+    local = methods["local"].runs[0] if "local" in methods else None
+    fedavg = methods["fedavg"].runs[0] if "fedavg" in methods else None
+    rows = []
+    for run_dir in runs:
+        result = read_method(run_dir, run_dir.name)
+        leaves = sorted(result.ppl)
+        better = (
+            f"{sum(result.ppl[x] < local.ppl[x] for x in leaves)}/{len(leaves)}" if local else "–"
+        )
+        rows.append(
+            [
+                f"{run_dir.parent.name} ({run_dir.name})",
+                f"{result.mean:.1f}",
+                f"{result.worst:.1f}",
+                better,
+                f"{fedavg.mean / result.mean:.2f}x" if fedavg else "–",
+                f"{result.mean / local.mean:.2f}x" if local else "–",
+                f"{wire_bytes(run_dir) / len(leaves) / 1e6:.0f}",
+            ]
+        )
+    header = [
+        "variant (method)",
+        "mean ppl",
+        "worst leaf",
+        "leaves better than local",
+        "FedAvg / it",
+        "it / local",
+        "MB on the wire per leaf",
+    ]
+    return markdown_table(header, rows)
+
+
 def sweep(setting: Path) -> str | None:
     """method x learning rate: mean per-leaf perplexity (seed 0, whose own rate is the middle)."""
     points = {p.name[len("sweep-lr-") :]: p for p in setting.glob("sweep-lr-*")}
@@ -176,6 +219,9 @@ def main(runs: Path, plots: Path | None) -> None:
             title = f"{tree_dir.name}, {setting.name}"
             print(f"## {title}: headline\n\n{headline(methods)}\n")
             print(f"## {title}: per leaf (mean over seeds)\n\n{per_leaf(methods)}\n")
+            table = variants(setting, methods)
+            if table is not None:
+                print(f"## {title}: WorldLM variants (seed 0)\n\n{table}\n")
             table = sweep(setting)
             if table is not None:
                 print(f"## {title}: learning-rate sweep (seed 0)\n\n{table}\n")

@@ -126,7 +126,7 @@ def test_dumped_config_reloads_identically(tmp_path: Path) -> None:
 
 def test_embedded_default_is_valid() -> None:
     config = load_config(None)
-    assert config.run.method == "hierfavg"
+    assert config.run.method == "worldlm"  # the method the project is named for
     leaves = [p for p, n in config.nodes.items() if isinstance(n, LeafConfig)]
     assert len(leaves) >= 4 and all(p.count("/") == 2 for p in leaves)
     assert tomllib.loads(default_config_text()) == tomllib.loads(

@@ -105,26 +105,25 @@ def test_resume_keeps_the_privacy_spent_and_the_seeded_noise(tmp_path: Path) -> 
     assert len(set(clips)) == 3  # adaptive clipping moved C each round
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["nodes.world.dp.enabled=true", "nodes.world.strategy=none"], "needs strategy 'fedavg'"),
-        (
-            [
-                "run.method=worldlm",
-                "worldlm.child_key_layers=attended",
-                "nodes.world/med.dp.enabled=true",
-            ],
-            "child_key_layers",
-        ),
-    ],
-)
-def test_dp_where_it_cannot_hold_fails_at_start(
-    tmp_path: Path, overrides: list[str], message: str
-) -> None:
+def test_dp_where_it_cannot_hold_fails_at_start(tmp_path: Path) -> None:
+    overrides = ["nodes.world.dp.enabled=true", "nodes.world.strategy=none"]
     config = tiny_config(tmp_path, TWO_LEVEL, overrides)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match="needs strategy 'fedavg'"):
         open_session(config, QuietProgress(), tmp_path / "never")
+
+
+def test_attended_child_key_layers_are_off_under_dp(tmp_path: Path) -> None:
+    """Each child's own attention mix of its siblings' raw K would release them without noise:
+    under DP every child of the sub-federation is sent the same noisy K instead."""
+    overrides = ["run.method=worldlm", "worldlm.child_key_layers=attended"]
+    dp = ["nodes.world/med.dp.enabled=true", "nodes.world/med.dp.noise_multiplier=0.5"]
+    for with_dp in (False, True):
+        config = tiny_config(tmp_path, TWO_LEVEL, [*overrides, *(dp if with_dp else [])])
+        fed = open_session(config, QuietProgress(), tmp_path / str(with_dp)).fed
+        fed.root.run_round(fed.root.state, 1)
+        med = fed.aggregators["world/med"]
+        # without DP each child is sent its own attended K; with DP none is kept
+        assert bool(med.keys.child_keys) is not with_dp
 
 
 def test_worldlm_sub_federations_with_dp_keep_their_own_key_layers(tmp_path: Path) -> None:

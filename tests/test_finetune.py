@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldlm.compare import FINETUNE_SHARE, method_config, parse_method
+from worldlm.compare import method_config, parse_method
 from worldlm.errors import ConfigError
+from worldlm.federation.methods import FINETUNE_SHARE, finetune_rounds
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.run import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, aggregator_paths, tiny_config
+from .test_engine import StopAtRound
 
 # float64 sums: the mean of identical float32 models is that model, bit for bit.
 EXACT = [f"nodes.{p}.sum_dtype=float64" for p in aggregator_paths(TWO_LEVEL)]
@@ -56,9 +58,10 @@ def test_without_the_phase_the_last_round_moves_the_global_model(tmp_path: Path)
     assert all(leaf.own_state == {} for leaf in fed.leaves.values())
 
 
-def test_fine_tuned_leaves_beat_the_global_model_on_their_own_text(tmp_path: Path) -> None:
+def test_fine_tuned_leaves_beat_the_global_model_and_resume_exactly(tmp_path: Path) -> None:
     overrides = ["train.finetune_rounds=2", "stop.rounds=4", "train.local_steps=6"]
-    result = run(tiny_config(tmp_path, TWO_LEVEL, overrides), QuietProgress())
+    config = tiny_config(tmp_path, TWO_LEVEL, overrides)
+    result = run(config, QuietProgress(), out=tmp_path / "whole")
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     last = {
         (row["kind"], row["node"]): float(row["loss"])
@@ -67,6 +70,13 @@ def test_fine_tuned_leaves_beat_the_global_model_on_their_own_text(tmp_path: Pat
     }
     for leaf in TWO_LEVEL:
         assert last[("eval", leaf)] < last[("eval_global", leaf)], leaf
+
+    # interrupted inside the phase (its first round done), resumed: the same run, bit for bit
+    with pytest.raises(KeyboardInterrupt):
+        run(config, StopAtRound(4), out=tmp_path / "cut")
+    resume(tmp_path / "cut", QuietProgress())
+    final = "checkpoints/round-000004.wlm"
+    assert (tmp_path / "cut" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
 
 
 def test_a_phase_as_long_as_the_run_is_refused(tmp_path: Path) -> None:
@@ -92,5 +102,10 @@ def test_fedavg_ft_is_fedavg_with_the_phase_and_the_others_run_without(tmp_path:
     for bad in ("local_ft", "centralized_ft", "fedavg_ft_ft"):
         with pytest.raises(ConfigError, match="unknown method"):
             parse_method(bad)
-    for other in ("fedavg", "fedper", "worldlm", "local"):
+    for other in ("fedavg", "fedper", "local"):
         assert method_config(tuned, other).train.finetune_rounds == 0
+    # WorldLM ends in its phase by default: the config's length, or a fifth of the rounds
+    assert method_config(tuned, "worldlm").train.finetune_rounds == 3
+    assert method_config(config, "worldlm").train.finetune_rounds is None
+    assert finetune_rounds("worldlm", config.train, config.stop) == 2
+    assert finetune_rounds("fedavg", config.train, config.stop) == 0

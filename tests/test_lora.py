@@ -506,6 +506,9 @@ def test_two_lora_runs_give_identical_checkpoints(tmp_path: Path, base_dir: Path
 
 def test_worldlm_key_layers_are_the_last_blocks_adapters(tmp_path: Path, base_dir: Path) -> None:
     config = lora_config(tmp_path, base_dir, method="worldlm")
+    # K = the last 2 of the 4 blocks (the default, 1, would make every block K)
+    half = config.worldlm.model_copy(update={"key_fraction": 0.5})
+    config = config.model_copy(update={"worldlm": half})
     session, _ = run_to_end(config, tmp_path / "run")
     fed = session.fed
     partition = key_layer_partition(session.model, config.worldlm.key_fraction)

@@ -174,7 +174,8 @@ def _node_tensors(run_dir: Path, node: str, prefix: str) -> dict[str, torch.Tens
     return {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
 
 
-WORLDLM_ONE_ROUND = ["run.method=worldlm", "stop.rounds=1"]
+# (one K per sub-federation: the optimizer does not step per-child attended K, see below)
+WORLDLM_ONE_ROUND = ["run.method=worldlm", "stop.rounds=1", "worldlm.child_key_layers=shared"]
 HALF_STEP = [  # one round of this is x0 + 0.5 (aggregate - x0)
     "nodes.world/med.server_optimizer.name=nesterov",
     "nodes.world/med.server_optimizer.momentum=0.0",

@@ -40,8 +40,8 @@ class RecordingTransport(InProcessTransport):
             yield update
 
 
-def _recorded_run(tmp_path: Path, method: str, rounds: int = 2):
-    config = tiny_config(tmp_path, TWO_LEVEL, [f"run.method='{method}'"])
+def _recorded_run(tmp_path: Path, method: str, rounds: int = 2, overrides: Sequence[str] = ()):
+    config = tiny_config(tmp_path, TWO_LEVEL, [f"run.method='{method}'", *overrides])
     session = open_session(config, QuietProgress(), tmp_path / method)
     recorder = RecordingTransport(session.fed.transport)
     for aggregator in session.fed.aggregators.values():
@@ -93,13 +93,22 @@ def test_leaves_can_deploy_their_own_key_layers(tmp_path: Path) -> None:
     for leaf in TWO_LEVEL:
         assert result.after[leaf].ppl < 0.8 * result.before[leaf].ppl
         assert (result.run_dir / "final" / leaf / "model.safetensors").is_file()
-    session, _ = _recorded_run(tmp_path / "s", "worldlm")
+    federation = ["worldlm.leaf_key_layers='federation'"]
+    session, _ = _recorded_run(tmp_path / "s", "worldlm", overrides=federation)
     plain_leaf = session.fed.leaves["world/med/a"]
-    assert not plain_leaf.adapted_state  # by default a leaf deploys its federation's K
+    assert not plain_leaf.adapted_state  # it deploys its federation's K
 
 
 def test_attended_child_key_layers_personalize_each_leaf_and_resume(tmp_path: Path) -> None:
-    overrides = ["run.method='worldlm'", "worldlm.child_key_layers='attended'", "stop.rounds=3"]
+    # each leaf deploys the attended K it is sent: no own K, no personalization phase
+    overrides = [
+        "run.method='worldlm'",
+        "worldlm.child_key_layers='attended'",
+        "worldlm.leaf_key_layers='federation'",
+        "worldlm.key_fraction=0.3",
+        "train.finetune_rounds=0",
+        "stop.rounds=3",
+    ]
     config = tiny_config(tmp_path, TWO_LEVEL, overrides)
     whole = run(config, QuietProgress(), out=tmp_path / "whole")
     for leaf in TWO_LEVEL:

@@ -11,12 +11,13 @@ A method name is `BASE` or `BASE+OPTIMIZER` (`parse_method`):
   `train.prox_mu`, or FEDPROX_MU when that is 0. The config's `train.prox_mu` is the mu of the
   fedprox methods only: every other method runs without the term, so that fedavg and fedprox
   differ by it alone.
-- A BASE may end in `_ft` (`fedavg_ft`, `worldlm_ft`, ...: FINETUNED): the method whose last
-  `train.finetune_rounds` rounds (or FINETUNE_SHARE of stop.rounds when that is 0) are a
-  personalization phase, in which each leaf fine-tunes the model it would deploy on its own data
-  and deploys the result. `fedavg_ft` is FedAvg + local fine-tuning. The budget is every
-  method's: the same rounds of the same local steps. Like prox_mu, the config's
-  `train.finetune_rounds` belongs to the `_ft` methods alone: the others run without the phase.
+- A BASE may end in `_ft` (`fedavg_ft`, `fedper_ft`, ...: FINETUNED): the method whose last
+  `train.finetune_rounds` rounds (or FINETUNE_SHARE of stop.rounds when that is unset or 0) are
+  a personalization phase, in which each leaf fine-tunes the model it would deploy on its own
+  data and deploys the result. `fedavg_ft` is FedAvg + local fine-tuning. The budget is every
+  method's: the same rounds of the same local steps. `worldlm` ends in that phase by default
+  (so `worldlm_ft` is `worldlm` with a phase even where the config turns WorldLM's off); the
+  other methods run without it.
 - OPTIMIZER (one of SERVER_OPTIMIZERS) is the server optimizer of the global server, the root
   aggregator, at its defaults, or as the config's root sets it when it names the same optimizer
   (so its learning rate can be tuned there). Optimizers below the root, and the root's for a
@@ -47,6 +48,7 @@ from worldlm.config import (
 )
 from worldlm.config_load import load_config
 from worldlm.errors import CheckpointError, ConfigError
+from worldlm.federation.methods import share_of_rounds
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.run import resume, run
 from worldlm.session import RunObserver
@@ -62,9 +64,6 @@ NO_SERVER_OPTIMIZER = ("centralized", "local")
 # FedProx's mu when the config's train.prox_mu is 0: the middle of the grid Li et al. (2020)
 # tune over (0.001, 0.01, 0.1, 1); a small pull that regularizes without stalling local training.
 FEDPROX_MU = 0.01
-# The personalization phase of the _ft methods when the config's train.finetune_rounds is 0: the
-# last fifth of the rounds (at least one), enough to adapt without forgetting what was federated.
-FINETUNE_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -136,9 +135,9 @@ def method_config(config: RunConfig, method: str) -> RunConfig:
     elif config.train.prox_mu > 0:
         train["prox_mu"] = 0.0
     if spec.finetunes:
-        train["finetune_rounds"] = finetune_rounds(config)
-    elif config.train.finetune_rounds > 0:
-        train["finetune_rounds"] = 0
+        train["finetune_rounds"] = phase_rounds(config)
+    elif spec.method != "worldlm" and config.train.finetune_rounds:
+        train["finetune_rounds"] = 0  # (unset is already none for every method but worldlm)
     update: dict[str, object] = {"run": run_section}
     if train:
         update["train"] = config.train.model_copy(update=train)
@@ -152,11 +151,11 @@ def method_config(config: RunConfig, method: str) -> RunConfig:
     return config.model_copy(update=update)
 
 
-def finetune_rounds(config: RunConfig) -> int:
+def phase_rounds(config: RunConfig) -> int:
     """The _ft methods' personalization phase: the config's, or FINETUNE_SHARE of the rounds."""
-    if config.train.finetune_rounds > 0:
+    if config.train.finetune_rounds:
         return config.train.finetune_rounds
-    return max(1, round(config.stop.rounds * FINETUNE_SHARE))
+    return max(1, share_of_rounds(config.stop.rounds))
 
 
 def run_method(

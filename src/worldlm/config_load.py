@@ -53,7 +53,7 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, RunConfig)) from None
     build_tree(config.nodes)
-    if config.train.finetune_rounds >= config.stop.rounds:
+    if (config.train.finetune_rounds or 0) >= config.stop.rounds:
         raise ConfigError(
             f"train.finetune_rounds = {config.train.finetune_rounds} leaves no federated round "
             f"of stop.rounds = {config.stop.rounds}; set it below stop.rounds"

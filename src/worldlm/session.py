@@ -20,7 +20,7 @@ from worldlm.data.prepare import PreparedData, prepare_data
 from worldlm.errors import ConfigError
 from worldlm.federation.build import Federation, build_federation
 from worldlm.federation.context import Observer, RunContext
-from worldlm.federation.methods import MethodPlan, plan_method
+from worldlm.federation.methods import MethodPlan, finetune_rounds, plan_method
 from worldlm.metrics.jsonl import MetricsWriter
 from worldlm.metrics.sinks import make_sinks
 from worldlm.model.pretrained import pretrained_dir
@@ -86,7 +86,8 @@ def open_metrics(config: RunConfig, run_dir: Path) -> MetricsWriter:
 def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Session:
     """Read and tokenize the data, build the model and the live federation."""
     tree = build_tree(config.nodes)
-    plan = plan_method(config.run.method, tree, finetune_rounds=config.train.finetune_rounds)
+    phase = finetune_rounds(config.run.method, config.train, config.stop)
+    plan = plan_method(config.run.method, tree, finetune_rounds=phase)
     remote = uses_ray(config, plan, observer)
     device = torch.device("cpu") if remote else pick_device(config.run.device)
     data = prepare_config_data(tree, config, observer)

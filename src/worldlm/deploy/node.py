@@ -27,7 +27,7 @@ from worldlm.errors import ConfigError
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation, LeafNode
 from worldlm.federation.context import AuditRelay, RunContext
-from worldlm.federation.methods import plan_method
+from worldlm.federation.methods import finetune_rounds, plan_method
 from worldlm.model.pretrained import pretrained_dir
 from worldlm.model.workspace import build_workspace, cache_dir_of
 from worldlm.outputs import RunResult
@@ -202,6 +202,7 @@ def run_root(
     transport = serve_children(rt, node_file)
     audit = AuditLog.open(run_dir / AUDIT_FILE, rt.run_id)
     rt.audit.attach(audit)
+    method = rt.config.run.method
     try:
         session = Session(
             rt.config,
@@ -212,7 +213,9 @@ def run_root(
             run_dir,
             open_metrics(rt.config, run_dir),
             plan_method(
-                rt.config.run.method, rt.tree, finetune_rounds=rt.config.train.finetune_rounds
+                method,
+                rt.tree,
+                finetune_rounds=finetune_rounds(method, rt.config.train, rt.config.stop),
             ).personalizes,
             audit,
         )

@@ -114,9 +114,7 @@ class Aggregator:
         self.settings = settings
         self.transport = transport
         self.ctx = ctx
-        check_dp_settings(
-            path, settings.dp, settings.strategy, key_policy is not None and key_policy.per_child
-        )
+        check_dp_settings(path, settings.dp, settings.strategy)
         self.rule: RoundRule = (
             DPRule(DPPolicy(settings.dp, path, ctx.seed))
             if settings.dp.enabled

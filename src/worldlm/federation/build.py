@@ -18,7 +18,7 @@ from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf
-from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan
+from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan, finetune_rounds
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.model.partition import Partition, key_layer_partition
@@ -207,7 +207,7 @@ def _key_policy(
 
 def finetune_after(config: RunConfig) -> int | None:
     """The last federated root round when the run ends in a personalization phase."""
-    rounds = config.train.finetune_rounds
+    rounds = finetune_rounds(config.run.method, config.train, config.stop)
     return config.stop.rounds - rounds if rounds > 0 else None
 
 

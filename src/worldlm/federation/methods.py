@@ -18,10 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from worldlm.config import AggregatorConfig, LeafConfig, SampleConfig, SecAggConfig
+from worldlm.config import (
+    AggregatorConfig,
+    LeafConfig,
+    SampleConfig,
+    SecAggConfig,
+    StopConfig,
+    TrainConfig,
+)
 from worldlm.tree import FederationNode, flatten
 
 CENTRAL_LEAF = "centralized"
+# WorldLM ends in a personalization phase of this share of its rounds, and compare's _ft methods
+# (FedAvg + fine-tuning) in one as long: the study's largest single gain (docs/study.md).
+FINETUNE_SHARE = 0.2
+
+
+def share_of_rounds(rounds: int) -> int:
+    """FINETUNE_SHARE of `rounds`, leaving at least one federated round."""
+    return min(round(rounds * FINETUNE_SHARE), rounds - 1)
+
+
+def finetune_rounds(method: str, train: TrainConfig, stop: StopConfig) -> int:
+    """The rounds of the personalization phase `method` ends in: train.finetune_rounds when set,
+    else the method's default (worldlm's share of the rounds; none for the others)."""
+    if train.finetune_rounds is not None:
+        return train.finetune_rounds
+    return share_of_rounds(stop.rounds) if method == "worldlm" else 0
 
 
 @dataclass(frozen=True)

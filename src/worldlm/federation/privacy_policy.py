@@ -123,20 +123,16 @@ class DPPolicy:
         self.accountant = None  # rebuilt with the restored steps at the next round
 
 
-def check_dp_settings(path: str, config: DPConfig, strategy: str, per_child_keys: bool) -> None:
-    """Refuse DP where this engine cannot give its guarantee (yet)."""
+def check_dp_settings(path: str, config: DPConfig, strategy: str) -> None:
+    """Refuse DP where this engine cannot give its guarantee (yet). (WorldLM's attention, per
+    child or not, is off under DP — `DPRule.attends_keys` — so every child is sent the same
+    noisy K.)"""
     if not config.enabled:
         return
     if strategy != "fedavg":
         raise ConfigError(
             f"nodes.{path}.dp: differential privacy runs DP-FedAvg and needs strategy "
             f"'fedavg', not {strategy!r}"
-        )
-    if per_child_keys:
-        raise ConfigError(
-            f"nodes.{path}.dp: worldlm.child_key_layers = 'attended' gives each child its own "
-            "attention mix of its siblings' key layers, which DP noise does not cover; use "
-            "'shared' with DP"
         )
 
 
