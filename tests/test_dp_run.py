@@ -115,7 +115,11 @@ def test_dp_where_it_cannot_hold_fails_at_start(tmp_path: Path) -> None:
 def test_attended_child_key_layers_are_off_under_dp(tmp_path: Path) -> None:
     """Each child's own attention mix of its siblings' raw K would release them without noise:
     under DP every child of the sub-federation is sent the same noisy K instead."""
-    overrides = ["run.method=worldlm", "worldlm.child_key_layers=attended"]
+    overrides = [
+        "run.method=worldlm",
+        "worldlm.attention=true",
+        "worldlm.child_key_layers=attended",
+    ]
     dp = ["nodes.world/med.dp.enabled=true", "nodes.world/med.dp.noise_multiplier=0.5"]
     for with_dp in (False, True):
         config = tiny_config(tmp_path, TWO_LEVEL, [*overrides, *(dp if with_dp else [])])

@@ -103,15 +103,19 @@ OPTIMIZERS = [
 ]
 
 
+# WorldLM with the paper's attention over K and routing between sub-federations (off by default).
+ROUTING = ["worldlm.attention=true", "worldlm.lambda_route=0.5"]
+
+
 @pytest.mark.parametrize(
     ("method", "extra"),
-    [("hierfavg", []), ("worldlm", []), ("hierfavg", OPTIMIZERS)],
-    ids=["hierfavg", "worldlm", "hierfavg-server-optimizers"],
+    [("hierfavg", []), ("worldlm", []), ("worldlm", ROUTING), ("hierfavg", OPTIMIZERS)],
+    ids=["hierfavg", "worldlm", "worldlm-routing", "hierfavg-server-optimizers"],
 )
 def test_grpc_federation_equals_the_in_process_engine(
     tmp_path: Path, method: str, extra: list[str]
 ) -> None:
-    overrides = [f"run.method='{method}'", "stop.rounds=2", "worldlm.lambda_route=0.5", *extra]
+    overrides = [f"run.method='{method}'", "stop.rounds=2", *extra]
     config = tiny_config(tmp_path, TWO_LEVEL, overrides)
     reference = run(config, QuietProgress(), out=tmp_path / "in-process")
 

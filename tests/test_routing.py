@@ -78,7 +78,9 @@ def test_lambda_zero_is_exactly_no_routing() -> None:
 
 def _sub_federation_keys(tmp_path: Path, lambda_route: float, router: bool):
     config = tiny_config(
-        tmp_path, TWO_LEVEL, ["run.method='worldlm'", f"worldlm.lambda_route={lambda_route}"]
+        tmp_path,
+        TWO_LEVEL,
+        ["run.method='worldlm'", "worldlm.attention=true", f"worldlm.lambda_route={lambda_route}"],
     )
     session = open_session(config, QuietProgress(), tmp_path / f"{lambda_route}-{router}")
     if not router:

@@ -321,7 +321,7 @@ def test_secure_aggregation_where_it_cannot_work_fails_at_build(tmp_path: Path) 
         (FLAT, ["nodes.world.robust.norm_bound=1.0"], r"nodes\.world\..*robust\.norm_bound"),
         (
             TREE,
-            ["run.method='worldlm'", _secure("world/med")],
+            ["run.method='worldlm'", "worldlm.attention=true", _secure("world/med")],
             r"nodes\.world/med\.secure_aggregation.*key-layer attention",
         ),
         (TREE, [_secure("world/soft")], r"nodes\.world/soft\..*at least 3 children"),
@@ -350,6 +350,27 @@ def test_dp_with_secure_aggregation_clips_at_the_children_and_noises_the_sum_onc
     bound = _aggregate(s.records, "world")["secagg_max_error"]  # already over the 3 expected
     for key, value in p.state.items():
         assert bool(((s.state[key] - value).abs() <= bound + _ulp(value)).all()), key
+
+
+def test_worldlm_without_attention_sums_a_sub_federations_key_layers_securely(
+    tmp_path: Path,
+) -> None:
+    """WorldLM's default K_p is its children's mean, so the sum a secure round reveals is all
+    a sub-federation needs (with attention on, the same config is refused: the test above)."""
+    feds = [
+        _session(tmp_path, TREE, ["run.method='worldlm'", *extra], name).fed
+        for name, extra in (("plain", []), ("secure", [_secure("world/med")]))
+    ]
+    outcomes = [fed.root.run_round(fed.root.state, 1) for fed in feds]
+    plain_keys, secure_keys = (fed.aggregators["world/med"].keys.snapshot() for fed in feds)
+    row = _aggregate(outcomes[1].records, "world/med")
+    assert row["secure_aggregation"] is True and len(row["participants"]) == 3
+    bound = row["secagg_max_error"]
+    assert 0 < bound < 1e-8
+    assert plain_keys.keys() == secure_keys.keys() and plain_keys
+    for key, value in plain_keys.items():
+        assert bool(((secure_keys[key] - value).abs() <= bound + _ulp(value)).all()), key
+    assert any(not torch.equal(secure_keys[k], plain_keys[k]) for k in plain_keys)
 
 
 def test_worldlm_root_sums_the_backbone_securely_and_keeps_routing(tmp_path: Path) -> None:

@@ -189,11 +189,15 @@ DP_AT_MED = [
 ]
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["attention", "dp"])
+@pytest.mark.parametrize(
+    "rule",
+    [[], ["worldlm.attention=true"], DP_AT_MED],
+    ids=["mean", "attention", "dp"],
+)
 def test_under_worldlm_the_optimizer_steps_key_layers_only_when_asked(
-    tmp_path: Path, dp: bool
+    tmp_path: Path, rule: list[str]
 ) -> None:
-    base = WORLDLM_ONE_ROUND + (DP_AT_MED if dp else [])
+    base = WORLDLM_ONE_ROUND + rule
     runs = {
         name: run(
             tiny_config(tmp_path, TWO_LEVEL, base + extra), QuietProgress(), out=tmp_path / name
@@ -207,7 +211,7 @@ def test_under_worldlm_the_optimizer_steps_key_layers_only_when_asked(
     k = {name: _node_tensors(r.run_dir, "world/med", "key/") for name, r in runs.items()}
     k0 = _node_tensors(runs["plain"].run_dir, "world/med", "keyref/")  # K before the round
     assert k["plain"] and k["plain"].keys() == k0.keys()
-    # By default K_p is the key layers' own aggregate (attention, or DP's noisy mean) ...
+    # By default K_p is the key layers' own aggregate (the mean, attention, or DP's noisy mean)
     assert all(torch.equal(k["backbone"][n], k["plain"][n]) for n in k0)
     # ... while the backbone sent up took the optimizer's half step: the roots differ.
     plain_root, stepped_root = (_final_state(runs[n].run_dir) for n in ("plain", "backbone"))
@@ -224,6 +228,7 @@ def test_the_optimizer_on_attended_child_key_layers_is_refused(tmp_path: Path) -
 
     overrides = [
         *WORLDLM_ONE_ROUND,
+        "worldlm.attention=true",
         "worldlm.child_key_layers=attended",
         "nodes.world/med.server_optimizer.name=nesterov",
         "nodes.world/med.server_optimizer.key_layers=true",

@@ -85,6 +85,28 @@ def test_worldlm_and_fedper_runs_improve_every_leaf(tmp_path: Path) -> None:
             assert (result.run_dir / "final" / "world" / "med" / "model.safetensors").is_file()
 
 
+def test_without_attention_a_sub_federations_key_layers_are_its_childrens_mean(
+    tmp_path: Path,
+) -> None:
+    """The default K_p is the token-weighted mean of the children's K: what attention gives at
+    an infinite temperature (its weights are then the token shares), and not what it gives at
+    a low temperature, where distances move the weights (observed gap 1.8e-3)."""
+    keys = {}
+    for name, extra in [
+        ("mean", []),
+        ("hot", ["worldlm.attention=true", "worldlm.tau=1e12"]),
+        ("attention", ["worldlm.attention=true", "worldlm.tau=0.05"]),
+    ]:
+        (tmp_path / name).mkdir()
+        session, _ = _recorded_run(tmp_path / name, "worldlm", rounds=1, overrides=extra)
+        keys[name] = session.fed.aggregators["world/med"].keys.snapshot()
+    assert keys["mean"]
+    for k, value in keys["mean"].items():
+        torch.testing.assert_close(keys["hot"][k], value, rtol=0, atol=1e-6)
+    gap = max(float((keys["attention"][k] - v).abs().max()) for k, v in keys["mean"].items())
+    assert gap > 1e-4
+
+
 def test_leaves_can_deploy_their_own_key_layers(tmp_path: Path) -> None:
     config = tiny_config(
         tmp_path, TWO_LEVEL, ["run.method='worldlm'", "worldlm.leaf_key_layers='own'"]
@@ -103,6 +125,7 @@ def test_attended_child_key_layers_personalize_each_leaf_and_resume(tmp_path: Pa
     # each leaf deploys the attended K it is sent: no own K, no personalization phase
     overrides = [
         "run.method='worldlm'",
+        "worldlm.attention=true",
         "worldlm.child_key_layers='attended'",
         "worldlm.leaf_key_layers='federation'",
         "worldlm.key_fraction=0.3",

@@ -101,7 +101,10 @@ def build_federation(
         check_strategy(settings.strategy, settings.robust, selected, path=node.path)
         key_policy = _key_policy(plan, node, tree, partition, config.worldlm)
         check_secure_aggregation(
-            node.path, settings, selected, key_attention=key_policy is not None
+            node.path,
+            settings,
+            selected,
+            key_attention=key_policy is not None and key_policy.attention,
         )
         aggregators[node.path] = Aggregator(
             node.path,
@@ -202,6 +205,7 @@ def _key_policy(
         cfg.residual_rank,
         cfg.lambda_route,
         per_child=cfg.child_key_layers == "attended",
+        attention=cfg.attention,
     )
 
 

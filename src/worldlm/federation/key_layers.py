@@ -32,6 +32,7 @@ class KeyLayerPolicy:
     residual_rank: int = 4
     lambda_route: float = 0.0
     per_child: bool = False  # also send each child its own attended K (FedAMP-style)
+    attention: bool = True  # off: K_p is the children's mean, like the rest of the model
 
 
 def aggregate_key_layers(
@@ -214,13 +215,13 @@ class PersonalKeyLayers:
 
     It plugs into the round at four points: what a child is sent (`state_for`), a round's
     collection of the children's K (`start_round`), the new model (`finish`), and what goes up
-    (`forwarded`, `residual`). With `attend` off (DP), K_p is the round's noisy mean like the
-    rest of the model (see privacy_policy): attention over the children's raw K would release
-    them without noise."""
+    (`forwarded`, `residual`). With attention off (the policy's default, and always under DP,
+    where attention over the children's raw K would release them without noise: see
+    privacy_policy), K_p is the round's mean like the rest of the model."""
 
     def __init__(self, policy: KeyLayerPolicy, *, attend: bool = True) -> None:
         self.policy = policy
-        self.attend = attend
+        self.attend = attend and policy.attention
         self.key_state: State = {}  # K_p, kept between rounds
         self.key_ref: State = {}  # the K it started from
         self.child_keys: dict[str, State] = {}  # per-child attended K (child_key_layers)
@@ -247,7 +248,7 @@ class PersonalKeyLayers:
 
     def finish(self, model: State, key_round: KeyLayerRound | None) -> None:
         """Put the round's K_p into `model` (in place) and keep it, with each child's K."""
-        if key_round is None:  # DP: K_p is the noisy mean, kept like attended K
+        if key_round is None:  # no attention: K_p is the round's mean (noisy under DP)
             self.key_state = cast_like({k: model[k] for k in self.names}, self.key_state)
             return
         self.key_state = cast_like(key_round.result(), self.key_state)
@@ -337,7 +338,7 @@ class SharedKeyLayers:
 
 def check_optimizer_on_keys(path: str, step_keys: bool, policy: KeyLayerPolicy | None) -> None:
     """Refuse a server optimizer on key layers where it would not reach what children train."""
-    if step_keys and policy is not None and policy.per_child:
+    if step_keys and policy is not None and policy.attention and policy.per_child:
         raise ConfigError(
             f"nodes.{path}.server_optimizer.key_layers: with worldlm.child_key_layers = "
             "'attended' each child is sent its own attended K, which the optimizer does not "
