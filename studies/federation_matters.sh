@@ -8,7 +8,7 @@
 #       or families (`worldlm data build families`, CORPORA=$PWD/data);
 # REGIME: scarce (default), moderate or rich; SEEDS: space-separated, default "0".
 # METHODS overrides the method list; STAGES picks what runs: "main" (the methods), "variants"
-# (WorldLM's variants), "sweep" (learning rates). Runs are resumed or reused; one at a time (two
+# (WorldLM's variants), "ablations" (attention and routing, per seed), "sweep" (learning rates). Runs are resumed or reused; one at a time (two
 # torch processes on two cores slow each other down many times over).
 set -euo pipefail
 TREE=${1:?tree: languages, domains or families}
@@ -16,7 +16,7 @@ REGIME=${2:-scarce}
 SEEDS=${3:-0}
 CORPORA=${CORPORA:-$(cd ../shared/corpora 2>/dev/null && pwd || echo "$PWD/data")}
 OUT=${OUT:-runs/study}
-STAGES=${STAGES:-main variants sweep}
+STAGES=${STAGES:-main variants ablations sweep}
 
 # The regime: a 0.9M-parameter Llama (`tiny`), a 512-token byte-level BPE (so that a model gets
 # well below a unigram table in minutes on 2 cores), blocks of 128 tokens, 30 rounds of 12 local
@@ -54,18 +54,31 @@ for seed in $SEEDS; do
   fi
 done
 
-# WorldLM's variants (seed 0), one design change at a time; the reference is the main table's
-# worldlm (the defaults: own K, attended K, key_mix 0.5, key_fraction 1).
+# WorldLM's variants (seed 0), one design change at a time, each with and without the
+# personalization phase; the reference is the main table's worldlm (the defaults: key_fraction 1,
+# own K halfway toward the sub-federation's, K the children's mean, a phase over the last fifth).
 if [[ $STAGES == *variants* ]]; then
-  own=(--set worldlm.leaf_key_layers=own --set worldlm.child_key_layers=attended
-    --set worldlm.key_mix=0.5)
-  compare variants/old-default worldlm --set worldlm.leaf_key_layers=federation \
+  paper=(--set worldlm.attention=true --set worldlm.leaf_key_layers=federation
     --set worldlm.child_key_layers=shared --set worldlm.key_mix=1 --set worldlm.key_fraction=0.3
-  compare variants/own-attended-mix0.5-kf0.3 worldlm "${own[@]}" --set worldlm.key_fraction=0.3
-  compare variants/own-attended-mix0.5-kf0.5 worldlm "${own[@]}" --set worldlm.key_fraction=0.5
-  compare variants/ft worldlm_ft
-  compare variants/no-attention worldlm --set worldlm.tau=1e9
-  compare variants/routing worldlm --set worldlm.lambda_route=0.1
+    --set train.finetune_rounds=0)
+  compare variants/old-default worldlm,worldlm_ft "${paper[@]}"
+  own=(--set worldlm.attention=true --set worldlm.child_key_layers=attended
+    --set train.finetune_rounds=0)
+  compare variants/own-attended-mix0.5 worldlm,worldlm_ft "${own[@]}" --set worldlm.key_fraction=0.3
+  compare variants/own-attended-mix0.5-kf0.5 worldlm,worldlm_ft "${own[@]}" \
+    --set worldlm.key_fraction=0.5
+  compare variants/own-attended-mix0.5-kf1 worldlm,worldlm_ft "${own[@]}"
+fi
+
+# Ablations at every seed, against the main table's worldlm at the same seed: the paper's
+# attention over children's K (with each leaf sent its own attended K), and routing on top.
+if [[ $STAGES == *ablations* ]]; then
+  attention=(--set worldlm.attention=true --set worldlm.child_key_layers=attended)
+  for seed in $SEEDS; do
+    compare "ablation-attention/seed-$seed" worldlm "${attention[@]}" --set "run.seed=$seed"
+    compare "ablation-attention-routing/seed-$seed" worldlm "${attention[@]}" \
+      --set worldlm.lambda_route=0.1 --set "run.seed=$seed"
+  done
 fi
 
 # Learning rates (seed 0): 3 points around the configs' 2e-3.

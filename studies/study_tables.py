@@ -14,6 +14,8 @@ tree and regime found it prints, as markdown:
   the best method is;
 - WorldLM's variants (RUNS_DIR/<tree>/<regime>/variants/<name>/<method>/, seed 0) against the
   seed-0 runs of local and FedAvg;
+- ablations (RUNS_DIR/<tree>/<regime>/ablation-<name>/seed-<S>/<method>/): each against the
+  headline run of the same method at the same seeds, seed by seed;
 - the learning-rate sweep, when there is one.
 
 Bytes on the wire are what the engine's aggregators sent and received; `local` and
@@ -27,13 +29,12 @@ for every method (no best-round selection for anyone).
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from worldlm.compare import MethodResult, read_method
+from worldlm.compare import MethodResult, plot_curves, read_method
 from worldlm.config_load import load_config
 
 
@@ -136,7 +137,12 @@ def headline(methods: dict[str, Seeds]) -> str:
 def per_leaf(methods: dict[str, Seeds]) -> str:
     names = list(methods)
     first = methods[names[0]]
-    unigram = first.runs[0].unigram
+    # Each seed splits and tokenizes anew, so the reference is averaged over seeds too.
+    unigram = {
+        leaf: statistics.fmean(r.unigram[leaf] for r in first.runs)
+        for leaf in first.leaves
+        if all(leaf in r.unigram for r in first.runs)
+    }
     header = ["leaf", *names, "unigram", "unigram / best"]
     rows = []
     for leaf in first.leaves:
@@ -185,6 +191,38 @@ def variants(setting: Path, methods: dict[str, Seeds]) -> str | None:
     return markdown_table(header, rows)
 
 
+def ablations(setting: Path) -> str | None:
+    """Each ablation's mean per-leaf perplexity against the headline run of its method, at
+    the seeds both have (the change it makes, seed by seed, and its mean)."""
+    rows = []
+    for ablation in sorted(setting.glob("ablation-*")):
+        by_method: dict[str, list[tuple[str, float, float]]] = {}
+        for run_dir in sorted(ablation.glob("seed-*/*")):
+            headline_dir = setting / run_dir.parent.name / run_dir.name
+            if not (run_dir / "summary.json").is_file():
+                continue
+            if not (headline_dir / "summary.json").is_file():
+                continue
+            mine = read_method(run_dir, run_dir.name).mean
+            base = read_method(headline_dir, run_dir.name).mean
+            by_method.setdefault(run_dir.name, []).append((run_dir.parent.name, mine, base))
+        for method, pairs in by_method.items():
+            changes = " / ".join(f"{m - b:+.1f}" for _, m, b in pairs)
+            rows.append(
+                [
+                    f"{ablation.name[len('ablation-') :]} ({method})",
+                    ", ".join(seed for seed, _, _ in pairs),
+                    spread([m for _, m, _ in pairs]),
+                    spread([b for _, _, b in pairs]),
+                    changes,
+                ]
+            )
+    if not rows:
+        return None
+    header = ["ablation (method)", "seeds", "its mean ppl", "default's", "change per seed"]
+    return markdown_table(header, rows)
+
+
 def sweep(setting: Path) -> str | None:
     """method x learning rate: mean per-leaf perplexity (seed 0, whose own rate is the middle)."""
     points = {p.name[len("sweep-lr-") :]: p for p in setting.glob("sweep-lr-*")}
@@ -222,13 +260,18 @@ def main(runs: Path, plots: Path | None) -> None:
             table = variants(setting, methods)
             if table is not None:
                 print(f"## {title}: WorldLM variants (seed 0)\n\n{table}\n")
+            table = ablations(setting)
+            if table is not None:
+                print(f"## {title}: ablations against the defaults\n\n{table}\n")
             table = sweep(setting)
             if table is not None:
                 print(f"## {title}: learning-rate sweep (seed 0)\n\n{table}\n")
-            plot = setting / "seed-0" / "perplexity.png"
-            if plots is not None and plot.is_file():
+            if plots is not None:  # each method's first seed, one line per method
                 plots.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(plot, plots / f"study-{tree_dir.name}-{setting.name}.png")
+                plot = plots / f"study-{tree_dir.name}-{setting.name}.png"
+                plot_curves([seeds.runs[0] for seeds in methods.values()], plot)
+                link = f"{plots.name}/{plot.name}"
+                print(f"![mean per-leaf perplexity per round, first seed]({link})\n")
 
 
 if __name__ == "__main__":

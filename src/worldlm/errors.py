@@ -5,6 +5,19 @@ Each error says what went wrong and what to do; the CLI prints them without a tr
 
 from __future__ import annotations
 
+SHOWN_CHARS = 200
+
+
+def shown(text: object, limit: int = SHOWN_CHARS) -> str:
+    """Text from an untrusted peer as it may appear in an error, a metrics row or the audit log:
+    non-printable characters escaped, and at most `limit` characters, then how long it was. (A
+    5,000-character sender name must not make the refusal of its message fail in turn.)"""
+    value = str(text)
+    printable = value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+    if len(printable) <= limit:
+        return printable
+    return f"{printable[:limit]}... ({len(value)} characters)"
+
 
 class WorldLMError(Exception):
     """Base class of every error worldlm raises on purpose."""
@@ -34,9 +47,9 @@ class UpdateRejected(WorldLMError):
     """An update from a child failed validation; `reason` names the check that failed."""
 
     def __init__(self, sender: str, reason: str) -> None:
-        super().__init__(f"update from {sender!r} rejected: {reason}")
-        self.sender = sender
-        self.reason = reason
+        self.sender = shown(sender)
+        self.reason = shown(reason, 4 * SHOWN_CHARS)
+        super().__init__(f"update from {self.sender!r} rejected: {self.reason}")
 
 
 class TransportError(WorldLMError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -24,13 +25,22 @@ from typing import Any
 import torch
 import xxhash
 
-from worldlm.errors import WireError
+from worldlm.errors import WireError, shown
 
 MAGIC = b"WLMW"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")
 _ALIGN = 64
 MAX_HEADER_BYTES = 64 << 20
+# Parameter names ("model.layers.0.self_attn.q_proj.lora_A.default.weight") with the codecs'
+# prefixes: printable ASCII, no spaces, and short enough to quote in a refusal.
+MAX_TENSOR_NAME = 512
+_TENSOR_NAME = re.compile(rf"[\x21-\x7e]{{1,{MAX_TENSOR_NAME}}}")
+
+
+def is_tensor_name(name: str) -> bool:
+    return bool(_TENSOR_NAME.fullmatch(name))
+
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -194,10 +204,15 @@ def _tensor_from_entry(entry: Any, base: torch.Tensor, body_bytes: int) -> tuple
         raise WireError("payload tensor table holds a non-object entry")
     name, dtype_name = entry.get("name"), entry.get("dtype")
     shape, offset, nbytes = entry.get("shape"), entry.get("offset"), entry.get("nbytes")
-    if not isinstance(name, str) or dtype_name not in DTYPES:
-        raise WireError(f"payload tensor entry {entry!r} has a bad name or dtype")
+    if not isinstance(name, str) or not is_tensor_name(name):
+        raise WireError(
+            f"payload tensor name {shown(repr(name))} is not 1 to {MAX_TENSOR_NAME} printable "
+            "ASCII characters without spaces"
+        )
+    if dtype_name not in DTYPES:
+        raise WireError(f"tensor {name!r}: dtype {shown(repr(dtype_name))} cannot travel")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise WireError(f"tensor {name!r}: bad shape {shape!r}")
+        raise WireError(f"tensor {name!r}: bad shape {shown(repr(shape))}")
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
+from worldlm.errors import SHOWN_CHARS, shown
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Dropout:
     path: str
     reason: str
     left_out: bool = True
+
+    def __post_init__(self) -> None:  # both may quote what a hostile peer sent
+        object.__setattr__(self, "path", shown(self.path))
+        object.__setattr__(self, "reason", shown(self.reason, 4 * SHOWN_CHARS))
 
 
 class NodeHandler(Protocol):

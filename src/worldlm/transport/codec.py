@@ -38,7 +38,7 @@ from worldlm.core.messages import (
     Update,
 )
 from worldlm.core.secure_messages import SecureReply, SecureSetup, SecureStage, TrainedKeys
-from worldlm.errors import WireError
+from worldlm.errors import WireError, shown
 from worldlm.transport import secure_codec
 from worldlm.transport.fields import (
     array,
@@ -47,6 +47,7 @@ from worldlm.transport.fields import (
     finite,
     integer,
     json_object,
+    node_path,
     number,
     text,
 )
@@ -310,7 +311,7 @@ def _routed(where: str, value: Any) -> list[tuple[str, float]]:
         entry = json_object(f"{where}[{i}]", item, ("source", "weight"))
         out.append(
             (
-                text(f"{where}[{i}].source", entry["source"]),
+                node_path(f"{where}[{i}].source", entry["source"]),
                 finite(f"{where}[{i}].weight", entry["weight"]),
             )
         )
@@ -320,7 +321,7 @@ def _routed(where: str, value: Any) -> list[tuple[str, float]]:
 def _encoding(where: str, value: Any) -> str:
     name = text(where, value)
     if name not in UP_CODECS:
-        raise WireError(f"{where} is {name!r}, not one of {', '.join(UP_CODECS)}")
+        raise WireError(f"{where} is {shown(repr(name))}, not one of {', '.join(UP_CODECS)}")
     return name
 
 
@@ -358,7 +359,7 @@ def _results(where: str, value: Any) -> dict[str, EvalResult]:
     out: dict[str, EvalResult] = {}
     for i, item in enumerate(array(where, value)):
         entry = json_object(f"{where}[{i}]", item, ("name", "loss", "tokens"))
-        name = text(f"{where}[{i}].name", entry["name"])
+        name = node_path(f"{where}[{i}].name", entry["name"])
         if name in out:
             raise WireError(f"{where}[{i}].name repeats {name!r}")
         # A diverged model's loss may be NaN or inf: that is a result to report, not malformed.
@@ -375,8 +376,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "run_id": text,
     "round": integer,
     "global_round": integer,
-    "sender": text,
-    "recipient": text,
+    "sender": node_path,
+    "recipient": node_path,
     "nonce": text,
     "weight": finite,
     "scale": finite,

@@ -4,9 +4,15 @@ normalised, or raises `WireError` naming the field (`where`) and what was wrong.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from worldlm.errors import WireError
+from worldlm.errors import WireError, shown
+from worldlm.wire import MAX_TENSOR_NAME, is_tensor_name
+
+MAX_TEXT = 1024  # run ids, nonces, codec names: far below this
+MAX_NODE_PATH = 256
+_NODE_PATH = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 def check_json(where: str, value: Any) -> None:
@@ -36,7 +42,31 @@ def json_type(value: Any) -> str:
 def text(where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise WireError(f"{where} must be a string, got {json_type(value)}")
+    if len(value) > MAX_TEXT:
+        raise WireError(f"{where} is {len(value)} characters long, more than {MAX_TEXT}")
     return value
+
+
+def node_path(where: str, value: Any) -> str:
+    """A node path: names of letters, digits, '_', '-' or '.' joined by '/' (what a config's
+    tree and a certificate allow), at most MAX_NODE_PATH characters."""
+    path = text(where, value)
+    if len(path) > MAX_NODE_PATH or not _NODE_PATH.fullmatch(path):
+        raise WireError(
+            f"{where} is not a node path (names of letters, digits, '_', '-' or '.' joined by "
+            f"'/', at most {MAX_NODE_PATH} characters): {shown(repr(path))}"
+        )
+    return path
+
+
+def tensor_name(where: str, value: Any) -> str:
+    name = text(where, value)
+    if not is_tensor_name(name):
+        raise WireError(
+            f"{where} is not a tensor name (1 to {MAX_TENSOR_NAME} printable ASCII characters "
+            f"without spaces): {shown(repr(name))}"
+        )
+    return name
 
 
 def boolean(where: str, value: Any) -> bool:

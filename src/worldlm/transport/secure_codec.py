@@ -25,7 +25,7 @@ from worldlm.core.secure_messages import (
     SecureSetup,
     SecureStage,
 )
-from worldlm.errors import WireError
+from worldlm.errors import WireError, shown
 from worldlm.secagg import (
     AdvertiseKeys,
     ClientSetup,
@@ -39,7 +39,15 @@ from worldlm.secagg import (
 from worldlm.secagg.keys import KEY_BYTES, NONCE_BYTES
 from worldlm.secagg.plan import SESSION_BYTES
 from worldlm.secagg.shamir import SHARE_BYTES
-from worldlm.transport.fields import array, finite, integer, json_object, text
+from worldlm.transport.fields import (
+    array,
+    finite,
+    integer,
+    json_object,
+    node_path,
+    tensor_name,
+    text,
+)
 
 Tensors = dict[str, torch.Tensor]
 OWN = "secagg/"  # single tensors of a message: secagg/session, secagg/masked, ...
@@ -299,7 +307,7 @@ def _bits(where: str, value: Any) -> int:
 
 
 def _names(where: str, value: Any) -> tuple[str, ...]:
-    names = tuple(text(f"{where}[{i}]", v) for i, v in enumerate(array(where, value)))
+    names = tuple(tensor_name(f"{where}[{i}]", v) for i, v in enumerate(array(where, value)))
     if len(set(names)) != len(names):
         raise WireError(f"{where} repeats a name")
     return names
@@ -307,7 +315,7 @@ def _names(where: str, value: Any) -> tuple[str, ...]:
 
 def _neighbours(where: str, value: Any) -> dict[str, int]:
     return {
-        peer: _positive_int(f"{where}[{peer!r}]", index)
+        node_path(f"{where} key", peer): _positive_int(f"{where}[{shown(repr(peer))}]", index)
         for peer, index in json_object(where, value).items()
     }
 
