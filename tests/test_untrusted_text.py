@@ -124,3 +124,15 @@ def test_without_the_checks_the_long_names_decode(monkeypatch: pytest.MonkeyPatc
     decoded = decode_message("update", _payload({"sender": LONG}, tensor="n" * 600))
     assert isinstance(decoded, Update) and decoded.sender == LONG
     assert decoded.state.keys() == {"n" * 600}
+
+
+def test_a_config_cannot_name_a_node_no_message_could_carry(tmp_path: Path) -> None:
+    from worldlm.config_load import validate_config
+    from worldlm.errors import ConfigError
+
+    from .conftest import tiny_config_dict
+
+    data = tiny_config_dict(tmp_path, {"world/a": "med"})
+    data["nodes"]["world/" + "b" * 300] = data["nodes"]["world/a"]
+    with pytest.raises(ConfigError, match="at most 256 characters"):
+        validate_config(data)

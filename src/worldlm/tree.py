@@ -15,6 +15,7 @@ from worldlm.errors import ConfigError
 from worldlm.strategies.catalog import strategy_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_PATH_CHARS = 256  # what a message may name (transport.fields.MAX_NODE_PATH)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,10 @@ def build_tree(nodes: Mapping[str, NodeConfig]) -> FederationNode:
         raise ConfigError("nodes: the federation tree is empty (add at least [nodes.world] ...)")
     for path in nodes:
         parts = path.split("/")
-        if not all(_NAME.match(p) for p in parts):
+        if not all(_NAME.match(p) for p in parts) or len(path) > MAX_PATH_CHARS:
             raise ConfigError(
-                f"nodes.{path}: node paths are names of letters, digits, '_' or '-' joined by '/'"
+                f"nodes.{path[:MAX_PATH_CHARS]}: node paths are names of letters, digits, '_' or "
+                f"'-' joined by '/', at most {MAX_PATH_CHARS} characters"
             )
     roots = [p for p in nodes if "/" not in p]
     if len(roots) != 1:
