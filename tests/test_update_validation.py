@@ -131,9 +131,9 @@ CASES: dict[str, tuple[Tamper, str]] = {
     "norm 1e6 x": (lambda u: replace(u, state=_shift(u.state, 1e6)), "moves the model by"),
     "wrong round": (lambda u: replace(u, round=u.round + 1), "reply to another round or task"),
     "wrong run (nonce)": (lambda u: replace(u, nonce="0" * 16), "reply to another round or task"),
-    "negative weight": (lambda u: replace(u, weight=-1.0), "weight -1.0 is not a positive"),
-    "zero weight": (lambda u: replace(u, weight=0.0), "weight 0.0 is not a positive"),
-    "NaN weight": (lambda u: replace(u, weight=float("nan")), "weight nan is not a positive"),
+    "negative weight": (lambda u: replace(u, weight=-1.0), "weight -1 is outside [1, inf]"),
+    "zero weight": (lambda u: replace(u, weight=0.0), "weight 0 is outside [1, inf]"),
+    "NaN weight": (lambda u: replace(u, weight=float("nan")), "weight nan is outside [1, inf]"),
     "impersonation": (lambda u: replace(u, sender="root/c0"), "duplicate reply"),
 }
 

@@ -109,6 +109,7 @@ class Aggregator:
         key_policy: KeyLayerPolicy | None = None,
         router: RouterPolicy | None = None,
         child_links: Mapping[str, LinkConfig] | None = None,
+        weight_bounds: Mapping[str, float] | None = None,
     ) -> None:
         self.path = path
         self.settings = settings
@@ -135,6 +136,9 @@ class Aggregator:
         self.misses: dict[str, int] = {}  # selected rounds in a row without a valid reply
         self.benched_until: dict[str, int] = {}  # stragglers sit out until this round index
         self.state: State = {}
+        # The most tokens each child may claim per round (None: only at least 1, as tests of
+        # a bare aggregator have it; every built federation has bounds).
+        self.weight_bounds = weight_bounds
         self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
         check_child_links(path, settings, child_links or {})
         self.links = ChildLinks(child_links or {})  # compression towards each child
@@ -199,9 +203,15 @@ class Aggregator:
         sent, seen = self.links.send(self._tasks(chosen, state, r, global_round))
         got = self._collect(sent, seen, state, aggregation, key_round, (r, global_round))
         benched = self._settle(got, chosen, r, global_round)
+        finished = None
         if got.status == "ok":
-            new_state, exact, scale = self._finalize(state, got, key_round, (r, global_round))
-        else:  # too few replies, or a secure round that released nothing: nothing changes
+            finished = self._finalize(state, got, key_round, (r, global_round))
+            if finished is None:  # every reply passed its checks, yet their sum did not
+                got.status = "non_finite_aggregate"
+        if finished is not None:
+            new_state, exact, scale = finished
+        else:  # too few replies, a secure round that released nothing, or a sum that
+            # overflowed: nothing changes
             new_state, exact, scale, got.weight = state, state, 1.0, 0.0  # (TESTPLAN B6, F23)
         row = self._aggregate_record(global_round, r, chosen, got, started, benched)
         got.records.append(row)
@@ -262,10 +272,10 @@ class Aggregator:
         got: Collected,
         key_round: KeyLayerRound | None,
         rounds: tuple[int, int],
-    ) -> tuple[State, State, float]:
+    ) -> tuple[State, State, float] | None:
         """The new model, and what goes up (the model times `scale`): the rule's result, K_p,
-        then the server optimizer's step from the model sent."""
-        self.residuals.update(got.residuals)
+        then the server optimizer's step from the model sent. None, with nothing committed,
+        when the rule's result is not finite."""
         exact, scale = got.aggregation.result()
         got.records.extend(
             self.rule.finish_round(got.aggregation, rounds[1], rounds[0], self._audit)
@@ -279,6 +289,9 @@ class Aggregator:
         # tensor is divided and cast on its own: a whole float64 mean would be 2 more copies.
         buffers = ChunkBuffers()
         model = {**state, **{k: mean_like(v, scale, state[k], buffers) for k, v in exact.items()}}
+        if not all(bool(torch.isfinite(model[k]).all()) for k in exact):
+            return None
+        self.residuals.update(got.residuals)
         self.keys.finish(model, key_round)
         if not self.optimizer.is_identity:  # `state` is what was sent, K_p included
             model.update(self.optimizer.step(state, model, self._optimized_keys(exact)))
@@ -351,6 +364,7 @@ class Aggregator:
                 reference_norms,
                 buffers,
                 measure=measure,
+                weight_bounds=self.weight_bounds,
             )
             # DP clips here; a change whose norm overflows is refused like any bad reply.
             clipped = got.aggregation.add(update)
@@ -398,6 +412,7 @@ class Aggregator:
             self.settings.secure_aggregation,
             dp_clip=self.rule.secure_clip(aggregation),
             graph_seed=derive_seed(self.ctx.seed, self.path, r, "secagg"),
+            weight_bounds=self.weight_bounds,
         )
         aggregation, max_error = self.rule.secure_fold(aggregation, state, out)
         self._audit(

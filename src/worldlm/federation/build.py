@@ -21,6 +21,7 @@ from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan, finetune_rounds
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
+from worldlm.federation.weight_bounds import round_weight_bounds
 from worldlm.model.partition import Partition, key_layer_partition
 from worldlm.strategies.catalog import build_strategy, check_strategy
 from worldlm.tree import FederationNode
@@ -92,6 +93,7 @@ def build_federation(
         transport = InProcessTransport(children_of(tree))
     aggregators: dict[str, Aggregator] = {}
     partition = key_layer_partition(workspace, config.worldlm.key_fraction)
+    bounds = round_weight_bounds(tree, config.train, config.model.block_size)
     for node in tree.walk():
         if node.is_leaf:
             continue
@@ -122,6 +124,7 @@ def build_federation(
             ),
             # Each link is configured by its child (nodes.<child>.link); checked there too.
             child_links={child.path: child.settings.link for child in node.children},
+            weight_bounds={child.path: bounds[child.path] for child in node.children},
         )
         transport.register(aggregators[node.path])
     leaves: dict[str, LeafNode] = dict(

@@ -4,6 +4,7 @@ answer of a child that was asked, and could its tensors be part of the model it 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -22,13 +23,16 @@ def check_reply(
     buffers: ChunkBuffers | None = None,
     *,
     measure: bool = True,
+    weight_bounds: Mapping[str, float] | None = None,
 ) -> float | None:
     """Refuse a reply that is not this round's answer of its sender, or whose tensors could
     not be part of the model it was sent (TESTPLAN D16). Each refusal names its check.
     Returns the L2 norm of the change the reply makes to the model it was sent; with
     `measure=False` (nothing records it) None, unless the reply needed measuring to decide.
     `reference_norms` caches the squared norms of the models sent, across one round's replies;
-    `buffers` are the round's chunk buffers (`core.chunked`)."""
+    `buffers` are the round's chunk buffers (`core.chunked`). `weight_bounds` are the most
+    tokens each child may claim in a round (`weight_bounds.round_weight_bounds`); a weight or
+    scale outside [1, bound] is refused (without bounds, [1, inf))."""
     buffers = ChunkBuffers() if buffers is None else buffers
     task = tasks.get(update.sender)
     if task is None:
@@ -37,10 +41,16 @@ def check_reply(
         raise UpdateRejected(update.sender, "duplicate reply")
     if update.round != task.round or update.nonce != task.nonce:
         raise UpdateRejected(update.sender, "reply to another round or task")
-    if not update.weight > 0 or not math.isfinite(update.weight):  # `not >` refuses NaN
-        raise UpdateRejected(update.sender, f"weight {update.weight} is not a positive number")
-    if not update.scale > 0 or not math.isfinite(update.scale):
-        raise UpdateRejected(update.sender, f"scale {update.scale} is not a positive number")
+    bound = math.inf if weight_bounds is None else weight_bounds.get(update.sender, math.inf)
+    for name, claimed in (("weight", update.weight), ("scale", update.scale)):
+        # `not <=` refuses NaN too; below 1 a reply would count toward min_replies unweighted,
+        # and a tiny scale divides the sum into infinity.
+        if not 1.0 <= claimed <= bound:
+            raise UpdateRejected(
+                update.sender,
+                f"{name} {claimed:g} is outside [1, {bound:g}], the tokens its subtree can train "
+                "in one round",
+            )
     sent = task.state
     if not update.state.keys() <= sent.keys():
         extra = sorted(update.state.keys() - sent.keys())

@@ -144,12 +144,15 @@ def run_secure_round(
     *,
     dp_clip: float | None,
     graph_seed: int,
+    weight_bounds: Mapping[str, float] | None = None,
 ) -> SecureOutcome:
-    """Run one secure round over the children of `tasks` (all sent `current`)."""
+    """Run one secure round over the children of `tasks` (all sent `current`); a child's
+    weight, which travels in clear, must lie in [1, its bound in `weight_bounds`]."""
     out = SecureOutcome()
     try:
         plan = plan_round(list(tasks), config, length=vector_length(current), graph_seed=graph_seed)
-        _run(_Stages(transport, out), plan, tasks, dp_clip, current, config.clip_range)
+        stages = _Stages(transport, out, weight_bounds)
+        _run(stages, plan, tasks, dp_clip, current, config.clip_range)
     except SecAggError as exc:
         out.status, out.reason = "secagg_aborted", str(exc)
         out.included, out.changes = (), None
@@ -207,8 +210,14 @@ class _Stages:
     """Sends one stage's requests and keeps the answers that are this round's, from whom they
     were asked; everything else is a dropout at that stage, with its reason."""
 
-    def __init__(self, transport: Transport, out: SecureOutcome) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        out: SecureOutcome,
+        weight_bounds: Mapping[str, float] | None = None,
+    ) -> None:
         self.transport, self.out = transport, out
+        self.weight_bounds = weight_bounds or {}
         self.names: set[str] | None = None  # parameters the children changed (first answer's)
         self.bits = 0
         self.length = 0
@@ -268,8 +277,12 @@ class _Stages:
         if inner != reply.sender:
             return f"its protocol message claims to come from {inner!r}"
         if isinstance(body, TrainedKeys):
-            if not (body.weight > 0 and math.isfinite(body.weight)):
-                return f"weight {body.weight} is not a positive number"
+            bound = self.weight_bounds.get(reply.sender, math.inf)
+            if not 1.0 <= body.weight <= bound:  # (`not <=` refuses NaN too)
+                return (
+                    f"weight {body.weight:g} is outside [1, {bound:g}], the tokens its subtree "
+                    "can train in one round"
+                )
             sent = asked[reply.sender]
             assert isinstance(sent, SecureSetup)
             if not set(body.names) <= sent.task.state.keys():
