@@ -110,6 +110,11 @@ def test_dp_where_it_cannot_hold_fails_at_start(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TWO_LEVEL, overrides)
     with pytest.raises(ConfigError, match="needs strategy 'fedavg'"):
         open_session(config, QuietProgress(), tmp_path / "never")
+    # Sampling by self-reported sizes breaks the accountant's uniform-subsampling assumption.
+    overrides = ["nodes.world.dp.enabled=true", "nodes.world.sample.weighting=data_size"]
+    config = tiny_config(tmp_path, TWO_LEVEL, overrides)
+    with pytest.raises(ConfigError, match=r"nodes\.world\.sample\.weighting = 'uniform'"):
+        open_session(config, QuietProgress(), tmp_path / "never2")
 
 
 def test_attended_child_key_layers_are_off_under_dp(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,6 +62,19 @@ def test_hostile_headers_are_wire_errors(head: bytes) -> None:
     payload = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(head)) + head
     with pytest.raises(WireError, match="not valid JSON"):
         wire.decode(payload)
+
+
+def test_a_key_given_twice_in_a_header_is_refused() -> None:
+    """json.loads would keep the second value silently: a checker and a reader could see
+    different headers."""
+    payload = wire.encode({"t": torch.ones(2)}, {"round": 1})
+    head = wire.read_header(payload)[0]
+    text = json.dumps(head)
+    twice = text.replace('"round": 1', '"round": 1, "round": 2').encode()
+    assert json.loads(twice)["meta"]["round"] == 2  # the attack: the last value wins unseen
+    forged = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(twice)) + twice
+    with pytest.raises(WireError, match="'round' appears twice"):
+        wire.read_header(forged)
 
 
 def test_parts_share_the_tensors_memory_and_decode_can_share_the_buffer() -> None:

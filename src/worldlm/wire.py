@@ -38,6 +38,17 @@ MAX_TENSOR_NAME = 512
 _TENSOR_NAME = re.compile(rf"[\x21-\x7e]{{1,{MAX_TENSOR_NAME}}}")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json.loads would keep the last silently, so
+    a reader and a checker of the same header could see different values)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {shown(repr(key))} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def is_tensor_name(name: str) -> bool:
     return bool(_TENSOR_NAME.fullmatch(name))
 
@@ -136,9 +147,11 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any]
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(view):
         raise WireError(f"header length {head_len} is impossible for a {len(view)}-byte payload")
     try:
-        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + head_len]))
+        header = json.loads(
+            bytes(view[_PREFIX.size : _PREFIX.size + head_len]), object_pairs_hook=_unique_keys
+        )
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
-        raise WireError(f"payload header is not valid JSON: {exc}") from exc
+        raise WireError(f"payload header is not valid JSON: {shown(str(exc))}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise WireError("payload header has no tensor table")
     return header, _PREFIX.size + head_len

@@ -115,7 +115,7 @@ class Aggregator:
         self.settings = settings
         self.transport = transport
         self.ctx = ctx
-        check_dp_settings(path, settings.dp, settings.strategy)
+        check_dp_settings(path, settings.dp, settings.strategy, settings.sample.weighting)
         self.rule: RoundRule = (
             DPRule(DPPolicy(settings.dp, path, ctx.seed))
             if settings.dp.enabled

@@ -123,7 +123,9 @@ class DPPolicy:
         self.accountant = None  # rebuilt with the restored steps at the next round
 
 
-def check_dp_settings(path: str, config: DPConfig, strategy: str) -> None:
+def check_dp_settings(
+    path: str, config: DPConfig, strategy: str, weighting: str = "uniform"
+) -> None:
     """Refuse DP where this engine cannot give its guarantee (yet). (WorldLM's attention, per
     child or not, is off under DP — `DPRule.attends_keys` — so every child is sent the same
     noisy K.)"""
@@ -133,6 +135,13 @@ def check_dp_settings(path: str, config: DPConfig, strategy: str) -> None:
         raise ConfigError(
             f"nodes.{path}.dp: differential privacy runs DP-FedAvg and needs strategy "
             f"'fedavg', not {strategy!r}"
+        )
+    if weighting != "uniform":
+        # The accountant's amplification by subsampling assumes each child is drawn with the
+        # same probability; data_size draws by sizes the children report themselves.
+        raise ConfigError(
+            f"nodes.{path}.dp: the privacy accountant assumes uniform sampling of children; "
+            f"set nodes.{path}.sample.weighting = 'uniform' (not {weighting!r})"
         )
 
 
