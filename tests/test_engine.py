@@ -180,6 +180,9 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path: Path
         run(config, StopAtRound(3), out=tmp_path / "cut")
     # a half-written checkpoint of the interrupted round must not be picked up
     (tmp_path / "cut" / "checkpoints" / "round-000003.wlm").write_bytes(b"torn")
+    # nor a row without an integer round, nor a metrics line the crash cut short
+    with (tmp_path / "cut" / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('{"kind": "train", "node": "world/med/a", "round": "x"}\n{"kind": "ev')
     resumed = resume(tmp_path / "cut", QuietProgress())
     assert resumed.rounds == 3
     final = "checkpoints/round-000003.wlm"

@@ -39,6 +39,10 @@ class WireError(WorldLMError):
     """A payload on the wire or on disk is malformed, too large, or fails its digest."""
 
 
+class MetricsError(WorldLMError):
+    """A run directory's metrics.jsonl cannot be read back (a line that is not a JSON object)."""
+
+
 class CheckpointError(WorldLMError):
     """No usable checkpoint exists, or a checkpoint does not match the run."""
 

@@ -55,7 +55,8 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
             "run_resumed", node=session.tree.path, round=done, checkpoint=path.name
         )
     # Rows written after the checkpoint belong to a round that will be run again.
-    kept = [row for row in rows if int(row["round"]) <= done]
+    # (A row without an integer round cannot be placed before or after it: it goes too.)
+    kept = [row for row in rows if _is_round(row.get("round")) and row["round"] <= done]
     session.metrics.replace(kept)
     before = {
         row["node"]: EvalResult(float(row["loss"]), int(row["tokens"]))
@@ -156,3 +157,7 @@ def evaluate_tree(session: Session, state: State, round_index: int) -> dict[str,
 def mean_ppl(results: dict[str, EvalResult]) -> float:
     """Perplexity of the token-weighted mean validation loss over the leaves."""
     return merge_results(list(results.values())).ppl
+
+
+def _is_round(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

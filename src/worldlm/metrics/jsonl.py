@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worldlm.errors import MetricsError, shown
+
 if TYPE_CHECKING:
     from worldlm.metrics.sinks import MetricsSink
 
@@ -49,6 +51,22 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every row of a metrics file."""
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Every row of a metrics file. A last line without its newline is a write that a crash cut
+    short: it is left out (a resumed run writes that round's rows again). Any other line that
+    is not a JSON object is a `MetricsError` naming it."""
+    with path.open(encoding="utf-8", newline="\n") as fh:
+        lines = fh.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise MetricsError(f"{path}, line {number}: not valid JSON ({shown(exc)})") from exc
+        if not isinstance(row, dict):
+            raise MetricsError(f"{path}, line {number}: a {type(row).__name__}, not an object")
+        rows.append(row)
+    return rows
