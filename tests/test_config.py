@@ -195,7 +195,7 @@ def test_a_leaf_table_written_before_the_split_still_loads(tmp_path: Path) -> No
     # Until the aggregator/leaf split, a written config kept these on every leaf, at defaults.
     legacy = {
         "min_replies": 1,
-        "max_change": 1000.0,
+        "max_change": 10.0,
         "robust": {"byzantine": 0, "trim_fraction": 0.1},
         "secure_aggregation": {
             "enabled": False,
