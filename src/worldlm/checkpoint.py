@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
 
 
-def load_latest(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The newest checkpoint that loads; older ones are tried when a newer one is damaged."""
+def load_latest(
+    directory: Path, vouch: Callable[[Path], str | None] | None = None
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint that loads (and that `vouch` finds no problem with: say, its digest
+    against the audit log's); older ones are tried when a newer one is damaged or refused."""
     problems = []
     for path in reversed(list_checkpoints(directory)):
+        problem = vouch(path) if vouch is not None else None
+        if problem is not None:
+            problems.append(problem)
+            continue
         try:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as exc:

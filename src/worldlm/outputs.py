@@ -4,6 +4,7 @@ Hugging Face models with their model cards, and summary.json."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,13 +101,31 @@ def audit_checkpoint(audit: AuditLog, root: str, path: Path, round_index: int) -
     )
 
 
+def audit_vouches(audit: AuditLog) -> Callable[[Path], str | None]:
+    """A checkpoint's problem against the audit log, or None: a file whose SHA-256 differs
+    from the one recorded when it was written was altered since, and is not resumed from.
+    (One without an entry is the crash between a checkpoint and its entry: `resume_audit`
+    records it.)"""
+
+    def problem(path: Path) -> str | None:
+        recorded = audit.checkpoint_entry(path.name)
+        if recorded is not None and recorded[1].get("sha256") != file_sha256(path):
+            return (
+                f"checkpoint {path} does not match the SHA-256 the audit log recorded when it "
+                "was written: it was altered since"
+            )
+        return None
+
+    return problem
+
+
 def resume_audit(audit: AuditLog, path: Path, root: str, round_index: int) -> None:
     """Like the metrics: drop the entries of the rounds that will run again, and make sure the
     checkpoint resumed from has its entry (written late if the crash came between the
-    checkpoint and its entry)."""
+    checkpoint and its entry). A recorded entry is never written again: the file was vouched
+    for against it (`audit_vouches`)."""
     audit.truncate_after(audit.last_seq_through(round_index))
-    recorded = audit.checkpoint_entry(path.name)
-    if recorded is None or recorded[1].get("sha256") != file_sha256(path):
+    if audit.checkpoint_entry(path.name) is None:
         audit_checkpoint(audit, root, path, round_index)
 
 

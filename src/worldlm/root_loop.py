@@ -4,6 +4,7 @@ continuation from a checkpoint."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from worldlm.checkpoint import list_checkpoints, load_latest
 from worldlm.config import RunConfig
@@ -17,6 +18,7 @@ from worldlm.monitoring import eval_rows, fairness_rows, leaf_results
 from worldlm.outputs import (
     RunResult,
     audit_run_end,
+    audit_vouches,
     resume_audit,
     save_final_models,
     unigram_references,
@@ -41,7 +43,16 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
             audit_run_start(session)
         before = evaluate_tree(session, session.fed.root.state, 0)
         return round_loop(session, observer, before, first_round=1, tokens=0.0)
-    path, tensors, meta = load_latest(run_dir / "checkpoints")
+    refused: list[str] = []  # checkpoints the audit log does not vouch for
+
+    def vouch(candidate: Path) -> str | None:
+        problem = audit_vouches(session.audit)(candidate) if session.audit is not None else None
+        if problem is not None:
+            refused.append(candidate.name)
+            observer.status(f"{problem}; trying an older one")
+        return problem
+
+    path, tensors, meta = load_latest(run_dir / "checkpoints", vouch)
     if meta.get("run_id") != session.fed.root.ctx.run_id:
         raise CheckpointError(f"{path} belongs to another run configuration")
     if meta.get("finished"):
@@ -52,7 +63,11 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
     if session.audit is not None:
         resume_audit(session.audit, path, session.tree.path, done)
         session.audit.append(
-            "run_resumed", node=session.tree.path, round=done, checkpoint=path.name
+            "run_resumed",
+            node=session.tree.path,
+            round=done,
+            checkpoint=path.name,
+            refused=refused,
         )
     # Rows written after the checkpoint belong to a round that will be run again.
     # (A row without an integer round cannot be placed before or after it: it goes too.)
