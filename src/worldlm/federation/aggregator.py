@@ -45,6 +45,7 @@ from worldlm.federation.key_layers import (
     check_optimizer_on_keys,
 )
 from worldlm.federation.privacy_policy import DPPolicy, DPRule, check_dp_settings
+from worldlm.federation.record_check import check_records
 from worldlm.federation.reply_check import check_reply
 from worldlm.federation.round_rule import RoundRule, StrategyRule
 from worldlm.federation.secure_child import SecureChild
@@ -366,6 +367,7 @@ class Aggregator:
                 measure=measure,
                 weight_bounds=self.weight_bounds,
             )
+            check_records(update.sender, update.records)
             # DP clips here; a change whose norm overflows is refused like any bad reply.
             clipped = got.aggregation.add(update)
         except UpdateRejected as exc:

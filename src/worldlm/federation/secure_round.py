@@ -40,7 +40,8 @@ from worldlm.core.secure_messages import (
     TrainedKeys,
 )
 from worldlm.core.transport import Dropout, Transport
-from worldlm.errors import ConfigError
+from worldlm.errors import ConfigError, UpdateRejected
+from worldlm.federation.record_check import check_records
 from worldlm.federation.secure_child import read_sum, vector_length
 from worldlm.secagg import (
     MaskedInput,
@@ -283,6 +284,10 @@ class _Stages:
                     f"weight {body.weight:g} is outside [1, {bound:g}], the tokens its subtree "
                     "can train in one round"
                 )
+            try:
+                check_records(reply.sender, body.records)
+            except UpdateRejected as exc:
+                return exc.reason
             sent = asked[reply.sender]
             assert isinstance(sent, SecureSetup)
             if not set(body.names) <= sent.task.state.keys():
