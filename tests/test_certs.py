@@ -234,3 +234,19 @@ def test_certs_tree_command_issues_one_certificate_per_node(tmp_path: Path) -> N
         pem = (pki / (path.replace("/", "__") + ".pem")).read_bytes()
         assert verify_node_cert(pem, ca_pem, expected_path=path) == path
     assert main(["certs", "tree", str(config), "--out", str(pki)]) == 2  # no silent overwrite
+    # Host names go to aggregators only (PATH=NAME for one of them); a leaf only dials out.
+    hosts = ["--host", "root.example", "--host", "w/eu=eu.example", "--force"]
+    assert main(["certs", "tree", str(config), "--out", str(pki), *hosts]) == 0
+
+    def dns_names(path: str) -> list[str]:
+        cert = x509.load_pem_x509_certificate(
+            (pki / (path.replace("/", "__") + ".pem")).read_bytes()
+        )
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return san.get_values_for_type(x509.DNSName)
+
+    assert dns_names("w") == ["root.example"] and dns_names("w/eu") == ["eu.example"]
+    assert dns_names("w/eu/a") == []
+    assert (
+        main(["certs", "tree", str(config), "--out", str(pki), "--host", "w/x=h", "--force"]) == 2
+    )

@@ -580,3 +580,44 @@ def test_a_garbage_frame_after_the_handshake_closes_the_stream_with_its_reason(
         assert "unknown tag" in err.value.details()
     finally:
         channel.close()
+
+
+# --- issue 19: a leaf's certificate cannot pose as a parent ---------------------------------
+
+
+@pytest.mark.parametrize("b_hosts", [(), ("localhost", "127.0.0.1")], ids=["leaf", "shared"])
+def test_a_sibling_leaf_certificate_cannot_serve_as_the_parent(
+    tmp_path: Path, b_hosts: tuple[str, ...]
+) -> None:
+    """`certs tree` gives leaves no host names (they only dial out), so the TLS handshake fails
+    when a sibling leaf serves on the parent's address with its own certificate. With the host
+    names every node used to get, the child's handshake with the impostor succeeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    create_ca(tmp_path / "ca")
+    issue_node_cert(tmp_path / "ca", CHILD_A, tmp_path / "nodes")
+    issue_node_cert(tmp_path / "ca", CHILD_B, tmp_path / "nodes", hosts=b_hosts)
+    a_files, b_files = (
+        TlsFiles.for_node(tmp_path / "ca", tmp_path / "nodes", p) for p in (CHILD_A, CHILD_B)
+    )
+    impostor = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = impostor.add_secure_port(
+        "127.0.0.1:0",
+        grpc.ssl_server_credentials(
+            [(b_files.key.read_bytes(), b_files.cert.read_bytes())],
+            root_certificates=b_files.ca.read_bytes(),
+            require_client_auth=True,
+        ),
+    )
+    impostor.start()
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", _creds(a_files))
+    try:
+        ready = grpc.channel_ready_future(channel)
+        if b_hosts:
+            ready.result(timeout=5)  # the attack: the child's TLS accepts the impostor
+        else:
+            with pytest.raises(grpc.FutureTimeoutError):
+                ready.result(timeout=3)
+    finally:
+        channel.close()
+        impostor.stop(0)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from worldlm.tree import FederationNode
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -32,7 +36,16 @@ def add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     tree.add_argument("config", type=Path, help="the federation config (TOML)")
     tree.add_argument("--out", type=Path, required=True, help="directory for all the files")
-    _add_hosts(tree)
+    tree.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        metavar="[PATH=]NAME_OR_IP",
+        help="DNS name or IP an aggregator is reached at: PATH=NAME for the aggregator at PATH, "
+        "NAME alone for every aggregator without its own (repeatable; default: localhost, "
+        "127.0.0.1). Leaves get none: they only dial out, so a leaf's certificate cannot pose "
+        "as a parent",
+    )
     _add_common(tree)
 
 
@@ -69,11 +82,35 @@ def run_certs(args: argparse.Namespace, console: Console) -> int:
     from worldlm.tree import build_tree
 
     config = load_config(args.config)
+    tree = build_tree(config.nodes)
+    per_node = tree_hosts(getattr(args, "hosts", None) or list(DEFAULT_HOSTS), tree)
     create_ca(args.out, days=args.days, force=args.force)
-    for node in build_tree(config.nodes).walk():
+    for node in tree.walk():
+        names = per_node.get(node.path, ())
         files = issue_node_cert(
-            args.out, node.path, args.out, hosts=hosts, days=args.days, force=args.force
+            args.out, node.path, args.out, hosts=names, days=args.days, force=args.force
         )
-        console.print(f"{node.path:32} {files.cert.name}", highlight=False)
+        where = ", ".join(names) if names else "no host names (a leaf)"
+        console.print(f"{node.path:32} {files.cert.name}  {where}", highlight=False)
     console.print(f"wrote the CA and node certificates to {args.out}", highlight=False)
     return 0
+
+
+def tree_hosts(entries: list[str], tree: FederationNode) -> dict[str, tuple[str, ...]]:
+    """The host names of each aggregator from `--host` entries (PATH=NAME, or NAME for every
+    aggregator without its own); leaves get none. ConfigError for a PATH that is no aggregator."""
+    from worldlm.errors import ConfigError
+
+    aggregators = [node.path for node in tree.walk() if not node.is_leaf]
+    shared = [e for e in entries if "=" not in e]
+    own: dict[str, list[str]] = {}
+    for entry in entries:
+        if "=" in entry:
+            path, _, name = entry.partition("=")
+            if path not in aggregators:
+                raise ConfigError(
+                    f"--host {entry}: {path!r} is not an aggregator of the tree "
+                    f"({', '.join(aggregators)})"
+                )
+            own.setdefault(path, []).append(name)
+    return {path: tuple(own.get(path, shared)) for path in aggregators}
