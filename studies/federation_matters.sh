@@ -78,6 +78,8 @@ if [[ $STAGES == *ablations* ]]; then
     compare "ablation-attention/seed-$seed" worldlm "${attention[@]}" --set "run.seed=$seed"
     compare "ablation-attention-routing/seed-$seed" worldlm "${attention[@]}" \
       --set worldlm.lambda_route=0.1 --set "run.seed=$seed"
+    compare "ablation-mix-all/seed-$seed" worldlm --set worldlm.key_mix_scope=all \
+      --set "run.seed=$seed"
   done
 fi
 

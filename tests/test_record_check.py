@@ -12,9 +12,18 @@ import pytest
 
 from worldlm.core.messages import TrainTask, Update
 from worldlm.core.transport import ChildInfo, NodeHandler
+from worldlm.errors import UpdateRejected
 from worldlm.federation import aggregator as aggregator_module
+from worldlm.federation import build as build_module
+from worldlm.federation.record_check import (
+    INCIDENTS_PER_CHILD,
+    check_records,
+    record_limits,
+    trim_incidents,
+)
 from worldlm.progress import QuietProgress
 from worldlm.session import open_session
+from worldlm.tree import build_tree
 
 from .conftest import TWO_LEVEL, tiny_config
 
@@ -70,5 +79,53 @@ def test_a_forged_row_is_refused_with_its_reply(
 def test_without_the_check_a_sibling_epsilon_reaches_the_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(aggregator_module, "check_records", lambda sender, records: None)
+    monkeypatch.setattr(aggregator_module, "check_records", lambda *args: None)
     assert FORGED_EPSILON in _round(tmp_path, FORGED_EPSILON)
+
+
+def _flood(count: int) -> list[dict[str, Any]]:
+    return [{"round": 1, "node": "world/med/a", "kind": "train", "loss": 1.0}] * count
+
+
+class Flooding(Reporting):
+    def handle_train(self, task: TrainTask) -> Update:
+        honest = self.leaf.handle_train(task)
+        return replace(honest, records=[*honest.records, *self.extra["rows"]])
+
+
+def _flood_round(tmp_path: Path, rows: int) -> list[dict[str, Any]]:
+    config = tiny_config(tmp_path, TWO_LEVEL, ["run.method=hierfavg", "train.local_steps=1"])
+    session = open_session(config, QuietProgress(), tmp_path / "run")
+    leaf = session.fed.leaves["world/med/a"]
+    session.fed.transport.register(Flooding(leaf, {"rows": _flood(rows)}))
+    return session.fed.root.run_round(session.fed.root.state, 1).records
+
+
+def test_more_rows_than_a_leaf_writes_are_refused(tmp_path: Path) -> None:
+    records = _flood_round(tmp_path, 10_000)
+    rejected = [r for r in records if r["kind"] == "rejected"]
+    assert len(rejected) == 1 and "more than the 2 its subtree writes" in rejected[0]["reason"]
+    assert sum(r["kind"] == "train" for r in records) == 3  # the three honest leaves
+
+
+def test_without_the_limit_the_flood_reaches_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build_module, "record_limits", lambda t: {n.path: None for n in t.walk()})
+    records = _flood_round(tmp_path, 10_000)
+    assert sum(r["kind"] == "train" for r in records) > 10_000
+
+
+def test_an_aggregator_keeps_only_as_many_incidents_as_its_parent_accepts(
+    tmp_path: Path,
+) -> None:
+    """A child that floods an honest aggregator with refused messages cannot get the
+    aggregator's own reply refused for having too many rows."""
+    rows = [{"round": 1, "node": "world/med", "kind": "refused", "sender": "x"}] * 500
+    rows += [{"round": 1, "node": "world/med/a", "kind": "train"}]
+    kept = trim_incidents(rows, "world/med", INCIDENTS_PER_CHILD * 2)
+    assert len(kept) == INCIDENTS_PER_CHILD * 2 + 1 and kept[-1]["node"] == "world/med/a"
+    tree = build_tree(tiny_config(tmp_path, TWO_LEVEL).nodes)
+    check_records("world/med", kept, record_limits(tree)["world/med"])
+    with pytest.raises(UpdateRejected, match="metrics rows, more than"):
+        check_records("world/med", rows, record_limits(tree)["world/med"])

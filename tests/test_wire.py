@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 import torch
@@ -75,6 +76,36 @@ def test_a_key_given_twice_in_a_header_is_refused() -> None:
     forged = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(twice)) + twice
     with pytest.raises(WireError, match="'round' appears twice"):
         wire.read_header(forged)
+
+
+def _empty_records_payload(count: int) -> bytes:
+    head = b'{"tensors": [], "meta": {"records": [' + b",".join([b"{}"] * count) + b"]}}"
+    return wire._PREFIX.pack(wire.MAGIC, wire.VERSION, len(head)) + head
+
+
+def _parse_peak(payload: bytes) -> int:
+    tracemalloc.start()
+    try:
+        wire.read_header(payload)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_header_of_a_million_empty_records_is_refused_before_parsing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3 MB of `{},` is under the byte cap but would parse into ~100 MB of Python objects."""
+    payload = _empty_records_payload(1_000_000)
+    assert len(payload) < wire.MAX_HEADER_BYTES
+    with pytest.raises(WireError, match="objects and arrays, more than"):
+        wire.read_header(payload)
+    monkeypatch.setattr(wire, "MAX_HEADER_CONTAINERS", 10**9)  # the attack, undefended
+    assert _parse_peak(payload) > 50 << 20
+
+
+def test_a_header_with_as_many_records_as_a_large_subtree_sends_still_parses() -> None:
+    assert wire.read_header(_empty_records_payload(50_000))[0]["meta"]["records"][0] == {}
 
 
 def test_parts_share_the_tensors_memory_and_decode_can_share_the_buffer() -> None:

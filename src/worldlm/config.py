@@ -248,6 +248,14 @@ class WorldLMConfig(Section):
             "its own, like FedPer, though its K still goes up to be attended over)."
         ),
     )
+    key_mix_scope: Literal["keys", "all"] = Field(
+        "keys",
+        description=(
+            "With leaf_key_layers = 'own': which weights a leaf keeps between rounds and starts "
+            "key_mix of the way toward what it is sent: K only, or every weight (the embeddings "
+            "too, toward the tree's average)."
+        ),
+    )
     child_key_layers: Literal["shared", "attended"] = Field(
         "shared",
         description=(

@@ -31,7 +31,12 @@ MAGIC = b"WLMW"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")
 _ALIGN = 64
-MAX_HEADER_BYTES = 64 << 20
+# A header holds the tensor table and a reply's records: a few hundred kilobytes for a model of
+# thousands of tensors and a subtree of a thousand leaves. Parsed JSON costs about 25x its bytes
+# in Python objects (a 14 MiB header of empty records cost 345 MiB), so both its bytes and its
+# objects and arrays are capped before parsing.
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_CONTAINERS = 250_000
 # Parameter names ("model.layers.0.self_attn.q_proj.lora_A.default.weight") with the codecs'
 # prefixes: printable ASCII, no spaces, and short enough to quote in a refusal.
 MAX_TENSOR_NAME = 512
@@ -146,10 +151,16 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any]
         raise WireError(f"unsupported payload version {version} (this worldlm reads {VERSION})")
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(view):
         raise WireError(f"header length {head_len} is impossible for a {len(view)}-byte payload")
-    try:
-        header = json.loads(
-            bytes(view[_PREFIX.size : _PREFIX.size + head_len]), object_pairs_hook=_unique_keys
+    raw = bytes(view[_PREFIX.size : _PREFIX.size + head_len])
+    # Brackets inside strings count too: an upper bound on what parsing would allocate.
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_HEADER_CONTAINERS:
+        raise WireError(
+            f"payload header holds up to {containers} objects and arrays, more than the "
+            f"{MAX_HEADER_CONTAINERS} a message can have"
         )
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
         raise WireError(f"payload header is not valid JSON: {shown(str(exc))}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):

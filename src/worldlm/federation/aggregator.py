@@ -6,6 +6,7 @@ with its aggregate; the root's run loop calls `run_round` directly.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from worldlm.core.state import cast_like
 from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.errors import UpdateRejected
 from worldlm.federation.context import NoAudit, RunContext
+from worldlm.federation.eval_check import check_eval_report
 from worldlm.federation.key_layers import (
     KeyLayerPolicy,
     KeyLayerRound,
@@ -45,7 +47,11 @@ from worldlm.federation.key_layers import (
     check_optimizer_on_keys,
 )
 from worldlm.federation.privacy_policy import DPPolicy, DPRule, check_dp_settings
-from worldlm.federation.record_check import check_records
+from worldlm.federation.record_check import (
+    INCIDENTS_PER_CHILD,
+    check_records,
+    trim_incidents,
+)
 from worldlm.federation.reply_check import check_reply
 from worldlm.federation.round_rule import RoundRule, StrategyRule
 from worldlm.federation.secure_child import SecureChild
@@ -60,6 +66,8 @@ from worldlm.seeding import derive_seed
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import route
 from worldlm.strategies.server_optimizer import ServerOptimizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,9 @@ class Aggregator:
         router: RouterPolicy | None = None,
         child_links: Mapping[str, LinkConfig] | None = None,
         weight_bounds: Mapping[str, float] | None = None,
+        record_limits: Mapping[str, int] | None = None,
+        eval_owners: Mapping[str, frozenset[str]] | None = None,
+        eval_max_tokens: int | None = None,
     ) -> None:
         self.path = path
         self.settings = settings
@@ -140,6 +151,11 @@ class Aggregator:
         # The most tokens each child may claim per round (None: only at least 1, as tests of
         # a bare aggregator have it; every built federation has bounds).
         self.weight_bounds = weight_bounds
+        self.record_limits = record_limits or {}  # the most metrics rows per child's reply
+        # Which evaluation sets each child may report (its subtree's leaves) and how many
+        # tokens a leaf's evaluation can have (None: unchecked, as in tests of a bare node).
+        self.eval_owners = eval_owners
+        self.eval_max_tokens = eval_max_tokens
         self.privacy_exhausted = False  # set when a round would have exceeded the ε budget
         check_child_links(path, settings, child_links or {})
         self.links = ChildLinks(child_links or {})  # compression towards each child
@@ -260,6 +276,8 @@ class Aggregator:
             got.records.append(_incident(global_round, self.path, dropout))
             kind = got.records[-1]["kind"]
             self._audit(kind, global_round, sender=dropout.path, reason=dropout.reason)
+        # Every incident is audited; the metrics keep as many as the parent accepts.
+        got.records = trim_incidents(got.records, self.path, INCIDENTS_PER_CHILD * len(chosen))
         sample = self.settings.sample
         misses, benched_until = self.misses, self.benched_until
         benched = update_stragglers(chosen, got.answered, misses, benched_until, sample, r)
@@ -367,7 +385,7 @@ class Aggregator:
                 measure=measure,
                 weight_bounds=self.weight_bounds,
             )
-            check_records(update.sender, update.records)
+            check_records(update.sender, update.records, self.record_limits.get(update.sender))
             # DP clips here; a change whose norm overflows is refused like any bad reply.
             clipped = got.aggregation.add(update)
         except UpdateRejected as exc:
@@ -415,6 +433,7 @@ class Aggregator:
             dp_clip=self.rule.secure_clip(aggregation),
             graph_seed=derive_seed(self.ctx.seed, self.path, r, "secagg"),
             weight_bounds=self.weight_bounds,
+            record_limits=self.record_limits,
         )
         aggregation, max_error = self.rule.secure_fold(aggregation, state, out)
         self._audit(
@@ -528,8 +547,20 @@ class Aggregator:
             )
             for c in self.transport.children(self.path)
         ]
+        asked = {t.recipient: t for t in tasks}
+        answered: set[str] = set()
         results: dict[str, EvalResult] = {}
         for report in self.transport.evaluate(tasks):
+            try:
+                check_eval_report(report, asked, answered, self.eval_owners, self.eval_max_tokens)
+            except UpdateRejected as exc:
+                # Its results are left out of the table; the other children's still count.
+                log.warning("%s refused an evaluation report: %s", self.path, exc)
+                self._audit(
+                    "eval_rejected", task.global_round, sender=exc.sender, reason=exc.reason
+                )
+                continue
+            answered.add(report.sender)
             results.update(report.results)
         return EvalReport(self.path, task.nonce, results)
 

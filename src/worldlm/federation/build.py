@@ -16,9 +16,11 @@ from worldlm.core.messages import State
 from worldlm.core.transport import NodeHandler
 from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
+from worldlm.federation.eval_check import eval_owners
 from worldlm.federation.key_layers import KeyLayerPolicy
 from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan, finetune_rounds
+from worldlm.federation.record_check import record_limits
 from worldlm.federation.secure_round import check_secure_aggregation
 from worldlm.federation.selection import sample_count
 from worldlm.federation.weight_bounds import round_weight_bounds
@@ -94,6 +96,14 @@ def build_federation(
     aggregators: dict[str, Aggregator] = {}
     partition = key_layer_partition(workspace, config.worldlm.key_fraction)
     bounds = round_weight_bounds(tree, config.train, config.model.block_size)
+    # The pooled leaf of `centralized` evaluates on every leaf's validation split.
+    pooled = (
+        frozenset(n for d in leaf_data.values() for n in d.eval_sets)
+        if plan.pooled
+        else frozenset()
+    )
+    owners = eval_owners(tree, pooled=pooled)
+    rows = record_limits(tree)
     for node in tree.walk():
         if node.is_leaf:
             continue
@@ -125,6 +135,11 @@ def build_federation(
             # Each link is configured by its child (nodes.<child>.link); checked there too.
             child_links={child.path: child.settings.link for child in node.children},
             weight_bounds={child.path: bounds[child.path] for child in node.children},
+            record_limits={child.path: rows[child.path] for child in node.children},
+            eval_owners={child.path: owners[child.path] for child in node.children},
+            eval_max_tokens=(
+                config.eval.max_blocks * config.model.block_size if config.eval.max_blocks else None
+            ),
         )
         transport.register(aggregators[node.path])
     leaves: dict[str, LeafNode] = dict(
@@ -175,11 +190,7 @@ def build_leaves(
             eval_cfg=config.eval,
             total_steps=planned_steps(tree, node, config.stop, config.train),
             personal_keys=personal,
-            adapted_keys=(
-                partition.key_names
-                if plan.key_layers and config.worldlm.leaf_key_layers == "own"
-                else frozenset()
-            ),
+            adapted_keys=_adapted_keys(plan, config.worldlm, partition.key_names, all_keys),
             ctx=ctx,
             link=node.leaf.link,
             dp=node.leaf.dp,
@@ -187,6 +198,15 @@ def build_leaves(
             key_mix=config.worldlm.key_mix,
         )
     return leaves
+
+
+def _adapted_keys(
+    plan: MethodPlan, cfg: WorldLMConfig, key_names: frozenset[str], all_keys: frozenset[str]
+) -> frozenset[str]:
+    """What a WorldLM leaf keeps of its own between rounds and mixes with what it is sent."""
+    if not plan.key_layers or cfg.leaf_key_layers != "own":
+        return frozenset()
+    return all_keys if cfg.key_mix_scope == "all" else key_names
 
 
 def _key_policy(

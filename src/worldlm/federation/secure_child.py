@@ -45,7 +45,7 @@ from worldlm.core.secure_messages import (
     TrainedKeys,
 )
 from worldlm.privacy.clipping import clip_factor, tensor_norm
-from worldlm.secagg import SecAggClient, SecAggError, SecAggProtocolError
+from worldlm.secagg import SecAggAborted, SecAggClient, SecAggError, SecAggProtocolError
 from worldlm.secagg.messages import (
     KeysBroadcast,
     MaskedInput,
@@ -100,9 +100,17 @@ class SumParts:
     dp_clipped: int
 
 
-def read_sum(total: np.ndarray, shapes: State, names: set[str], clip_range: float) -> SumParts:
-    """Split a decoded sum of vectors back into tensors shaped like `shapes` (only `names`),
-    the total of clipped coordinates and the number of DP-clipped changes."""
+def read_sum(
+    total: np.ndarray,
+    shapes: State,
+    names: set[str],
+    clip_range: float,
+    children: int,
+    error: float,
+) -> SumParts:
+    """Split a decoded sum of `children` vectors (each value within `error` of the exact sum)
+    back into tensors shaped like `shapes` (only `names`), the total of clipped coordinates and
+    the number of DP-clipped changes; counters no honest children sum to raise `SecAggAborted`."""
     parts: State = {}
     offset = 0
     for name in sorted(shapes):
@@ -112,11 +120,34 @@ def read_sum(total: np.ndarray, shapes: State, names: set[str], clip_range: floa
         offset += n
     # In the model's own key order, as a plain round's sums are (DP draws its noise in it).
     changes = {k: parts[k].reshape(v.shape) for k, v in shapes.items() if k in parts}
+    clipped = float(total[offset]) * offset / clip_range
+    dp_clipped = float(total[offset + 1]) / clip_range
+    # Each honest child's counters lie in [0, L] and [0, 1], give or take the quantization
+    # error: a sum outside n times that was not made of honest encodings (and the values
+    # beside it are then suspect too).
+    check_counters(clipped, dp_clipped, children, offset, slack=error / clip_range)
     return SumParts(
         changes,
-        clipped_coordinates=round(float(total[offset]) * offset / clip_range),
-        dp_clipped=round(float(total[offset + 1]) / clip_range),
+        clipped_coordinates=min(max(round(clipped), 0), children * offset),
+        dp_clipped=min(max(round(dp_clipped), 0), children),
     )
+
+
+def check_counters(
+    clipped: float, dp_clipped: float, children: int, length: int, *, slack: float
+) -> None:
+    """Raise `SecAggAborted` unless the summed counters of `children` honest inputs could be
+    these: each input's clipped coordinates in [0, length], its DP flag in [0, 1], each sum
+    give or take `slack` of the clip range (the quantization error)."""
+    if not (
+        -slack * length - 1 <= clipped <= children * length + slack * length + 1
+        and -slack - 1 <= dp_clipped <= children + slack + 1
+    ):
+        raise SecAggAborted(
+            f"the sum's counters are out of range ({clipped:.0f} clipped coordinates, "
+            f"{dp_clipped:.0f} DP-clipped changes from {children} children): an input ignored "
+            "the encoding"
+        )
 
 
 @dataclass

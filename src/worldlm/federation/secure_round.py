@@ -146,13 +146,14 @@ def run_secure_round(
     dp_clip: float | None,
     graph_seed: int,
     weight_bounds: Mapping[str, float] | None = None,
+    record_limits: Mapping[str, int] | None = None,
 ) -> SecureOutcome:
     """Run one secure round over the children of `tasks` (all sent `current`); a child's
     weight, which travels in clear, must lie in [1, its bound in `weight_bounds`]."""
     out = SecureOutcome()
     try:
         plan = plan_round(list(tasks), config, length=vector_length(current), graph_seed=graph_seed)
-        stages = _Stages(transport, out, weight_bounds)
+        stages = _Stages(transport, out, weight_bounds, record_limits)
         _run(stages, plan, tasks, dp_clip, current, config.clip_range)
     except SecAggError as exc:
         out.status, out.reason = "secagg_aborted", str(exc)
@@ -199,7 +200,8 @@ def _run(
     n = len(released.included)
     decoded = plan.quantizer.decode_sum(released.total, n)  # (length,) float64
     factor = 1.0 if dp_clip is not None else total  # sum_i (w_i / W) x_i times W
-    parts = read_sum(decoded, current, stages.names or set(), clip_range)
+    error = plan.quantizer.max_error(n)
+    parts = read_sum(decoded, current, stages.names or set(), clip_range, n, error)
     out.included = released.included
     out.changes = {k: v.mul_(factor) for k, v in parts.changes.items()}
     out.error = factor * plan.quantizer.max_error(n)
@@ -216,9 +218,11 @@ class _Stages:
         transport: Transport,
         out: SecureOutcome,
         weight_bounds: Mapping[str, float] | None = None,
+        record_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.transport, self.out = transport, out
         self.weight_bounds = weight_bounds or {}
+        self.record_limits = record_limits or {}
         self.names: set[str] | None = None  # parameters the children changed (first answer's)
         self.bits = 0
         self.length = 0
@@ -285,7 +289,7 @@ class _Stages:
                     "can train in one round"
                 )
             try:
-                check_records(reply.sender, body.records)
+                check_records(reply.sender, body.records, self.record_limits.get(reply.sender))
             except UpdateRejected as exc:
                 return exc.reason
             sent = asked[reply.sender]

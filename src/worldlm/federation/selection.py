@@ -35,12 +35,29 @@ def select_children(
         return [children[i] for i in ordered]
     gen = generator(seed, path, "select", round_index)
     if cfg.weighting == "data_size":
-        weights = torch.tensor([max(float(sizes[i]), 1e-12) for i in ordered], dtype=torch.float64)
+        claimed = capped_sizes([float(sizes[i]) for i in ordered])
+        weights = torch.tensor([max(v, 1e-12) for v in claimed], dtype=torch.float64)
         picks = torch.multinomial(weights, k, replacement=False, generator=gen)
     else:
         picks = torch.randperm(len(ordered), generator=gen)[:k]
     chosen = sorted(int(p) for p in picks)
     return [children[ordered[i]] for i in chosen]
+
+
+# Sizes are what children claim about themselves: one claiming 1e18 tokens would be sampled in
+# every round. Each is capped at this many times the median claim of its siblings, which an
+# honest federation of unequal members rarely reaches and a liar cannot pass.
+SIZE_CAP_OVER_MEDIAN = 10.0
+
+
+def capped_sizes(sizes: Sequence[float]) -> list[float]:
+    """`sizes` with each (non-finite or negative ones as 0) at most SIZE_CAP_OVER_MEDIAN times
+    their median."""
+    clean = [v if math.isfinite(v) and v > 0 else 0.0 for v in sizes]
+    ordered = sorted(clean)
+    median = ordered[len(ordered) // 2] if ordered else 0.0
+    cap = SIZE_CAP_OVER_MEDIAN * median if median > 0 else math.inf
+    return [min(v, cap) for v in clean]
 
 
 def eligible(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldlm.secagg.errors import SecAggSetupError
+from worldlm.secagg.errors import SecAggAborted, SecAggSetupError
 
 # Float64 carries 53 bits: past 2^40 levels its rounding of (x + c) / step, and of a decoded sum,
 # would stop being a negligible part of a step.
@@ -68,10 +68,25 @@ class Quantizer:
         q = np.rint((x + c) * (self.max_int / (2.0 * c)))
         return np.clip(q, 0, self.max_int).astype(np.uint64)
 
+    def check_sum(self, total: np.ndarray, n: int) -> None:
+        """Raise `SecAggAborted` where the integer sum exceeds n * max_int. Honest sums never
+        do; a sum that does has an input that ignored the encoding. (Within the range a lying
+        input still moves the sum, by at most n * max_int units: the range is all the server
+        can check of masked inputs, docs/security.md.)"""
+        over = int(np.count_nonzero(np.asarray(total, dtype=np.uint64) > n * self.max_int))
+        if over:
+            raise SecAggAborted(
+                f"the unmasked sum is out of range at {over} coordinates (above what {n} "
+                "encoded inputs can reach): an input ignored the encoding"
+            )
+
     def decode_sum(self, total: np.ndarray, n: int) -> np.ndarray:
-        """Float64 sum of n inputs from the integer sum of their encodings."""
+        """Float64 sum of n inputs from the integer sum of their encodings. A sum above
+        n * max_int (which no n honest encodings reach) raises `SecAggAborted`: some input
+        was not encoded at all, and the sum says nothing about the inputs."""
         if n > self.max_clients:
             raise ValueError(f"a sum of {n} inputs exceeds the {self.max_clients} set up")
+        self.check_sum(total, n)
         # S * step - n * c = (S - n * max_int / 2) * step, centred in exact int64 first so that
         # a sum near zero keeps every bit float64 has.
         levels_of_n = n * self.max_int

@@ -7,15 +7,22 @@ parent's answering Hello is the acknowledgement that the child was accepted.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worldlm.errors import shown
 from worldlm.security.certs import CertError, validate_node_path
 from worldlm.transport.grpc import link_pb2
 from worldlm.transport.grpc.errors import HelloError
 
 _UINT64_MAX = (1 << 64) - 1
+# A claim a parent accepts: training tokens that a float64 counts exactly (2^53, far beyond any
+# corpus), and a short resources object whose known fields have their types.
+MAX_TRAIN_TOKENS = 1 << 53
+MAX_RESOURCES_BYTES = 4096
+_RESOURCE_NUMBERS = ("memory_gb", "gpu_memory_gb", "cpus")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,16 @@ class HelloInfo:
             node_path = validate_node_path(hello.node_path)
         except CertError as exc:
             raise HelloError(f"Hello names no valid node: {exc}") from exc
+        if hello.train_tokens > MAX_TRAIN_TOKENS:
+            raise HelloError(
+                f"Hello from {node_path!r}: train_tokens {hello.train_tokens} is above the "
+                f"{MAX_TRAIN_TOKENS} a node may claim"
+            )
+        if len(hello.resources_json) > MAX_RESOURCES_BYTES:
+            raise HelloError(
+                f"Hello from {node_path!r}: resources_json of {len(hello.resources_json)} "
+                f"characters is longer than {MAX_RESOURCES_BYTES}"
+            )
         resources: Any = {}
         if hello.resources_json:
             try:
@@ -65,9 +82,32 @@ class HelloInfo:
                 f"Hello from {node_path!r}: resources_json must be a JSON object, "
                 f"not {type(resources).__name__}"
             )
+        _check_resources(node_path, resources)
         return cls(
             node_path=node_path,
             run_id=hello.run_id,
             train_tokens=hello.train_tokens,
             resources=resources,
         )
+
+
+def _check_resources(node_path: str, resources: Mapping[str, Any]) -> None:
+    """The fields selection reads must have their types: `available` a boolean, counts and
+    memory finite non-negative numbers."""
+    available = resources.get("available")
+    if available is not None and not isinstance(available, bool):
+        raise HelloError(f"Hello from {node_path!r}: resources.available must be true or false")
+    for key in _RESOURCE_NUMBERS:
+        value = resources.get(key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise HelloError(
+                f"Hello from {node_path!r}: resources.{key} must be a non-negative number, "
+                f"got {shown(repr(value))}"
+            )
