@@ -56,14 +56,15 @@ done
 
 # WorldLM's variants (seed 0), one design change at a time, each with and without the
 # personalization phase; the reference is the main table's worldlm (the defaults: key_fraction 1,
-# own K halfway toward the sub-federation's, K the children's mean, a phase over the last fifth).
+# own weights halfway toward the sub-federation's K and the global embeddings, K the children's
+# mean, a phase over the last fifth). They were run before key_mix_scope existed, on K only.
 if [[ $STAGES == *variants* ]]; then
-  paper=(--set worldlm.attention=true --set worldlm.leaf_key_layers=federation
-    --set worldlm.child_key_layers=shared --set worldlm.key_mix=1 --set worldlm.key_fraction=0.3
+  paper=(--set worldlm.key_mix_scope=keys --set worldlm.attention=true
+    --set worldlm.leaf_key_layers=federation --set worldlm.child_key_layers=shared --set worldlm.key_mix=1 --set worldlm.key_fraction=0.3
     --set train.finetune_rounds=0)
   compare variants/old-default worldlm,worldlm_ft "${paper[@]}"
-  own=(--set worldlm.attention=true --set worldlm.child_key_layers=attended
-    --set train.finetune_rounds=0)
+  own=(--set worldlm.key_mix_scope=keys --set worldlm.attention=true
+    --set worldlm.child_key_layers=attended --set train.finetune_rounds=0)
   compare variants/own-attended-mix0.5 worldlm,worldlm_ft "${own[@]}" --set worldlm.key_fraction=0.3
   compare variants/own-attended-mix0.5-kf0.5 worldlm,worldlm_ft "${own[@]}" \
     --set worldlm.key_fraction=0.5
@@ -71,14 +72,15 @@ if [[ $STAGES == *variants* ]]; then
 fi
 
 # Ablations at every seed, against the main table's worldlm at the same seed: the paper's
-# attention over children's K (with each leaf sent its own attended K), and routing on top.
+# attention over children's K (with each leaf sent its own attended K), routing on top, and a
+# leaf that keeps only its K (not the embeddings) of its own between rounds.
 if [[ $STAGES == *ablations* ]]; then
   attention=(--set worldlm.attention=true --set worldlm.child_key_layers=attended)
   for seed in $SEEDS; do
     compare "ablation-attention/seed-$seed" worldlm "${attention[@]}" --set "run.seed=$seed"
     compare "ablation-attention-routing/seed-$seed" worldlm "${attention[@]}" \
       --set worldlm.lambda_route=0.1 --set "run.seed=$seed"
-    compare "ablation-mix-all/seed-$seed" worldlm --set worldlm.key_mix_scope=all \
+    compare "ablation-mix-keys/seed-$seed" worldlm --set worldlm.key_mix_scope=keys \
       --set "run.seed=$seed"
   done
 fi

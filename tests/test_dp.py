@@ -254,13 +254,41 @@ def test_accountant_restore_keeps_the_privacy_spent() -> None:
     accountant = PrivacyAccountant(1.2, 0.05, 1e-5)
     accountant.step(17)
     state = accountant.state_dict()
-    assert state == {"steps": 17, "noise_multiplier": 1.2, "sampling_rate": 0.05}
+    assert state == {
+        "steps": 17,
+        "noise_multiplier": 1.2,
+        "sampling_rate": 0.05,
+        "steps_by_rate": [[0.05, 17]],
+    }
     restored = PrivacyAccountant(1.2, 0.05, 1e-5)
     restored.load_state_dict(state)
     assert restored.steps == 17 and restored.epsilon() == accountant.epsilon()
-    for z, q in ((2.0, 0.05), (1.2, 0.01)):  # a cheaper price for the steps already spent
-        with pytest.raises(CheckpointError, match="same DP settings"):
-            PrivacyAccountant(z, q, 1e-5).load_state_dict(state)
+    # Restored under another q, the steps keep their own price.
+    elsewhere = PrivacyAccountant(1.2, 0.01, 1e-5)
+    elsewhere.load_state_dict(state)
+    assert elsewhere.epsilon() == pytest.approx(accountant.epsilon(), rel=1e-12)
+    with pytest.raises(CheckpointError, match="same DP settings"):  # a cheaper noise price
+        PrivacyAccountant(2.0, 0.05, 1e-5).load_state_dict(state)
+    # An older state (no steps_by_rate) spent every step at its q: only that q may restore it.
+    old = {"steps": 17, "noise_multiplier": 1.2, "sampling_rate": 0.05}
+    with pytest.raises(CheckpointError, match="sampling rate"):
+        PrivacyAccountant(1.2, 0.01, 1e-5).load_state_dict(old)
+
+
+def test_rounds_at_different_sampling_rates_compose_at_their_own_rates() -> None:
+    """A federation that shrinks from 10 eligible children to 2 (q 0.2 -> 1.0) pays the higher
+    price for its later rounds; pricing them all at the first round's q under-reports ε."""
+    accountant = PrivacyAccountant(1.0, 0.2, 1e-5)
+    accountant.step(5, 0.2)
+    accountant.step(5, 1.0)
+    reference = RdpAccountant()
+    reference.compose(PoissonSampledDpEvent(0.2, GaussianDpEvent(1.0)), 5)
+    reference.compose(PoissonSampledDpEvent(1.0, GaussianDpEvent(1.0)), 5)
+    assert accountant.epsilon() == pytest.approx(float(reference.get_epsilon(1e-5)), rel=0.01)
+    fixed_q = PrivacyAccountant(1.0, 0.2, 1e-5)  # the attack: q fixed at the first round
+    fixed_q.step(10)
+    assert fixed_q.epsilon() < 0.7 * accountant.epsilon()
+    assert accountant.epsilon_after(1, 1.0) > accountant.epsilon_after(1, 0.2)
 
 
 # --- 29: adaptive clipping -----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Secure aggregation refuses a sum that honest inputs cannot make (issue 19, item 7): one
 child that ignores the fixed-point encoding and adds raw integers to its masked input moves the
-unmasked sum by thousands per coordinate on a 62-bit ring (2 at most for an honest one); with the range check the round is
-aborted with its reason and the model is left as it was, and the next round goes on."""
+unmasked sum by thousands per coordinate on a 62-bit ring (an honest one by 2 at most); with
+the range check the round is aborted with its reason and the model is left as it was."""
 
 from __future__ import annotations
 

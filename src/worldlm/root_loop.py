@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from worldlm.checkpoint import list_checkpoints, load_latest
 from worldlm.config import RunConfig
 from worldlm.core.messages import EvalResult, State
 from worldlm.errors import CheckpointError
+from worldlm.federation.privacy_policy import DPRule
 from worldlm.federation.snapshot import restore
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.build import count_parameters
@@ -69,6 +71,7 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
             checkpoint=path.name,
             refused=refused,
         )
+    _charge_lost_rounds(session, rows, done)
     # Rows written after the checkpoint belong to a round that will be run again.
     # (A row without an integer round cannot be placed before or after it: it goes too.)
     kept = [row for row in rows if _is_round(row.get("round")) and row["round"] <= done]
@@ -81,6 +84,30 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
     # (a deployed leaf that was not there for the first evaluation has no baseline)
     before = {leaf.path: before[leaf.path] for leaf in session.tree.leaves() if leaf.path in before}
     return round_loop(session, observer, before, first_round=done + 1, tokens=meta["tokens"])
+
+
+def _charge_lost_rounds(session: Session, rows: list[dict[str, Any]], done: int) -> None:
+    """DP rounds that ran after the checkpoint released noisy models to the tree before the
+    crash; their re-runs draw fresh noise, so both are charged (a row without its sampling
+    rate, from an older run, is charged at q = 1, the most)."""
+    lost: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("kind") != "privacy" or row.get("local") or not _is_round(row.get("round")):
+            continue
+        if row["round"] > done and isinstance(row.get("node"), str):
+            rate = row.get("sampling_rate", 1.0)
+            lost.setdefault(row["node"], []).append(
+                float(rate) if isinstance(rate, int | float) and 0 <= rate <= 1 else 1.0
+            )
+    for path, rates in sorted(lost.items()):
+        aggregator = session.fed.aggregators.get(path)
+        if aggregator is None or not isinstance(aggregator.rule, DPRule):
+            continue
+        aggregator.rule.policy.charge_lost(rates)
+        if session.audit is not None:
+            session.audit.append(
+                "dp_lost_rounds_charged", node=path, round=done, rounds=len(rates), rates=rates
+            )
 
 
 def round_loop(

@@ -238,11 +238,12 @@ class Aggregator:
         return RoundOutcome(new_state, exact, scale, got.weight, got.records)
 
     def _select(self, r: int) -> tuple[int, list[str]]:
-        """(how many children there are, the ones this round asks)."""
+        """(how many children may be asked this round, the ones this round asks)."""
         infos = self.transport.children(self.path)
         sizes = {c.path: c.train_tokens for c in infos}
         sample = self.settings.sample
         pool = eligible({c.path: c.resources for c in infos}, sample, self.benched_until, r)
+        dp = self.settings.dp
         chosen = select_children(
             pool,
             [sizes[path] for path in pool],
@@ -250,8 +251,11 @@ class Aggregator:
             seed=self.ctx.seed,
             path=self.path,
             round_index=r,
+            # Under DP a draw that every node can recompute from the config seed justifies no
+            # amplification by subsampling; seeded_noise keeps the seeded draw for simulation.
+            secure=dp.enabled and not dp.seeded_noise,
         )
-        return len(infos), chosen
+        return len(pool), chosen
 
     def _tasks(
         self, chosen: list[str], state: State, r: int, global_round: int

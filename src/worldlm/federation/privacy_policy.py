@@ -12,8 +12,13 @@ post-processing of DP outputs. K still never leaves the sub-federation, which is
 WorldLM's personalization under DP; routed residuals are not mixed in under DP.
 
 Accounting: each round of this aggregator is one step of the sampled Gaussian mechanism with
-sampling rate q = children selected / children (fixed-size sampling, accounted as Poisson
-sampling, the usual approximation) and the configured noise multiplier z. With adaptive
+sampling rate q = children selected / children eligible that round (recomputed every round, so
+a federation that shrinks pays more; fixed-size sampling, accounted as Poisson sampling, the
+usual approximation) and the configured noise multiplier z. The children are drawn with the
+OS's secure randomness unless `dp.seeded_noise` (simulation only): a draw every node can
+recompute from the config seed justifies no amplification by subsampling. Rounds that ran
+after the checkpoint a run resumes from released noisy models that were seen below, so they
+are charged again on resume (`charge_lost`), on top of their re-runs. With adaptive
 clipping the update is noised at z_delta > z so that update and clipped count together spend
 what z alone would (Andrew et al. 2021, Thm 1); the accountant is given z.
 """
@@ -44,6 +49,8 @@ class DPPolicy:
         self.adaptive: AdaptiveClip | None = None
         self.accountant: PrivacyAccountant | None = None
         self._restored: dict[str, Any] = {}  # applied once the first round fixes q
+        self._rate = 1.0  # this round's sampling rate
+        self._lost: list[float] = []  # rates of rounds lost to a crash, not yet charged
 
     def _setup(self, n_children: int, n_selected: int) -> PrivacyAccountant:
         """Build the accountant (and adaptive clipping) once the tree fixes q and n."""
@@ -60,25 +67,28 @@ class DPPolicy:
                     self.clip, cfg.target_quantile, cfg.clip_learning_rate, sigma_b
                 )
             self.accountant = PrivacyAccountant(
-                cfg.noise_multiplier, n_selected / n_children, cfg.delta
+                cfg.noise_multiplier, _rate(n_children, n_selected), cfg.delta
             )
             if self._restored:
                 self.accountant.load_state_dict(self._restored["accountant"])
                 if self.adaptive is not None and "adaptive" in self._restored:
                     self.adaptive.load_state_dict(self._restored["adaptive"])
                     self.clip = self.adaptive.clip
+            self._charge_lost(self.accountant)
         return self.accountant
 
     def would_exceed_budget(self, n_children: int, n_selected: int) -> bool:
         """Whether one more round would take ε above the configured budget."""
         budget = self.config.epsilon_budget
         accountant = self._setup(n_children, n_selected)
-        return budget is not None and accountant.epsilon_after(1) > budget
+        rate = _rate(n_children, n_selected)
+        return budget is not None and accountant.epsilon_after(1, rate) > budget
 
     def start_round(
         self, current: State, n_children: int, n_selected: int, local_round: int
     ) -> DPRound:
         self._setup(n_children, n_selected)
+        self._rate = _rate(n_children, n_selected)
         z = self.config.noise_multiplier
         if self.adaptive is not None:
             z = update_noise_multiplier(z, self.adaptive.count_stddev)
@@ -90,7 +100,7 @@ class DPPolicy:
     def finish_round(self, dp_round: DPRound, global_round: int) -> Record:
         """Count the round's step and return its `privacy` metrics row."""
         assert self.accountant is not None
-        self.accountant.step()
+        self.accountant.step(1, self._rate)
         if self.adaptive is not None:
             self.clip = self.adaptive.clip  # updated by the round's result
         return {
@@ -100,6 +110,7 @@ class DPPolicy:
             "epsilon": self.accountant.epsilon(),
             "delta": self.config.delta,
             "steps": self.accountant.steps,
+            "sampling_rate": self._rate,
             "clip": dp_round.clip,
             "next_clip": self.clip,
             "noise_multiplier": dp_round.noise_multiplier,
@@ -107,6 +118,18 @@ class DPPolicy:
             "clipped": dp_round.clipped,
             "replies": dp_round.count,
         }
+
+    def charge_lost(self, rates: list[float]) -> None:
+        """Charge rounds that released noise but were lost to a crash (their re-runs are
+        charged again as they run), at their sampling rates as recorded."""
+        self._lost.extend(rates)
+        if self.accountant is not None:
+            self._charge_lost(self.accountant)
+
+    def _charge_lost(self, accountant: PrivacyAccountant) -> None:
+        for rate in self._lost:
+            accountant.step(1, rate)
+        self._lost = []
 
     def state_dict(self) -> dict[str, Any]:
         if self.accountant is None:
@@ -121,6 +144,10 @@ class DPPolicy:
             raise CheckpointError(f"{self.path}: the checkpoint's DP state has no accountant")
         self._restored = dict(state)
         self.accountant = None  # rebuilt with the restored steps at the next round
+
+
+def _rate(n_children: int, n_selected: int) -> float:
+    return min(n_selected / n_children, 1.0) if n_children else 1.0
 
 
 def check_dp_settings(

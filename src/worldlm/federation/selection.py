@@ -1,9 +1,11 @@
-"""Deterministic child selection from (run seed, node path, round), after leaving out
-children that are unavailable, too small, or benched as chronic stragglers."""
+"""Child selection, after leaving out children that are unavailable, too small, or benched as
+chronic stragglers: deterministic from (run seed, node path, round), or, at a node with
+differential privacy, from the OS's secure randomness."""
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,14 +28,20 @@ def select_children(
     seed: int,
     path: str,
     round_index: int,
+    secure: bool = False,
 ) -> list[str]:
     """The children sampled this round, in path order; without replacement, uniformly or
-    weighted by data size. The same inputs always give the same choice."""
+    weighted by data size. The same inputs always give the same choice, unless `secure`: then
+    the draw is seeded from the OS's secure randomness (what DP's accounting assumes)."""
     ordered = sorted(range(len(children)), key=lambda i: children[i])
     k = sample_count(len(children), cfg)
     if k == len(children):
         return [children[i] for i in ordered]
-    gen = generator(seed, path, "select", round_index)
+    if secure:
+        gen = torch.Generator()
+        gen.manual_seed(secrets.randbits(63))
+    else:
+        gen = generator(seed, path, "select", round_index)
     if cfg.weighting == "data_size":
         claimed = capped_sizes([float(sizes[i]) for i in ordered])
         weights = torch.tensor([max(v, 1e-12) for v in claimed], dtype=torch.float64)
