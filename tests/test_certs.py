@@ -18,6 +18,7 @@ from worldlm.security.certs import (
     CertError,
     NodeFiles,
     create_ca,
+    identity_host,
     issue_node_cert,
     node_identity,
     verify_node_cert,
@@ -66,7 +67,7 @@ def test_node_extensions(pki: tuple[CaFiles, NodeFiles]) -> None:
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
     assert cn == NODE
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", identity_host(NODE)]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"worldlm://node/{NODE}"]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -83,7 +84,7 @@ def test_custom_hosts_go_into_san(tmp_path: Path, pki: tuple[CaFiles, NodeFiles]
         pki[0].cert.parent, "world/us", tmp_path, hosts=["agg.example.org", "10.0.0.7", "::1"]
     )
     san = _load(node.cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["agg.example.org"]
+    assert san.get_values_for_type(x509.DNSName) == ["agg.example.org", identity_host("world/us")]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("10.0.0.7"),
         ipaddress.ip_address("::1"),
@@ -243,7 +244,9 @@ def test_certs_tree_command_issues_one_certificate_per_node(tmp_path: Path) -> N
             (pki / (path.replace("/", "__") + ".pem")).read_bytes()
         )
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        return san.get_values_for_type(x509.DNSName)
+        names = san.get_values_for_type(x509.DNSName)
+        assert names[-1] == identity_host(path)  # what its children pin it by
+        return names[:-1]
 
     assert dns_names("w") == ["root.example"] and dns_names("w/eu") == ["eu.example"]
     assert dns_names("w/eu/a") == []

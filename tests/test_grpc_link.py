@@ -23,7 +23,7 @@ from worldlm.transport.grpc import (
     HelloInfo,
     LinkConfigError,
     LinkDisconnected,
-    LinkRefused,
+    LinkError,
     LinkTimeout,
     LinkUnreachable,
     ParentLinkServer,
@@ -243,16 +243,17 @@ def test_hello_claiming_another_identity_is_refused(
 
 
 def test_node_that_is_not_a_child_is_refused(pki: Pki, server: ParentLinkServer):
+    # A ChildLink of STRANGER pins its own parent (world/us) and would not even finish the
+    # handshake here: the parent's own refusal is what a client that skips that check meets.
+    frames, err = _raw_attach(server.address, _creds(pki.stranger), STRANGER)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [f.WhichOneof("body") for f in frames] == ["refusal"]
+    assert "is not a child of 'world/eu'" in frames[0].refusal.reason
+    assert STRANGER in frames[0].refusal.reason
     link = ChildLink(server.address, STRANGER, pki.stranger)
     try:
-        with pytest.raises(LinkRefused, match="is not a child of 'world/eu'") as refused:
-            link.connect(timeout=5)
-        assert STRANGER in refused.value.reason
-        # A refusal is final: backoff does not retry it.
-        start = time.monotonic()
-        with pytest.raises(LinkRefused):
-            link.connect_with_backoff(max_wait=10)
-        assert time.monotonic() - start < 3
+        with pytest.raises(LinkUnreachable):  # its parent is world/us: this is not it
+            link.connect(timeout=3)
     finally:
         link.close()
     assert server.children() == {}
@@ -621,3 +622,57 @@ def test_a_sibling_leaf_certificate_cannot_serve_as_the_parent(
     finally:
         channel.close()
         impostor.stop(0)
+
+
+def test_a_sibling_aggregator_certificate_cannot_serve_as_the_parent(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every certificate carries its node's identity host name, and a child checks its parent's
+    (whatever address it dials): an aggregator elsewhere in the tree, with the same dial names
+    (localhost), that serves on the parent's address and claims its path is refused. Checked by
+    the address alone, as before, the child attaches to it."""
+    from worldlm.transport.grpc import client as client_module
+
+    impostor_files = TlsFiles(ca=pki.parent.ca, cert=pki.stranger.cert, key=pki.stranger.key)
+    # A modified server: it skips the local check that its certificate is the parent's.
+    monkeypatch.setattr(TlsFiles, "check_identity", lambda self, path: None)
+    impostor = ParentLinkServer("127.0.0.1:0", PARENT, [CHILD_A], impostor_files, chunk_bytes=CHUNK)
+    try:
+        link = ChildLink(impostor.address, CHILD_A, pki.a, chunk_bytes=CHUNK)
+        with pytest.raises(LinkUnreachable, match="must hold a certificate issued for"):
+            link.connect(timeout=3)
+        link.close()
+        monkeypatch.setattr(client_module, "identity_host", lambda path: "localhost")
+        undefended = ChildLink(impostor.address, CHILD_A, pki.a, chunk_bytes=CHUNK)
+        assert undefended.connect(timeout=5).node_path == PARENT  # the attack succeeds
+        undefended.close()
+    finally:
+        impostor.stop(0)
+
+
+def test_the_real_parent_is_attached_to_by_its_identity(
+    pki: Pki, server: ParentLinkServer, child_a: ChildLink
+) -> None:
+    assert child_a.connect(timeout=5).node_path == PARENT
+
+
+def test_a_parent_that_names_another_node_in_its_hello_is_refused(
+    pki: Pki, server: ParentLinkServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent whose Hello names a node other than the child's parent (as a modified server
+    could, whatever its certificate) is not attached to."""
+    from dataclasses import replace
+
+    parse = HelloInfo.from_proto
+
+    def forged(hello: object) -> HelloInfo:
+        info = parse(hello)  # type: ignore[arg-type]
+        return replace(info, node_path="world/us") if info.node_path == PARENT else info
+
+    monkeypatch.setattr(HelloInfo, "from_proto", staticmethod(forged))
+    link = ChildLink(server.address, CHILD_A, pki.a, chunk_bytes=CHUNK)
+    try:
+        with pytest.raises(LinkError, match="says it is 'world/us', not 'world/eu'"):
+            link.connect(timeout=5)
+    finally:
+        link.close()

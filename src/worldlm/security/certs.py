@@ -13,6 +13,7 @@ Keys are ECDSA P-256: small, fast to generate, and accepted by every TLS stack g
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -104,6 +105,18 @@ def validate_node_path(node_path: str) -> str:
     return node_path
 
 
+IDENTITY_HOST_SUFFIX = "node.worldlm"
+
+
+def identity_host(node_path: str) -> str:
+    """The DNS name every certificate issued for `node_path` carries, and that its children
+    check when they attach (TLS host-name verification against this name, whatever address they
+    dial): a certificate of any other node, a sibling aggregator's or a leaf's, cannot serve as
+    their parent. A hash, so that every node path makes a valid DNS label."""
+    digest = hashlib.sha256(validate_node_path(node_path).encode()).hexdigest()[:32]
+    return f"{digest}.{IDENTITY_HOST_SUFFIX}"
+
+
 def safe_name(node_path: str) -> str:
     """File stem for a node's files: the validated path with '/' replaced by '__'."""
     return validate_node_path(node_path).replace("/", "__")
@@ -176,7 +189,8 @@ def issue_node_cert(
 
     Writes `<safe name>.pem` and `<safe name>.key` (mode 0o600) in `out_dir`. The certificate
     is valid for both TLS server and client auth because every node is both; `hosts` are the
-    names and IP addresses peers dial it by; the URI SAN carries the node identity. Validity is
+    names and IP addresses peers dial it by; the URI SAN carries the node identity, and the DNS
+    name `identity_host(node_path)` lets its children pin it as their parent. Validity is
     clamped to the CA's own expiry, since a leaf cannot outlive the CA that vouches for it.
     """
     stem = safe_name(node_path)
@@ -184,6 +198,7 @@ def issue_node_cert(
     if isinstance(hosts, str):
         raise CertError(f"hosts must be a list of names, not the single string {hosts!r}")
     san = [_host_entry(host) for host in dict.fromkeys(hosts)]
+    san.append(x509.DNSName(identity_host(node_path)))
     san.append(x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_path))
 
     ca_cert, ca_key = _load_ca(Path(ca_dir))

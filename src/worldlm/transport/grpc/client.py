@@ -18,7 +18,8 @@ from typing import Any
 
 import grpc
 
-from worldlm.security.certs import CertError, validate_node_path
+from worldlm.errors import shown
+from worldlm.security.certs import CertError, identity_host, validate_node_path
 from worldlm.transport.grpc import link_pb2
 from worldlm.transport.grpc.backoff import backoff_delays
 from worldlm.transport.grpc.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Payloads
@@ -177,6 +178,16 @@ class ChildLink:
 
         if not handshake.done.wait(timeout):
             handshake.finish(error=f"no answer to the Hello within {timeout}s")
+        expected = self.node_path.rsplit("/", 1)[0]
+        if handshake.parent is not None and handshake.parent.node_path != expected:
+            channel.close()
+            failure = (
+                f"the parent at {self.parent_address} says it is "
+                f"{shown(repr(handshake.parent.node_path))}, not {expected!r}, the parent of "
+                f"{self.node_path!r}"
+            )
+            endpoint.close(failure)
+            raise LinkError(failure)
         if handshake.parent is not None:
             with self._lock:
                 self._channel, self._endpoint, self.parent = channel, endpoint, handshake.parent
@@ -194,6 +205,11 @@ class ChildLink:
             f"{self.node_path!r} could not attach to the parent at {self.parent_address}: "
             f"{handshake.error}"
         )
+        if self._tls is not None:
+            failure += (
+                f" (with TLS, the server there must hold a certificate issued for {expected!r} "
+                "by this federation's CA: `worldlm certs tree` issues one)"
+            )
         endpoint.close(failure)
         with self._lock:
             self._endpoint = endpoint
@@ -267,6 +283,10 @@ class ChildLink:
         if self._tls is None:
             return grpc.insecure_channel(self.parent_address, options=options)
         creds = channel_credentials(self._tls)
+        # The parent is checked by identity, not by the address dialled: its certificate must
+        # have been issued for this node's parent path (a sibling's or a leaf's would not do).
+        parent = identity_host(self.node_path.rsplit("/", 1)[0])
+        options = [*options, ("grpc.ssl_target_name_override", parent)]
         return grpc.secure_channel(self.parent_address, creds, options=options)
 
     def _drop(self, reason: str) -> None:
