@@ -38,12 +38,21 @@ def save_checkpoint(
     payload = wire.encode(tensors, {**meta, "round": round_index})
     final = directory / checkpoint_name(round_index)
     tmp = directory / f".{final.name}.tmp"
-    with tmp.open("wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except OSError as exc:
+        # A full disk: leave no partial file behind, and keep the previous checkpoints.
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({len(payload) / 2**20:.1f} MiB): "
+            f"{exc.strerror or exc}; the previous checkpoints are kept: free space and "
+            "continue with `worldlm run --resume`"
+        ) from exc
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final

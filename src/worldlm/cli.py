@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -131,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted; continue from the last checkpoint with: worldlm run --resume RUN_DIR"
         )
         return 130
+    except (OSError, sqlite3.OperationalError) as exc:
+        # The machine refused (a full disk, a read-only or vanished directory): not a bug to
+        # show as a traceback. Checkpoints are written atomically, so the last one is whole.
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        Console(stderr=True).print(
+            f"[bold red]error:[/bold red] {what}{where}; a run stopped by this continues from "
+            "its last checkpoint with: worldlm run --resume RUN_DIR",
+            highlight=False,
+        )
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:

@@ -140,7 +140,7 @@ def load_corpus(name: str, cache_dir: Path, *, max_chars: int | None = None) -> 
         for lineno, line in enumerate(fh, start=1):
             try:
                 text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
                 raise DataError(
                     f"{path}:{lineno} is not a {{'text': ...}} JSON line ({exc}); "
                     "delete the file to rebuild it"

@@ -83,7 +83,7 @@ def holds_instructions(file: Path, text_field: str) -> bool:
                 line = raw.decode("utf-8").lstrip("\ufeff")
                 if line.strip():
                     return is_instruction_record(json.loads(line), text_field)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return False
 
@@ -116,11 +116,16 @@ def _records(file: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{file}: line {line_no} is not valid JSON ({err.msg}, column {err.colno})"
                 ) from None
+            except RecursionError:
+                raise DataError(
+                    f"{file}: line {line_no} nests JSON arrays or objects too deeply to read"
+                ) from None
+            yield line_no, record
 
 
 def conversation_from_record(record: Any, where: str) -> Conversation:

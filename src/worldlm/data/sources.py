@@ -156,6 +156,11 @@ def _jsonl_text(path: Path, line: str, line_no: int, text_field: str) -> str:
             f"{path}: line {line_no} is not valid JSON ({err.msg}, column {err.colno}); "
             "a .jsonl/.json data file must hold one JSON object per line"
         ) from None
+    except RecursionError:
+        raise DataError(
+            f"{path}: line {line_no} nests JSON arrays or objects too deeply to read; "
+            "a .jsonl/.json data file must hold one JSON object per line"
+        ) from None
     if not isinstance(record, dict):
         raise DataError(
             f"{path}: line {line_no} is a JSON {type(record).__name__}, not an object; "

@@ -33,10 +33,14 @@ class MetricsWriter:
         """Make the file hold exactly `rows` (a resumed run drops the rows of rounds it will
         run again); the sinks already have them and are not told again."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(_finite(row), sort_keys=True) + "\n")
-        tmp.replace(self.path)
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(_finite(row), sort_keys=True) + "\n")
+            tmp.replace(self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # the old file stays whole
+            raise MetricsError(f"could not rewrite {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         for sink in self.sinks:
