@@ -4,7 +4,7 @@ config gives the same checkpoint, bit for bit, as the in-process engine."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -13,12 +13,16 @@ import pytest
 from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.transport import ChildInfo, NodeHandler
+from worldlm.federation.downlink_policy import downlink_allowances
+from worldlm.federation.methods import plan_method
 from worldlm.federation.secure_child import SecureChild
+from worldlm.model.partition import key_layer_partition
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import evaluate_tree, round_loop
 from worldlm.run import run
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
-from worldlm.session import Session, open_session
+from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier
+from worldlm.session import Session, config_digest, open_session
 from worldlm.transport.grpc import ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
 from worldlm.transport.grpc.transport import GrpcTransport, RoundPolicy
@@ -50,8 +54,12 @@ class OneAtATime:
 
 
 @contextmanager
-def over_grpc(session: Session, pki: Path) -> Iterator[dict[str, GrpcTransport]]:
-    """Put every parent-child link of `session`'s federation on gRPC with mTLS."""
+def over_grpc(
+    session: Session, pki: Path, *, signed: bool = True, round_timeout: float = 120
+) -> Iterator[dict[str, GrpcTransport]]:
+    """Put every parent-child link of `session`'s federation on gRPC with mTLS; with `signed`,
+    as a deployment does, every aggregator signs the train tasks it sends and every child
+    verifies the chain before it trains (`security.downlink`)."""
     create_ca(pki)
     tree, fed = session.tree, session.fed
     for node in tree.walk():
@@ -60,6 +68,17 @@ def over_grpc(session: Session, pki: Path) -> Iterator[dict[str, GrpcTransport]]
     def tls(path: str) -> TlsFiles:
         name = safe_name(path)
         return TlsFiles(pki / "ca.pem", pki / f"{name}.pem", pki / f"{name}.key")
+
+    digest = config_digest(session.config)
+    keys = key_layer_partition(session.model, session.config.worldlm.key_fraction).key_names
+    allowances = downlink_allowances(plan_method(session.config.run.method, tree), keys)
+    verifiers: dict[str, Callable[[TrainTask], None] | None] = {}
+    for node in tree.walk():
+        ca, cert, key = tls(node.path).read()
+        if signed and not node.is_leaf:
+            fed.aggregators[node.path].signer = DownlinkSigner(node.path, key, cert, digest)
+        verifier = DownlinkVerifier(node.path, ca, digest, allowances)
+        verifiers[node.path] = verifier.check if signed else None
 
     lock = threading.Lock()
     transports: dict[str, GrpcTransport] = {}
@@ -72,7 +91,7 @@ def over_grpc(session: Session, pki: Path) -> Iterator[dict[str, GrpcTransport]]
                 "127.0.0.1:0", node.path, [c.path for c in node.children], tls(node.path)
             )
             stack.callback(server.stop, 0.5)
-            transports[node.path] = GrpcTransport(server, RoundPolicy(round_timeout=120))
+            transports[node.path] = GrpcTransport(server, RoundPolicy(round_timeout=round_timeout))
             fed.aggregators[node.path].transport = transports[node.path]
             for child in node.children:
                 handler: NodeHandler = (
@@ -88,7 +107,12 @@ def over_grpc(session: Session, pki: Path) -> Iterator[dict[str, GrpcTransport]]
                 )
                 link.connect_with_backoff(30)
                 stack.callback(link.close)
-                threading.Thread(target=answer_parent, args=(link, handler), daemon=True).start()
+                threading.Thread(
+                    target=answer_parent,
+                    args=(link, handler),
+                    kwargs={"verify": verifiers[child.path]},
+                    daemon=True,
+                ).start()
             server.wait_for_children(timeout=30)
         yield transports
         for transport in transports.values():

@@ -35,6 +35,7 @@ __all__ = [
     "Record",
     "Residual",
     "RoutedResidual",
+    "SignedStatement",
     "State",
     "TrainTask",
     "Update",
@@ -55,6 +56,15 @@ class RoutedResidual:
 
 
 @dataclass(frozen=True)
+class SignedStatement:
+    """One node's signed statement about a task it sends down (`security.downlink`)."""
+
+    statement: str  # canonical JSON
+    signature: bytes  # DER-encoded ECDSA signature over the statement's UTF-8 bytes
+    certificate: bytes  # the signer's certificate (PEM), issued by the federation's CA
+
+
+@dataclass(frozen=True)
 class TrainTask:
     """Train on (or, for an aggregator, federate over) `state` for one parent round."""
 
@@ -70,6 +80,8 @@ class TrainTask:
     # tensors of a `compression` codec), and the dtype and shape each weight decodes to.
     encoding: str = "none"
     layout: Layout = field(default_factory=dict)
+    # The root's and each forwarding aggregator's signed statements (deployments with TLS).
+    signatures: tuple[SignedStatement, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,15 @@ from worldlm.errors import ConfigError
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation, LeafNode
 from worldlm.federation.context import AuditRelay, RunContext
+from worldlm.federation.downlink_policy import downlink_allowances
 from worldlm.federation.methods import finetune_rounds, plan_method
+from worldlm.model.partition import key_layer_partition
 from worldlm.model.pretrained import pretrained_dir
 from worldlm.model.workspace import build_workspace, cache_dir_of
 from worldlm.outputs import RunResult
 from worldlm.root_loop import continue_session, evaluate_tree, round_loop
 from worldlm.security.certs import safe_name
+from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier
 from worldlm.session import (
     RunObserver,
     Session,
@@ -133,6 +136,25 @@ def check_tls_files(node_file: NodeFile) -> None:
         files.check_identity(node_file.node.path)
 
 
+def downlink_integrity(rt: NodeRuntime, node_file: NodeFile) -> DownlinkVerifier | None:
+    """With TLS, an aggregator signs every train task it sends with its node key, on top of the
+    chain it was sent, and a child verifies the chain before it trains (`security.downlink`);
+    returns this child's verifier (None at the root). Over plaintext, which is for loopback
+    tests only, nothing is signed."""
+    files = tls_files(node_file)
+    if files is None:
+        return None
+    ca, cert, key = files.read()
+    digest = config_digest(rt.config)
+    if not rt.node.is_leaf:
+        rt.fed.aggregators[rt.node.path].signer = DownlinkSigner(rt.node.path, key, cert, digest)
+    if rt.node.path == rt.tree.path:
+        return None
+    plan = plan_method(rt.config.run.method, rt.tree)
+    keys = key_layer_partition(rt.model, rt.config.worldlm.key_fraction).key_names
+    return DownlinkVerifier(rt.node.path, ca, digest, downlink_allowances(plan, keys))
+
+
 def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
     """Listen for this aggregator's children and wait until enough of them attached."""
     if node_file.node.listen is None:
@@ -199,6 +221,7 @@ def run_root(
     else:
         run_dir = make_run_dir(rt.config, out)
         (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
+    downlink_integrity(rt, node_file)
     transport = serve_children(rt, node_file)
     audit = AuditLog.open(run_dir / AUDIT_FILE, rt.run_id)
     rt.audit.attach(audit)
@@ -249,6 +272,7 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
         # An inner aggregator's own log, beside its journal. It is not cut back when the
         # node rolls back to replay a round: the replayed round's entries appear again.
         rt.audit.attach(AuditLog.open(state_dir / AUDIT_FILE, rt.run_id))
+    verifier = downlink_integrity(rt, node_file)
     transport = None if rt.node.is_leaf else serve_children(rt, node_file)
     link = ChildLink(
         node_file.node.parent,
@@ -269,6 +293,7 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
             run_id=rt.run_id,
             max_message_bytes=node_file.link.max_message_bytes,
             reconnect_wait=node_file.link.reconnect_wait,
+            verify=None if verifier is None else verifier.check,
         )
     finally:
         link.close()

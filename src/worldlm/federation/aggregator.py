@@ -27,6 +27,7 @@ from worldlm.core.messages import (
     Record,
     Residual,
     RoutedResidual,
+    SignedStatement,
     State,
     TrainTask,
     Update,
@@ -62,6 +63,7 @@ from worldlm.federation.selection import (
     select_children,
     update_stragglers,
 )
+from worldlm.security.downlink import DownlinkSigner, sign_tasks
 from worldlm.seeding import derive_seed
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import route
@@ -141,6 +143,10 @@ class Aggregator:
         check_optimizer_on_keys(path, settings.server_optimizer.key_layers, key_policy)
         self.optimizer = ServerOptimizer(settings.server_optimizer)
         self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
+        # Downlink integrity (deployments with TLS): signs what it sends on top of the signed
+        # chain it was sent (security.downlink); None signs nothing.
+        self.signer: DownlinkSigner | None = None
+        self.chain: tuple[SignedStatement, ...] = ()
         self.router = router  # the root under WorldLM: routes residuals between sub-federations
         self.residuals: dict[str, Residual] = {}  # latest residual of each child
         self.routes: dict[str, list[tuple[str, float]]] = {}
@@ -192,6 +198,7 @@ class Aggregator:
         task = decode_task(task)  # the weights, if the parent compressed them
         start = self.keys.own(task.state)
         self.routed = task.routed
+        self.chain = task.signatures
         state, exact, scale, weight, records = start, start, 1.0, 0.0, []
         for _ in range(self.settings.inner_rounds):
             outcome = self.run_round(state, task.global_round)
@@ -218,6 +225,8 @@ class Aggregator:
         aggregation = self.rule.start_round(state, n_children, len(chosen), r)
         key_round = self.keys.start_round(self.routed)
         sent, seen = self.links.send(self._tasks(chosen, state, r, global_round))
+        if self.signer is not None:
+            sent, seen = sign_tasks(self.signer, sent, seen, self.chain)
         got = self._collect(sent, seen, state, aggregation, key_round, (r, global_round))
         benched = self._settle(got, chosen, r, global_round)
         finished = None

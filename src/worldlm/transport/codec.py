@@ -33,6 +33,7 @@ from worldlm.core.messages import (
     Record,
     Residual,
     RoutedResidual,
+    SignedStatement,
     State,
     TrainTask,
     Update,
@@ -71,6 +72,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
         "routed",
         "encoding",
         "layout",
+        "signatures",
     ),
     "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce", "deployed"),
     "update": (
@@ -249,6 +251,14 @@ def _train_task_parts(task: TrainTask, tensors: dict[str, torch.Tensor]) -> dict
         "routed": [{"source": r.source, "weight": r.weight} for r in task.routed],
         "encoding": task.encoding,
         "layout": {name: [dtype, list(shape)] for name, (dtype, shape) in task.layout.items()},
+        "signatures": [
+            {
+                "statement": s.statement,
+                "signature": s.signature.hex(),
+                "certificate": s.certificate.decode("ascii"),
+            }
+            for s in task.signatures
+        ],
     }
 
 
@@ -271,6 +281,7 @@ def _train_task(kind: str, fields: Mapping[str, Any], groups: _Groups) -> TrainT
         routed,
         fields["encoding"],
         fields["layout"],
+        fields["signatures"],
     )
     try:
         return decode_task(task)  # the child trains from the weights; check them here
@@ -355,6 +366,39 @@ def _records(where: str, value: Any) -> list[Record]:
     return [json_object(f"{where}[{i}]", item) for i, item in enumerate(array(where, value))]
 
 
+# A chain has one statement per level of the tree; a statement lists a digest per tensor.
+_MAX_SIGNATURES = 16
+_MAX_STATEMENT = 4 << 20
+_MAX_CERTIFICATE = 16 << 10
+
+
+def _signatures(where: str, value: Any) -> tuple[SignedStatement, ...]:
+    items = array(where, value)
+    if len(items) > _MAX_SIGNATURES:
+        raise WireError(f"{where} has {len(items)} statements, more than {_MAX_SIGNATURES}")
+    out = []
+    for i, item in enumerate(items):
+        entry = json_object(f"{where}[{i}]", item, ("statement", "signature", "certificate"))
+        statement, signature, certificate = (
+            entry["statement"],
+            entry["signature"],
+            entry["certificate"],
+        )
+        if not all(isinstance(v, str) for v in (statement, signature, certificate)):
+            raise WireError(f"{where}[{i}]: statement, signature and certificate are strings")
+        if len(statement) > _MAX_STATEMENT or len(certificate) > _MAX_CERTIFICATE:
+            raise WireError(f"{where}[{i}] is longer than a signed statement can be")
+        if len(signature) > 512:
+            raise WireError(f"{where}[{i}].signature is longer than a signature can be")
+        try:
+            raw = bytes.fromhex(signature)
+            pem = certificate.encode("ascii")
+        except (ValueError, UnicodeEncodeError):
+            raise WireError(f"{where}[{i}]: signature or certificate is malformed") from None
+        out.append(SignedStatement(statement, raw, pem))
+    return tuple(out)
+
+
 def _results(where: str, value: Any) -> dict[str, EvalResult]:
     out: dict[str, EvalResult] = {}
     for i, item in enumerate(array(where, value)):
@@ -384,6 +428,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "routed": _routed,
     "records": _records,
     "results": _results,
+    "signatures": _signatures,
     "deployed": boolean,
     "encoding": _encoding,
     "layout": _layout,

@@ -8,11 +8,12 @@ message (the run is over) ends the loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from worldlm.core.messages import EvalTask, TrainTask
 from worldlm.core.secure_messages import SecureSetup, SecureStage
 from worldlm.core.transport import NodeHandler
-from worldlm.errors import WireError
+from worldlm.errors import WireError, WorldLMError
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.client import ChildLink
@@ -47,11 +48,14 @@ def answer_parent(
     run_id: str = "",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     reconnect_wait: float = 300.0,
+    verify: Callable[[TrainTask], None] | None = None,
 ) -> int:
     """Serve the parent's tasks until it sends `stop`; returns how many were answered.
 
     The link must be attached already. A refused message is logged and skipped: the parent
-    will leave this child out of that round rather than act on a forged or misrouted task."""
+    will leave this child out of that round rather than act on a forged or misrouted task.
+    `verify` checks a train task's signed provenance (`security.downlink`) before it is acted
+    on, that of a secure round's setup included; it raises to refuse it."""
     answered = 0
     while True:
         try:
@@ -69,7 +73,9 @@ def answer_parent(
                 kind, payload, max_bytes=max_message_bytes, copy=False, verify_body=False
             )
             task = check_task(message, handler.path, run_id)
-        except WireError as exc:
+            if verify is not None and isinstance(task, TrainTask | SecureSetup):
+                verify(task if isinstance(task, TrainTask) else task.task)
+        except WorldLMError as exc:
             log.error("%s: refused a message from the parent: %s", handler.path, exc)
             continue
         log.info("%s: %s of round %d", handler.path, kind, task.global_round)

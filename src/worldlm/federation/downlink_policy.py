@@ -1,0 +1,33 @@
+"""What each aggregator may legitimately change in the weights it forwards, read off the shared
+config: the allowance a child checks the signed chain against (`security.downlink`)."""
+
+from __future__ import annotations
+
+from worldlm.federation.methods import MethodPlan
+
+
+def downlink_allowances(
+    plan: MethodPlan, key_names: frozenset[str]
+) -> dict[tuple[str, str], frozenset[str] | None]:
+    """Per hop (aggregator, child) the tensor names the aggregator may change in what it was
+    sent before passing it on (None: any):
+
+    * with several inner rounds, it sends its own model after the first, so anything;
+    * with a compressed link to the child, the child decodes an approximation, so anything
+      (the child still learns who signed it, not that the root's values were kept);
+    * a WorldLM sub-federation puts its own key layers K in place of the root's;
+    * otherwise nothing: it forwards what the root sent."""
+    tree = plan.tree
+    allowed: dict[tuple[str, str], frozenset[str] | None] = {}
+    for node in tree.walk():
+        if node.is_leaf:
+            continue
+        for child in node.children:
+            hop = (node.path, child.path)
+            if node.aggregator.inner_rounds > 1 or child.settings.link.down != "none":
+                allowed[hop] = None
+            elif plan.key_layers and node.path != tree.path:
+                allowed[hop] = key_names
+            else:
+                allowed[hop] = frozenset()
+    return allowed
