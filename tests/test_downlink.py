@@ -6,6 +6,7 @@ goes on; without the check they train on the tampered model."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -166,10 +167,18 @@ def _received(tmp_path: Path, signed: bool) -> dict[str, list[float]]:
 
         leaf.handle_train = record  # type: ignore[method-assign]
     honest = float(fed.root.state[TAMPERED].sum())
-    with over_grpc(session, tmp_path / "pki", signed=signed, round_timeout=4):
+    with over_grpc(session, tmp_path / "pki", signed=signed):
+        started = time.monotonic()
         outcome = fed.root.run_round(fed.root.state, 1)
+        took = time.monotonic() - started
     received["honest"] = [honest]
     received["status"] = [float(outcome.records[-1]["status"] == "ok")]
+    received["seconds"] = [took]
+    received["dropped"] = [  # world/med's rows reach the root with its reply
+        float("altered 1 tensors it may not change" in r["reason"])
+        for r in outcome.records
+        if r["kind"] == "dropped" and r["node"] == MED
+    ]
     return received
 
 
@@ -180,6 +189,8 @@ def test_leaves_refuse_a_model_their_sub_federation_altered_and_the_round_goes_o
     assert "world/med/a" not in got and "world/med/b" not in got  # refused: nothing trained
     assert got["world/soft/c"] == got["honest"] and got["world/soft/d"] == got["honest"]
     assert got["status"] == [1.0]  # the root's round went on with world/soft
+    # The leaves said why, so their parent did not wait for its 120-second timeout.
+    assert got["dropped"] == [1.0, 1.0] and got["seconds"][0] < 60
 
 
 def test_without_signatures_the_leaves_train_on_the_altered_model(tmp_path: Path) -> None:

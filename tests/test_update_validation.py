@@ -132,7 +132,7 @@ CASES: dict[str, tuple[Tamper, str]] = {
     "wrong round": (lambda u: replace(u, round=u.round + 1), "reply to another round or task"),
     "wrong run (nonce)": (lambda u: replace(u, nonce="0" * 16), "reply to another round or task"),
     "negative weight": (lambda u: replace(u, weight=-1.0), "weight -1 is outside [1, inf]"),
-    "zero weight": (lambda u: replace(u, weight=0.0), "weight 0 is outside [1, inf]"),
+    "tiny weight": (lambda u: replace(u, weight=1e-300), "weight 1e-300 is outside [1, inf]"),
     "NaN weight": (lambda u: replace(u, weight=float("nan")), "weight nan is outside [1, inf]"),
     "impersonation": (lambda u: replace(u, sender="root/c0"), "duplicate reply"),
 }
@@ -169,6 +169,23 @@ def test_each_malformed_reply_is_refused_and_the_round_goes_on(
     (round_entry,) = [f for event, f in entries if event == "round"]
     assert round_entry["result_digest"] == state_digest(outcome.state)
     assert verify(tmp_path / "audit.sqlite").ok
+
+
+def test_a_reply_of_weight_zero_abstains_it_is_neither_folded_nor_counted() -> None:
+    """An inner aggregator whose own round had no valid replies answers with weight 0: its
+    model is not folded in, it does not count toward min_replies, and a dropped row says why
+    (its own rows, if any, are kept)."""
+    root, children = _federation(lambda u: replace(u, weight=0.0))
+    model = _model()
+    outcome = root.run_round(model, 1)
+    valid = [c for c in children if c.tamper is None]
+    expected = fedavg([_shift(model, c.shift) for c in valid], [c.weight for c in valid])
+    for key, value in expected.items():
+        assert torch.equal(outcome.state[key], value.float()), key
+    dropped = [r for r in outcome.records if r["kind"] == "dropped"]
+    assert len(dropped) == 1 and "trained nothing" in dropped[0]["reason"]
+    assert not [r for r in outcome.records if r["kind"] == "rejected"]
+    assert len(_aggregate_row(outcome.records)["participants"]) == 4
 
 
 @pytest.mark.parametrize("factor", [-999.0, 0.5, 998.0, 999.5, 1000.5, 1001.0, 1e4])

@@ -37,6 +37,7 @@ __all__ = [
     "RoutedResidual",
     "SignedStatement",
     "State",
+    "TaskRefusal",
     "TrainTask",
     "Update",
     "tensor_bytes",
@@ -135,6 +136,16 @@ class EvalReport:
     sender: str
     nonce: str
     results: dict[str, EvalResult]
+
+
+@dataclass(frozen=True)
+class TaskRefusal:
+    """A child's answer to a well-formed task it will not act on (its signed provenance does
+    not hold): its parent records why and leaves it out of the round at once."""
+
+    sender: str
+    nonce: str
+    reason: str
 
 
 def tensor_bytes(message: TrainTask | Update) -> int:

@@ -53,7 +53,7 @@ from worldlm.federation.record_check import (
     check_records,
     trim_incidents,
 )
-from worldlm.federation.reply_check import check_reply
+from worldlm.federation.reply_check import check_reply, is_abstention
 from worldlm.federation.round_rule import RoundRule, StrategyRule
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_round import run_secure_round
@@ -102,6 +102,7 @@ class Collected:
     row: Record = field(default_factory=dict)  # extra fields of the aggregate row
     status: str = "ok"
     round_keys: set[str] | None = None  # every reply of a round carries the same keys
+    abstained: set[str] = field(default_factory=set)  # inner aggregators that trained nothing
 
 
 class Aggregator:
@@ -383,6 +384,15 @@ class Aggregator:
         r, global_round = rounds
         try:
             update = self.links.receive(reply, seen)  # decoded before any check
+            if is_abstention(update, seen, got.answered | got.abstained):
+                # An inner aggregator whose own round had no valid replies trained nothing:
+                # not a reply to fold or count, but its rows (why its children dropped) stand.
+                check_records(update.sender, update.records, self.record_limits.get(update.sender))
+                got.abstained.add(update.sender)
+                got.records.extend(update.records)
+                reason = "its own round had no valid replies: it trained nothing"
+                got.dropouts.append(Dropout(update.sender, reason))
+                return
             limit = self.settings.max_change
             round_keys = got.round_keys
             # The change's norm is an audit figure: unrecorded, the check reads the reply alone.

@@ -122,3 +122,17 @@ def _measured_change(update: Update, sent: dict[str, torch.Tensor], buffers: Chu
             raise UpdateRejected(update.sender, f"{key}: NaN or infinite values")
         change += moved * moved
     return change
+
+
+def is_abstention(update: Update, tasks: dict[str, TrainTask], answered: set[str]) -> bool:
+    """Whether `update` is this round's first answer of a child that was asked and trained
+    nothing (weight exactly 0): an inner aggregator whose own round had no valid replies. Any
+    other weight below 1 is refused by `check_reply`."""
+    task = tasks.get(update.sender)
+    return (
+        update.weight == 0.0
+        and task is not None
+        and update.sender not in answered
+        and update.round == task.round
+        and update.nonce == task.nonce
+    )

@@ -35,6 +35,7 @@ from worldlm.core.messages import (
     RoutedResidual,
     SignedStatement,
     State,
+    TaskRefusal,
     TrainTask,
     Update,
 )
@@ -55,7 +56,16 @@ from worldlm.transport.fields import (
 
 __all__ = ["Message", "decode_message", "encode_message"]
 
-Message = TrainTask | EvalTask | Update | EvalReport | SecureSetup | SecureStage | SecureReply
+Message = (
+    TrainTask
+    | EvalTask
+    | Update
+    | EvalReport
+    | SecureSetup
+    | SecureStage
+    | SecureReply
+    | TaskRefusal
+)
 
 _STATE, _ROUTED, _RESIDUAL = "state/", "routed/", "residual/"
 _FACTORS = ("U", "V")
@@ -86,6 +96,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
         "topk_fraction",
     ),
     "eval_report": ("sender", "nonce", "results"),
+    "task_refusal": ("sender", "nonce", "reason"),
 }
 _FIELDS.update(secure_codec.FIELDS)
 _FIELDS["secagg_setup"] = (*_FIELDS["train_task"], *secure_codec.SETUP_FIELDS)
@@ -95,6 +106,7 @@ _PREFIXES: dict[str, tuple[str, ...]] = {
     "eval_task": (_STATE,),
     "update": (_STATE, _RESIDUAL),
     "eval_report": (),
+    "task_refusal": (),
 }
 _PREFIXES.update(secure_codec.PREFIXES)
 _PREFIXES["secagg_setup"] += _PREFIXES["train_task"]
@@ -165,6 +177,9 @@ def encode_message_parts(
                 for name, r in message.results.items()
             ],
         }
+    elif isinstance(message, TaskRefusal):
+        kind = "task_refusal"
+        meta = {"sender": message.sender, "nonce": message.nonce, "reason": message.reason}
     else:
         raise WireError(f"cannot encode a {type(message).__name__}: it is not a message")
     # The receiver runs the same checks; failing here names the field on the side that has it.
@@ -230,6 +245,8 @@ def decode_message(
             fields["encoding"],
             fields["topk_fraction"],
         )
+    if kind == "task_refusal":
+        return TaskRefusal(fields["sender"], fields["nonce"], fields["reason"])
     return EvalReport(fields["sender"], fields["nonce"], fields["results"])
 
 

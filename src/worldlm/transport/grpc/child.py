@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from worldlm.core.messages import EvalTask, TrainTask
+from worldlm.core.messages import EvalTask, TaskRefusal, TrainTask
 from worldlm.core.secure_messages import SecureSetup, SecureStage
 from worldlm.core.transport import NodeHandler
 from worldlm.errors import WireError, WorldLMError
-from worldlm.transport.codec import decode_message, encode_message_parts
+from worldlm.transport.codec import Message, decode_message, encode_message_parts
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.client import ChildLink
 from worldlm.transport.grpc.errors import LinkDisconnected
@@ -73,19 +73,27 @@ def answer_parent(
                 kind, payload, max_bytes=max_message_bytes, copy=False, verify_body=False
             )
             task = check_task(message, handler.path, run_id)
+        except WireError as exc:
+            log.error("%s: refused a message from the parent: %s", handler.path, exc)
+            continue
+        reply: Message
+        try:
             if verify is not None and isinstance(task, TrainTask | SecureSetup):
                 verify(task if isinstance(task, TrainTask) else task.task)
         except WorldLMError as exc:
-            log.error("%s: refused a message from the parent: %s", handler.path, exc)
-            continue
-        log.info("%s: %s of round %d", handler.path, kind, task.global_round)
-        reply = (
-            handler.handle_train(task)
-            if isinstance(task, TrainTask)
-            else handler.handle_eval(task)
-            if isinstance(task, EvalTask)
-            else handler.handle_secure(task)  # a stage of the parent's secure round
-        )
+            # Well-formed and addressed here, but not provably what the root sent: say so, so
+            # that the parent leaves this node out now rather than at its round's timeout.
+            log.error("%s: refused a task from the parent: %s", handler.path, exc)
+            reply = TaskRefusal(handler.path, task.nonce, str(exc))
+        else:
+            log.info("%s: %s of round %d", handler.path, kind, task.global_round)
+            reply = (
+                handler.handle_train(task)
+                if isinstance(task, TrainTask)
+                else handler.handle_eval(task)
+                if isinstance(task, EvalTask)
+                else handler.handle_secure(task)  # a stage of the parent's secure round
+            )
         reply_kind, reply_payload = encode_message_parts(reply, body_digest=False)
         try:
             link.send(reply_kind, reply_payload)

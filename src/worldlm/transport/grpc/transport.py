@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
+from worldlm.core.messages import EvalReport, EvalTask, TaskRefusal, TrainTask, Update
 from worldlm.core.secure_messages import (
     SecureMessage,
     SecureReply,
@@ -35,7 +35,7 @@ from worldlm.core.secure_messages import (
     answers,
 )
 from worldlm.core.transport import ChildInfo, Dropout
-from worldlm.errors import WireError
+from worldlm.errors import WireError, shown
 from worldlm.transport.codec import decode_message, encode_message_parts
 from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
@@ -187,6 +187,15 @@ class GrpcTransport:
                     verify_body=False,
                 )
                 del payload
+                if (
+                    isinstance(reply, TaskRefusal)
+                    and reply.sender == conn.path
+                    and reply.nonce == task.nonce
+                ):
+                    # The child will not act on this task (its provenance did not verify).
+                    reason = f"refused the task: {shown(reply.reason)}"
+                    round_.arrivals.put((index, Dropout(conn.path, reason)))
+                    return
                 answer = _as_answer(reply, reply_type, task, conn.path)
                 del reply
                 if not isinstance(answer, str):
