@@ -20,7 +20,10 @@ from .test_engine import StopAtRound, _root_states
 
 
 def test_key_fraction_zero_reduces_worldlm_to_hierfavg(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, TWO_LEVEL, ["worldlm.key_fraction=0"])
+    # With K empty and leaves keeping nothing else of their own (key_mix_scope = "keys"),
+    # nothing is personal: the hierarchy's FedAvg remains.
+    overrides = ["worldlm.key_fraction=0", "worldlm.key_mix_scope=keys"]
+    config = tiny_config(tmp_path, TWO_LEVEL, overrides)
     _, world = _root_states(config, "worldlm", 2, tmp_path / "w")
     _, hier = _root_states(config, "hierfavg", 2, tmp_path / "h")
     for key in hier:
