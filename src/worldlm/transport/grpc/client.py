@@ -205,7 +205,10 @@ class ChildLink:
             f"{self.node_path!r} could not attach to the parent at {self.parent_address}: "
             f"{handshake.error}"
         )
-        if self._tls is not None:
+        if self._tls is not None and any(
+            word in str(handshake.error).lower()
+            for word in ("ssl", "handshake", "certificate", "verification", "unauthenticated")
+        ):
             failure += (
                 f" (with TLS, the server there must hold a certificate issued for {expected!r} "
                 "by this federation's CA: `worldlm certs tree` issues one)"
