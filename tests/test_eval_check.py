@@ -11,7 +11,7 @@ import pytest
 
 from worldlm.core.messages import EvalReport, EvalResult, EvalTask, TrainTask, Update
 from worldlm.core.transport import ChildInfo, NodeHandler
-from worldlm.federation import aggregator as aggregator_module
+from worldlm.federation import eval_check
 from worldlm.monitoring import leaf_results
 from worldlm.progress import QuietProgress
 from worldlm.session import Session, open_session
@@ -80,7 +80,7 @@ def test_without_the_check_a_forged_sibling_result_enters_the_table(
 ) -> None:
     session = _session(tmp_path)
     honest = _table(session)["world/med/a"]
-    monkeypatch.setattr(aggregator_module, "check_eval_report", lambda *args: None)
+    monkeypatch.setattr(eval_check, "check_eval_report", lambda *args: None)
     _forge(session, {"a": EvalResult(0.0, 10**9)})
     forged = _table(session)["world/med/a"]
     assert honest.loss > 1.0 and forged == EvalResult(0.0, 10**9)

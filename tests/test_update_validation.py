@@ -138,6 +138,17 @@ CASES: dict[str, tuple[Tamper, str]] = {
 }
 
 
+def _assert_fedavg_of_the_honest(
+    state: dict[str, torch.Tensor], model: dict[str, torch.Tensor], children: list[HonestChild]
+) -> list[HonestChild]:
+    """The round's model is FedAvg over the untampered children; returns them."""
+    valid = [c for c in children if c.tamper is None]
+    expected = fedavg([_shift(model, c.shift) for c in valid], [c.weight for c in valid])
+    for key, value in expected.items():
+        assert torch.equal(state[key], value.float()), key
+    return valid
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["audited", "unaudited"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_malformed_reply_is_refused_and_the_round_goes_on(
@@ -150,10 +161,7 @@ def test_each_malformed_reply_is_refused_and_the_round_goes_on(
     root, children = _federation(tamper, audit=audit)
     model = _model()
     outcome = root.run_round(model, 1)
-    valid = [c for c in children if c.tamper is None]
-    expected = fedavg([_shift(model, c.shift) for c in valid], [c.weight for c in valid])
-    for key, value in expected.items():
-        assert torch.equal(outcome.state[key], value.float()), key
+    valid = _assert_fedavg_of_the_honest(outcome.state, model, children)
     rejected = [r for r in outcome.records if r["kind"] == "rejected"]
     assert len(rejected) == 1 and reason in rejected[0]["reason"], rejected
     aggregate = _aggregate_row(outcome.records)
@@ -178,10 +186,7 @@ def test_a_reply_of_weight_zero_abstains_it_is_neither_folded_nor_counted() -> N
     root, children = _federation(lambda u: replace(u, weight=0.0))
     model = _model()
     outcome = root.run_round(model, 1)
-    valid = [c for c in children if c.tamper is None]
-    expected = fedavg([_shift(model, c.shift) for c in valid], [c.weight for c in valid])
-    for key, value in expected.items():
-        assert torch.equal(outcome.state[key], value.float()), key
+    _assert_fedavg_of_the_honest(outcome.state, model, children)
     dropped = [r for r in outcome.records if r["kind"] == "dropped"]
     assert len(dropped) == 1 and "trained nothing" in dropped[0]["reason"]
     assert not [r for r in outcome.records if r["kind"] == "rejected"]

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +22,6 @@ from worldlm.config import AggregatorConfig, LinkConfig
 from worldlm.core.chunked import ChunkBuffers, mean_like
 from worldlm.core.messages import (
     EvalReport,
-    EvalResult,
     EvalTask,
     Record,
     Residual,
@@ -38,7 +37,7 @@ from worldlm.core.state import cast_like
 from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.errors import UpdateRejected
 from worldlm.federation.context import NoAudit, RunContext
-from worldlm.federation.eval_check import check_eval_report
+from worldlm.federation.eval_check import accepted_results
 from worldlm.federation.key_layers import (
     KeyLayerPolicy,
     KeyLayerRound,
@@ -55,6 +54,14 @@ from worldlm.federation.record_check import (
 )
 from worldlm.federation.reply_check import check_reply, is_abstention
 from worldlm.federation.round_rule import RoundRule, StrategyRule
+from worldlm.federation.round_state import (
+    Collected,
+    RoundOutcome,
+    incident_row,
+    rejection_row,
+    under_prefix,
+    wider_than,
+)
 from worldlm.federation.secure_child import SecureChild
 from worldlm.federation.secure_round import run_secure_round
 from worldlm.federation.selection import (
@@ -76,33 +83,6 @@ log = logging.getLogger(__name__)
 class RouterPolicy:
     top_k: int
     tau: float
-
-
-@dataclass
-class RoundOutcome:
-    state: State  # the new model, in the model's dtypes
-    exact: State  # what goes up: the model times `scale` (the rule's exact sum, or the model)
-    scale: float
-    weight: float  # tokens trained by the children that took part
-    records: list[Record]
-
-
-@dataclass
-class Collected:
-    """What a round's exchange with its children gave: the aggregation to finish and the rest
-    of the round's record."""
-
-    aggregation: RoundAggregation
-    records: list[Record] = field(default_factory=list)
-    answered: set[str] = field(default_factory=set)
-    weight: float = 0.0  # tokens trained by the children that took part
-    residuals: dict[str, Residual] = field(default_factory=dict)  # WorldLM, for routing
-    traffic: dict[str, int] = field(default_factory=lambda: {"bytes_down": 0, "bytes_up": 0})
-    dropouts: list[Dropout] = field(default_factory=list)  # besides the transport's own
-    row: Record = field(default_factory=dict)  # extra fields of the aggregate row
-    status: str = "ok"
-    round_keys: set[str] | None = None  # every reply of a round carries the same keys
-    abstained: set[str] = field(default_factory=set)  # inner aggregators that trained nothing
 
 
 class Aggregator:
@@ -144,8 +124,7 @@ class Aggregator:
         check_optimizer_on_keys(path, settings.server_optimizer.key_layers, key_policy)
         self.optimizer = ServerOptimizer(settings.server_optimizer)
         self.routed: tuple[RoutedResidual, ...] = ()  # residuals routed to it this round
-        # Downlink integrity (deployments with TLS): signs what it sends on top of the signed
-        # chain it was sent (security.downlink); None signs nothing.
+        # Signs what it sends on the chain it was sent (security.downlink); None: unsigned.
         self.signer: DownlinkSigner | None = None
         self.chain: tuple[SignedStatement, ...] = ()
         self.router = router  # the root under WorldLM: routes residuals between sub-federations
@@ -287,7 +266,7 @@ class Aggregator:
     def _settle(self, got: Collected, chosen: list[str], r: int, global_round: int) -> list[str]:
         """Record who dropped out, bench stragglers, and decide whether the round counts."""
         for dropout in [*got.dropouts, *self.transport.dropouts()]:
-            got.records.append(_incident(global_round, self.path, dropout))
+            got.records.append(incident_row(global_round, self.path, dropout))
             kind = got.records[-1]["kind"]
             self._audit(kind, global_round, sender=dropout.path, reason=dropout.reason)
         # Every incident is audited; the metrics keep as many as the parent accepts.
@@ -313,7 +292,7 @@ class Aggregator:
         got.records.extend(
             self.rule.finish_round(got.aggregation, rounds[1], rounds[0], self._audit)
         )
-        if scale != 1.0 and not _wider(exact, state):
+        if scale != 1.0 and not wider_than(exact, state):
             # A float32 sum (sum_dtype) becomes the new model in place: no third copy. What
             # goes up is then the mean with scale 1 and the same weight, the same FedAvg sum
             # up to float32 rounding (a float32 sum has no exactness to keep).
@@ -412,7 +391,7 @@ class Aggregator:
             # DP clips here; a change whose norm overflows is refused like any bad reply.
             clipped = got.aggregation.add(update)
         except UpdateRejected as exc:
-            got.records.append(_rejection(global_round, self.path, exc))
+            got.records.append(rejection_row(global_round, self.path, exc))
             self._audit("update_rejected", global_round, sender=exc.sender, reason=exc.reason)
             return
         self._audit(
@@ -570,21 +549,14 @@ class Aggregator:
             )
             for c in self.transport.children(self.path)
         ]
-        asked = {t.recipient: t for t in tasks}
-        answered: set[str] = set()
-        results: dict[str, EvalResult] = {}
-        for report in self.transport.evaluate(tasks):
-            try:
-                check_eval_report(report, asked, answered, self.eval_owners, self.eval_max_tokens)
-            except UpdateRejected as exc:
-                # Its results are left out of the table; the other children's still count.
-                log.warning("%s refused an evaluation report: %s", self.path, exc)
-                self._audit(
-                    "eval_rejected", task.global_round, sender=exc.sender, reason=exc.reason
-                )
-                continue
-            answered.add(report.sender)
-            results.update(report.results)
+
+        def refused(exc: UpdateRejected) -> None:
+            # Its results are left out of the table; the other children's still count.
+            log.warning("%s refused an evaluation report: %s", self.path, exc)
+            self._audit("eval_rejected", task.global_round, sender=exc.sender, reason=exc.reason)
+
+        reports = self.transport.evaluate(tasks)
+        results = accepted_results(reports, tasks, self.eval_owners, self.eval_max_tokens, refused)
         return EvalReport(self.path, task.nonce, results)
 
     # --- checkpointing -------------------------------------------------------------------
@@ -614,8 +586,8 @@ class Aggregator:
         self.rule.load_meta(meta)
         self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
         self.keys.restore(tensors)
-        self.uplink.load_state_dict(_under("link/", tensors))
-        self.optimizer.load_state_dict(_under("server_opt/", tensors))
+        self.uplink.load_state_dict(under_prefix("link/", tensors))
+        self.optimizer.load_state_dict(under_prefix("server_opt/", tensors))
         factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for key, value in tensors.items():
             if key.startswith("residual#"):
@@ -625,34 +597,4 @@ class Aggregator:
             s: {n: (uv["U"], uv["V"]) for n, uv in names.items()} for s, names in factors.items()
         }
         self.routes = {k: [(s, float(w)) for s, w in v] for k, v in meta.get("routes", {}).items()}
-        self.rule.load_state_dict(_under("strategy/", tensors))
-
-
-def _wider(sums: State, model: State) -> bool:
-    """Whether any sum is kept in a wider dtype than the model's (float64 sums)."""
-    return any(v.dtype != model[k].dtype for k, v in sums.items())
-
-
-def _under(prefix: str, tensors: State) -> State:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _incident(global_round: int, path: str, dropout: Dropout) -> Record:
-    """A metrics row for a child the transport left out, or a message it refused."""
-    return {
-        "round": global_round,
-        "node": path,
-        "kind": "dropped" if dropout.left_out else "refused",
-        "sender": dropout.path,
-        "reason": dropout.reason,
-    }
-
-
-def _rejection(global_round: int, path: str, exc: UpdateRejected) -> Record:
-    return {
-        "round": global_round,
-        "node": path,
-        "kind": "rejected",
-        "sender": exc.sender,
-        "reason": exc.reason,
-    }
+        self.rule.load_state_dict(under_prefix("strategy/", tensors))

@@ -8,9 +8,9 @@ A leaf can still misreport its own quality; what it can move is its own row, wei
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from worldlm.core.messages import EvalReport, EvalTask
+from worldlm.core.messages import EvalReport, EvalResult, EvalTask
 from worldlm.errors import UpdateRejected, shown
 from worldlm.tree import FederationNode
 
@@ -61,3 +61,26 @@ def check_eval_report(
                 f"evaluation of {shown(name)} claims {result.tokens} tokens, more than the "
                 f"{max_tokens} a leaf evaluates",
             )
+
+
+def accepted_results(
+    reports: Iterable[EvalReport],
+    tasks: Sequence[EvalTask],
+    owners: Mapping[str, frozenset[str]] | None,
+    max_tokens: int | None,
+    refused: Callable[[UpdateRejected], None],
+) -> dict[str, EvalResult]:
+    """The results of every report that passes `check_eval_report`; `refused` is told of the
+    others."""
+    asked = {t.recipient: t for t in tasks}
+    answered: set[str] = set()
+    results: dict[str, EvalResult] = {}
+    for report in reports:
+        try:
+            check_eval_report(report, asked, answered, owners, max_tokens)
+        except UpdateRejected as exc:
+            refused(exc)
+            continue
+        answered.add(report.sender)
+        results.update(report.results)
+    return results

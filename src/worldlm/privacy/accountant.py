@@ -130,21 +130,11 @@ class PrivacyAccountant:
         `steps_by_rate` (older checkpoints) spent every step at its `sampling_rate`, which must
         then be this accountant's."""
         z = float(state["noise_multiplier"])
-        if z != self.noise_multiplier:
-            raise CheckpointError(
-                f"the checkpoint's privacy accountant spent its steps with noise multiplier "
-                f"{z:g}, this run has {self.noise_multiplier:g}: resume with the same DP "
-                f"settings, or start a new run"
-            )
+        _same("noise multiplier", z, self.noise_multiplier, "settings")
         by_rate = state.get("steps_by_rate")
         if by_rate is None:
             rate = float(state["sampling_rate"])
-            if rate != self.sampling_rate:
-                raise CheckpointError(
-                    f"the checkpoint's privacy accountant spent its steps with sampling rate "
-                    f"{rate:g}, this run has {self.sampling_rate:g}: resume with the same DP "
-                    f"settings and number of children, or start a new run"
-                )
+            _same("sampling rate", rate, self.sampling_rate, "settings and number of children")
             by_rate = [[rate, state["steps"]]]
         restored: dict[float, int] = {}
         for rate, n in by_rate:
@@ -164,3 +154,13 @@ class PrivacyAccountant:
 def _check_rate(rate: float) -> None:
     if not 0 <= rate <= 1:
         raise ValueError(f"sampling rate must be in [0, 1], got {rate}")
+
+
+def _same(what: str, saved: float, ours: float, keep: str) -> None:
+    """Refuse steps the checkpoint spent under another `what`: this accountant would price
+    them wrongly."""
+    if saved != ours:
+        raise CheckpointError(
+            f"the checkpoint's privacy accountant spent its steps with {what} {saved:g}, this "
+            f"run has {ours:g}: resume with the same DP {keep}, or start a new run"
+        )
