@@ -29,7 +29,7 @@ from worldlm.config_load import load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import mean_ppl
-from worldlm.run import run
+from worldlm.runner import run
 
 # case -> (uplink codec, top-k fraction, downlink codec, error feedback)
 CASES: dict[str, tuple[str, float, str, bool]] = {

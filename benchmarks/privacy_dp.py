@@ -31,7 +31,7 @@ from worldlm.config_load import load_config
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.runner import run
 
 METHODS = ("fedavg", "hierfavg", "worldlm")
 

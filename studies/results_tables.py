@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from worldlm.compare import METHODS, MethodResult, read_method, table_rows
+from worldlm.comparison import METHODS, MethodResult, read_method, table_rows
 
 TREES = ("domains", "languages")
 ABLATIONS = (

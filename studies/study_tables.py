@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from worldlm.compare import MethodResult, plot_curves, read_method
+from worldlm.comparison import MethodResult, plot_curves, read_method
 from worldlm.config_load import load_config
 
 

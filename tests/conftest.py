@@ -137,3 +137,19 @@ TWO_LEVEL = {
 @pytest.fixture
 def two_level(tmp_path: Path) -> RunConfig:
     return tiny_config(tmp_path, TWO_LEVEL)
+
+
+def save_topic_dataset(path: Path, n_docs: int = 300, seed: int = 0) -> list[str]:
+    """A Hugging Face dataset saved at `path`: short documents, each with its topic as `label`
+    (a ClassLabel) and a `lang` column; returns the labels, row by row."""
+    from datasets import ClassLabel, Dataset
+
+    rng = random.Random(seed)
+    topics = sorted(_TOPICS)
+    labels = [topics[rng.randrange(len(topics))] for _ in range(n_docs)]
+    texts = [synthetic_documents(t, 1, seed=i)[0] for i, t in enumerate(labels)]
+    langs = [rng.choice(["de", "en", "fr"]) for _ in range(n_docs)]
+    rows = {"text": texts, "label": [topics.index(t) for t in labels], "lang": langs}
+    ds = Dataset.from_dict(rows).cast_column("label", ClassLabel(names=topics))
+    ds.save_to_disk(str(path))
+    return labels

@@ -14,9 +14,9 @@ SRC = Path(__file__).parent.parent / "src" / "worldlm"
 def test_core_imports_no_transport_library() -> None:
     code = (
         "import sys\n"
-        "import worldlm.run, worldlm.federation.aggregator, worldlm.strategies.fedavg\n"
+        "import worldlm.runner, worldlm.federation.aggregator, worldlm.strategies.fedavg\n"
         "import worldlm.train.local, worldlm.data.prepare, worldlm.model.build, worldlm.wire\n"
-        "import worldlm.cli, worldlm.compare, worldlm.transport.codec\n"
+        "import worldlm.cli, worldlm.comparison, worldlm.transport.codec\n"
         "bad = [m for m in ('grpc', 'ray') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

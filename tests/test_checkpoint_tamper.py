@@ -15,7 +15,7 @@ from worldlm.audit.cli import AUDIT_FILE
 from worldlm.audit.log import verify
 from worldlm.checkpoint import load_latest
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 
 from .conftest import TWO_LEVEL, tiny_config
 from .test_engine import StopAtRound

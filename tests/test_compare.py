@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import worldlm.compare as compare_module
-from worldlm.compare import (
+import worldlm.comparison as compare_module
+from worldlm.comparison import (
     FEDPROX_MU,
     METHODS,
     SERVER_OPTIMIZERS,

@@ -27,7 +27,7 @@ from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import evaluate_tree, round_loop
-from worldlm.run import run
+from worldlm.runner import run
 from worldlm.security.certs import safe_name
 from worldlm.session import open_session
 

@@ -17,7 +17,7 @@ from worldlm.federation.privacy_policy import DPPolicy
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config

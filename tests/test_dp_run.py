@@ -13,7 +13,7 @@ from worldlm.errors import ConfigError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config

@@ -14,7 +14,7 @@ from worldlm.config_load import validate_config
 from worldlm.errors import CheckpointError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, aggregator_paths, tiny_config, tiny_config_dict

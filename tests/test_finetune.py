@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from worldlm.compare import method_config, parse_method
+from worldlm.comparison import method_config, parse_method
 from worldlm.errors import ConfigError
 from worldlm.federation.methods import FINETUNE_SHARE, finetune_rounds
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, aggregator_paths, tiny_config

@@ -19,7 +19,7 @@ from worldlm.federation.secure_child import SecureChild
 from worldlm.model.partition import key_layer_partition
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import evaluate_tree, round_loop
-from worldlm.run import run
+from worldlm.runner import run
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
 from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier
 from worldlm.session import Session, config_digest, open_session

@@ -17,7 +17,7 @@ from worldlm.federation.local_privacy import LocalDP
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.privacy.accountant import PrivacyAccountant
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.runner import run
 
 from .conftest import TWO_LEVEL, tiny_config
 

@@ -45,7 +45,7 @@ from worldlm.model.pretrained import pretrained_dir
 from worldlm.model.workspace import build_workspace
 from worldlm.progress import QuietProgress
 from worldlm.root_loop import evaluate_tree, round_loop
-from worldlm.run import run
+from worldlm.runner import run
 from worldlm.session import Session, open_session
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import local_train, make_optimizer

@@ -19,7 +19,7 @@ from worldlm.cli import main
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.runner import run
 
 from .conftest import TWO_LEVEL, synthetic_documents, tiny_config
 

@@ -23,7 +23,7 @@ from worldlm.federation.context import SilentObserver
 from worldlm.model.io import weights_file
 from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.transport.ray_transport import RayTransport, RemoteLeaf
 
 from .conftest import TWO_LEVEL, tiny_config

@@ -27,7 +27,7 @@ from worldlm.metrics.report import (
 from worldlm.metrics.report_cli import add_report_parser, run_report, write_report
 from worldlm.metrics.report_markdown import participation_cell
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.runner import run
 from worldlm.tree import FederationNode, build_tree
 
 from .conftest import tiny_config

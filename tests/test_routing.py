@@ -10,7 +10,7 @@ import torch
 from worldlm.federation.key_layers import KeyLayerPolicy, aggregate_key_layers, decode_candidate
 from worldlm.model.partition import Partition
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 from worldlm.strategies.routing import (
     decode,

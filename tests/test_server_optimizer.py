@@ -10,7 +10,7 @@ import torch
 from worldlm.checkpoint import load_latest
 from worldlm.config import ServerOptimizerConfig
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.strategies.server_optimizer import ServerOptimizer
 
 from .conftest import TWO_LEVEL, tiny_config

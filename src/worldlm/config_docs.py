@@ -30,6 +30,8 @@ from worldlm.config import (
     TrainConfig,
     WorldLMConfig,
 )
+from worldlm.config_partition import PartitionConfig
+from worldlm.config_shard import ShardConfig
 from worldlm.deploy.node_file import LeafDataSection, LinkSection, NodeSection, TlsSection
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
@@ -55,6 +57,14 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("monitor", MonitorConfig, "Where metrics go besides metrics.jsonl."),
     ("worldlm", WorldLMConfig, "Key layers K (also FedPer's) and their attention aggregation."),
     (
+        "partition",
+        PartitionConfig,
+        "Optional: one dataset split into simulated leaves under a generated tree, expanded "
+        "into `nodes` tables before validation (see docs/data.md). Leaves are `leaf0`..`leafN-1` "
+        "(kind column: the column's values) under the root or under groups `g0`..; node tables "
+        "the config gives for these paths set their settings.",
+    ),
+    (
         'nodes."PATH"',
         AggregatorConfig,
         "One table per node of the federation tree, keyed by path; this one for a node with "
@@ -67,7 +77,16 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
         "settings) are a leaf's; aggregator settings on a leaf are refused.",
     ),
     ('nodes."PATH".sample', SampleConfig, "Per-aggregator child sampling."),
-    ('nodes."PATH".data', LeafDataConfig, "A leaf's own data (exactly one of paths or corpus)."),
+    (
+        'nodes."PATH".data',
+        LeafDataConfig,
+        "A leaf's own data: exactly one of paths, corpus, dataset or hub (see docs/data.md).",
+    ),
+    (
+        'nodes."PATH".data.shard',
+        ShardConfig,
+        "A leaf's part of a dataset split among simulated leaves; written by `[partition]`.",
+    ),
     (
         'nodes."PATH".server_optimizer',
         ServerOptimizerConfig,
@@ -101,7 +120,8 @@ def _type_name(info: FieldInfo) -> str:
     text = str(info.annotation).replace("typing.", "")
     for token in ("<class '", "'>"):
         text = text.replace(token, "")
-    return text.replace("worldlm.config.", "").replace("|", "\\|")
+    text = text.replace("worldlm.config.", "").replace("worldlm.config_shard.", "")
+    return text.replace("|", "\\|")
 
 
 def _default(info: FieldInfo) -> str:

@@ -16,12 +16,17 @@ from pydantic import ValidationError
 
 from worldlm.config import RunConfig, default_config_text
 from worldlm.config_errors import format_validation_error
+from worldlm.config_overrides import refuse_unknown_nodes
 from worldlm.config_toml import apply_overrides, read_toml
 from worldlm.errors import ConfigError
+from worldlm.hub import is_hub_id
+from worldlm.partition_tree import expand_partition
+from worldlm.plugins import load_plugins, plugins_of
+from worldlm.train.trainer import build_trainer
 from worldlm.tree import build_tree
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative leaf data paths (under data.root, if set) and model/tokenizer paths
     relative to the config file."""
     section = data.get("data")
@@ -33,10 +38,18 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         paths = node.get("data", {}).get("paths") if isinstance(node, dict) else None
         if isinstance(paths, list):
             node["data"]["paths"] = [_absolute(p, data_base) for p in paths]
+    # A saved dataset's directory, for a leaf or for [partition] (a hub id is no path).
+    for table in [*(data.get("nodes") or {}).values(), data.get("partition")]:
+        leaf_data = table.get("data") if isinstance(table, dict) else None
+        if isinstance(leaf_data, dict) and "dataset" in leaf_data:
+            leaf_data["dataset"] = _absolute(leaf_data["dataset"], data_base)
     for section in ("model", "tokenizer"):
         part = data.get(section)
         if isinstance(part, dict) and isinstance(part.get("path"), str):
-            part["path"] = _absolute(part["path"], base)
+            local = _absolute(part["path"], base)
+            # A model.path that is not there may be a hub id, read from the hub cache later.
+            hub = section == "model" and is_hub_id(part["path"]) and not Path(local).exists()
+            part["path"] = part["path"] if hub else local
 
 
 def _absolute(value: Any, base: Path) -> Any:
@@ -47,12 +60,17 @@ def _absolute(value: Any, base: Path) -> Any:
 
 
 def validate_config(data: dict[str, Any]) -> RunConfig:
-    """Validate a config dict (types, ranges, and the federation tree) into a RunConfig."""
+    """Validate a config dict (types, ranges, and the federation tree) into a RunConfig,
+    after importing its plugins (`run.plugins`), whose registrations it may name. A
+    `[partition]` is first expanded into the node tables it stands for."""
+    load_plugins(plugins_of(data))
+    data = expand_partition(data)
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, RunConfig)) from None
     build_tree(config.nodes)
+    build_trainer(config.train)  # refuses a trainer no module registered
     if (config.train.finetune_rounds or 0) >= config.stop.rounds:
         raise ConfigError(
             f"train.finetune_rounds = {config.train.finetune_rounds} leaves no federated round "
@@ -69,6 +87,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     else:
         data = read_toml(path)
         base = path.resolve().parent
-    data = apply_overrides(data, overrides or [])
-    _resolve_paths(data, base)
+    return compose_config(data, overrides or [], base)
+
+
+def compose_config(data: dict[str, Any], overrides: list[str], base: Path) -> RunConfig:
+    """A config dict with `--set`-style overrides applied (none may name a node the tree
+    lacks) and relative paths taken from `base`, validated."""
+    refuse_unknown_nodes(data, overrides)
+    data = apply_overrides(data, overrides)
+    resolve_paths(data, base)
     return validate_config(data)

@@ -1,6 +1,10 @@
 """Config files as data: reading TOML with clear errors, dotted `--set` overrides, and a
 small TOML writer for the resolved config a run saves. No knowledge of the schema here: the
-validator (`worldlm.config`) checks every key."""
+validator (`worldlm.config`) checks every key.
+
+The writer is ours, not tomli_w: a run's id is the SHA-256 of this text (`session.config_digest`),
+so its layout must not change, and tomli_w lays out the same data differently (lists one item
+per line, no header for a table that holds only tables); see docs/design-notes.md."""
 
 from __future__ import annotations
 
@@ -90,7 +94,24 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
+    bare = key.replace("_", "").replace("-", "")
+    return key if bare.isascii() and bare.isalnum() else _toml_string(key)
+
+
+# TOML basic strings: a backslash, a quote and control characters (tab aside) are escaped.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(value: str) -> str:
+    out = []
+    for char in value:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(value: Any) -> str:
@@ -99,7 +120,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

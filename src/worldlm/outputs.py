@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from worldlm import __version__
 from worldlm.audit.digest import file_sha256
 from worldlm.audit.log import AuditLog
 from worldlm.checkpoint import save_checkpoint
@@ -27,6 +26,7 @@ from worldlm.model.workspace import cache_dir_of
 from worldlm.session import Session, config_digest
 from worldlm.train.evaluate import merge_results
 from worldlm.train.unigram import unigram_result
+from worldlm.version import __version__
 
 
 @dataclass
@@ -39,6 +39,27 @@ class RunResult:
     tokens: float
     parameters: int
     final_dirs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> dict[str, float]:
+        """Validation perplexity of each leaf's deployed model after training, by leaf path."""
+        return {path: result.ppl for path, result in sorted(self.after.items())}
+
+    @property
+    def mean_perplexity(self) -> float:
+        """The mean over leaves of `perplexity` (each leaf counts once, whatever its size)."""
+        values = list(self.perplexity.values())
+        return sum(values) / len(values)
+
+    @property
+    def worst_leaf(self) -> tuple[str, float]:
+        """The leaf whose deployed model does worst, and its perplexity."""
+        return max(self.perplexity.items(), key=lambda item: item[1])
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json of the run: per-leaf results, final models, privacy, audit head."""
+        loaded: dict[str, Any] = json.loads((self.run_dir / "summary.json").read_text("utf-8"))
+        return loaded
 
 
 def write_model_cards(session: Session, result: RunResult) -> None:

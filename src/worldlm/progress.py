@@ -1,4 +1,5 @@
-"""Live terminal progress for a run: a bar over root rounds and a line for the current leaf."""
+"""Live terminal progress for a run: a bar over root rounds and a line for the current leaf;
+and no progress at all. Plain lines and JSON events for logs are in `progress_lines`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from types import TracebackType
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from worldlm.round_summary import RoundSummary
 
 
 class RichProgress:
@@ -45,10 +48,12 @@ class RichProgress:
             self.rounds = self.progress.add_task("rounds", total=total, info="")
             self.leaf = self.progress.add_task("  leaf", total=1, info="")
 
-    def round_finished(self, round_index: int, mean_ppl: float | None) -> None:
+    def round_finished(self, summary: RoundSummary) -> None:
         assert self.rounds is not None
-        info = f"mean val ppl {mean_ppl:.1f}" if mean_ppl is not None else ""
-        self.progress.update(self.rounds, completed=round_index, info=info)
+        info = ""
+        if summary.mean_ppl is not None and summary.worst_ppl is not None:
+            info = f"val ppl mean {summary.mean_ppl:.1f}, worst {summary.worst_ppl:.1f}"
+        self.progress.update(self.rounds, completed=summary.round, info=info)
 
     def leaf_started(self, path: str, steps: int) -> None:
         if self.leaf is not None:
@@ -78,8 +83,8 @@ class QuietProgress:
     def round_started(self, round_index: int, total: int) -> None:
         del round_index, total
 
-    def round_finished(self, round_index: int, mean_ppl: float | None) -> None:
-        del round_index, mean_ppl
+    def round_finished(self, summary: RoundSummary) -> None:
+        del summary
 
     def leaf_started(self, path: str, steps: int) -> None:
         del path, steps

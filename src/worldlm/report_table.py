@@ -18,11 +18,18 @@ def perplexity_table(
     table.add_column("ppl before", justify="right")
     table.add_column("ppl after", justify="right")
     table.add_column("change", justify="right")
+    for path, b, a in perplexity_rows(before, after):
+        change = (a.ppl - b.ppl) / b.ppl * 100.0
+        table.add_row(path, str(a.tokens), f"{b.ppl:,.1f}", f"{a.ppl:,.1f}", f"{change:+.1f}%")
+    return table
+
+
+def perplexity_rows(
+    before: dict[str, EvalResult], after: dict[str, EvalResult]
+) -> list[tuple[str, EvalResult, EvalResult]]:
+    """(leaf, before, after) per leaf by path, then ("(all leaves)", merged, merged)."""
     rows = [(path, before[path], after[path]) for path in sorted(after)]
     rows.append(
         ("(all leaves)", merge_results(list(before.values())), merge_results(list(after.values())))
     )
-    for path, b, a in rows:
-        change = (a.ppl - b.ppl) / b.ppl * 100.0
-        table.add_row(path, str(a.tokens), f"{b.ppl:,.1f}", f"{a.ppl:,.1f}", f"{change:+.1f}%")
-    return table
+    return rows

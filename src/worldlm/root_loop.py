@@ -28,6 +28,7 @@ from worldlm.outputs import (
     write_model_cards,
     write_summary,
 )
+from worldlm.round_summary import summarize_round, wire_bytes
 from worldlm.session import RunObserver, Session, audit_run_start
 from worldlm.train.evaluate import merge_results
 
@@ -123,11 +124,15 @@ def round_loop(
     started = time.monotonic()
     state = fed.root.state
     after, stop_reason, r = before, "", first_round - 1
+    # Traffic of the rounds before this process (a resumed run): what metrics.jsonl holds.
+    sent = wire_bytes(read_metrics(session.metrics.path)) if session.metrics.path.exists() else None
     for r in range(first_round, config.stop.rounds + 1):
         observer.round_started(r, config.stop.rounds)
+        round_started = time.monotonic()
         outcome = fed.root.run_round(state, r)
         state = outcome.state
         tokens += outcome.weight
+        sent = wire_bytes(outcome.records, sent)
         session.metrics.write(outcome.records)
         last = r == config.stop.rounds
         stop_reason = _stop_reason(config, tokens, time.monotonic() - started)
@@ -139,7 +144,16 @@ def round_loop(
             after = evaluate_tree(session, state, r)
             if config.stop.target_ppl is not None and mean_ppl(after) <= config.stop.target_ppl:
                 stop_reason = "target_ppl"
-        observer.round_finished(r, mean_ppl(after) if evaluated else None)
+        observer.round_finished(
+            summarize_round(
+                r,
+                config.stop.rounds,
+                after if evaluated else None,
+                tokens,
+                sent,
+                time.monotonic() - round_started,
+            )
+        )
         finished = stop_reason or ("rounds" if last else "")
         if r % config.checkpoint.every == 0 or finished:
             write_checkpoint(session, r, tokens, finished)
@@ -162,6 +176,7 @@ def round_loop(
     privacy = latest_privacy(read_metrics(session.metrics.path))
     unigram = unigram_references(session)
     write_summary(result, session.run_dir, session.data.digests, audit_head, privacy, unigram)
+    session.metrics.publish(session.run_dir)  # to trackers that keep files (MLflow, W&B)
     session.metrics.close()
     if session.audit is not None:
         session.audit.close()  # folds the write-ahead log into audit.sqlite

@@ -11,7 +11,6 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from worldlm import __version__
 from worldlm.audit.cli import AUDIT_FILE
 from worldlm.audit.log import AuditLog
 from worldlm.config import RunConfig, dump_config
@@ -25,8 +24,10 @@ from worldlm.metrics.jsonl import MetricsWriter
 from worldlm.metrics.sinks import make_sinks
 from worldlm.model.pretrained import pretrained_dir
 from worldlm.model.workspace import build_workspace, cache_dir_of
+from worldlm.round_summary import RoundSummary
 from worldlm.train.device import pick_device
 from worldlm.tree import FederationNode, build_tree
+from worldlm.version import __version__
 
 
 class RunObserver(Observer, Protocol):
@@ -34,7 +35,7 @@ class RunObserver(Observer, Protocol):
 
     def round_started(self, round_index: int, total: int) -> None: ...
 
-    def round_finished(self, round_index: int, mean_ppl: float | None) -> None: ...
+    def round_finished(self, summary: RoundSummary) -> None: ...
 
 
 @dataclass
@@ -80,7 +81,7 @@ def make_run_dir(config: RunConfig, out: Path | None) -> Path:
 
 def open_metrics(config: RunConfig, run_dir: Path) -> MetricsWriter:
     """metrics.jsonl plus the sinks `config.monitor` asks for."""
-    return MetricsWriter(run_dir / "metrics.jsonl", make_sinks(config.monitor, run_dir))
+    return MetricsWriter(run_dir / "metrics.jsonl", make_sinks(config, run_dir))
 
 
 def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Session:

@@ -13,6 +13,7 @@ from worldlm.compression.policy import check_root_link
 from worldlm.config import AggregatorConfig, LeafConfig, LeafDataConfig, NodeConfig
 from worldlm.errors import ConfigError
 from worldlm.strategies.catalog import strategy_names
+from worldlm.strategies.server_optimizer import server_optimizer_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_PATH_CHARS = 256  # what a message may name (transport.fields.MAX_NODE_PATH)
@@ -113,7 +114,10 @@ def _check(tree: FederationNode) -> None:
         if node.is_leaf:
             settings = node.settings
             if not isinstance(settings, LeafConfig) or settings.data is None:
-                raise ConfigError(f"{key}.data: a leaf needs data (paths = [...] or corpus = ...)")
+                raise ConfigError(
+                    f"{key}.data: a leaf needs data (paths = [...], corpus = ..., dataset = ... "
+                    "or hub = ...)"
+                )
             if settings.dp.enabled:
                 raise ConfigError(
                     f"{key}.dp.enabled: DP-FedAvg runs at an aggregator over its children; a "
@@ -143,6 +147,12 @@ def _check_aggregator(key: str, path: str, settings: AggregatorConfig, n: int) -
             f"{key}.strategy: unknown strategy {settings.strategy!r}; "
             f"choose one of {', '.join(names)}"
         )
+    optimizers = server_optimizer_names()
+    if settings.server_optimizer.name not in optimizers:
+        raise ConfigError(
+            f"{key}.server_optimizer.name: unknown server optimizer "
+            f"{settings.server_optimizer.name!r}; choose one of {', '.join(optimizers)}"
+        )
     if settings.sample.min > n:
         raise ConfigError(
             f"{key}.sample.min: {settings.sample.min} is above the number of children "
@@ -166,9 +176,18 @@ def render(tree: FederationNode) -> str:
         depth = node.path.count("/")
         label = node.name
         if node.is_leaf:
-            source = node.data.corpus or ", ".join(node.data.paths or [])
-            label += f"  [{source}]"
+            label += f"  [{_source_label(node.data)}]"
         else:
             label += f"  (inner_rounds={node.aggregator.inner_rounds})"
         lines.append("  " * depth + ("- " if depth else "") + label)
     return "\n".join(lines)
+
+
+def _source_label(data: LeafDataConfig) -> str:
+    """A leaf's source in a few words: its files, corpus or dataset (and its shard of it)."""
+    if data.dataset is None and data.hub is None:
+        return data.corpus or ", ".join(data.paths or [])
+    label = data.dataset or f"hub {data.hub}"
+    if data.shard is not None:
+        label += f", {data.shard.kind} part {data.shard.index + 1} of {data.shard.leaves}"
+    return label

@@ -102,10 +102,16 @@ def get_spec(name: str) -> CorpusSpec:
         raise DataError(f"unknown corpus {name!r}; choose one of: {known}") from None
 
 
+def corpus_file(name: str, cache_dir: Path) -> Path:
+    """Where corpus `name`'s JSONL is cached under `cache_dir`, built or not (nothing fetched)."""
+    spec = get_spec(name)
+    return Path(cache_dir) / "corpora" / f"{spec.name}-{spec.version}.jsonl"
+
+
 def corpus_path(name: str, cache_dir: Path) -> Path:
     """Path of corpus `name`'s cached JSONL under `cache_dir`; fetches and builds it if missing."""
     spec = get_spec(name)
-    out = Path(cache_dir) / "corpora" / f"{spec.name}-{spec.version}.jsonl"
+    out = corpus_file(name, cache_dir)
     if out.is_file():
         return out
     if spec.package is None:

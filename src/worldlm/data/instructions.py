@@ -1,7 +1,10 @@
 """Instruction and chat data: records, their rendering, and which tokens the loss sees.
 
-A JSONL line `{"prompt": ..., "response": ...}` (optionally with `"system"`) or
-`{"messages": [{"role": ..., "content": ...}, ...]}` is one conversation. It is rendered with
+A JSONL line `{"prompt": ..., "response": ...}` (optionally with `"system"`),
+`{"messages": [{"role": ..., "content": ...}, ...]}`, or TRL's prompt-completion record
+`{"prompt": ..., "completion": ...}` (two strings, read like prompt/response, or two lists of
+messages, whose completion's assistant turns alone are targets) is one conversation. It is
+rendered with
 the tokenizer's chat template when there is one, else in a plain format: every message's
 content followed by a newline, the last one followed by the end-of-text token instead, so
 `{"prompt": p, "response": r}` is `p + "\\n" + r + <eos>`. Only the assistant's turns are
@@ -43,13 +46,23 @@ class Conversation:
     """One instruction example: messages in order, at least one of them the assistant's."""
 
     messages: tuple[Message, ...]
+    # The assistant turns from this message on are targets; earlier ones are context (TRL's
+    # conversational prompt-completion records put prior assistant turns in the prompt).
+    targets_from: int = 0
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
+    def is_target(self, index: int) -> bool:
+        return index >= self.targets_from and self.messages[index].role == ASSISTANT
+
     def canonical(self) -> str:
-        """A stable serialization (digests of a leaf's data)."""
-        return json.dumps(self.as_dicts(), ensure_ascii=False, sort_keys=True)
+        """A stable serialization (digests of a leaf's data; unchanged for conversations
+        whose every assistant turn is a target)."""
+        data: Any = self.as_dicts()
+        if self.targets_from:
+            data = {"messages": data, "targets_from": self.targets_from}
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
     @property
     def chars(self) -> int:
@@ -129,21 +142,27 @@ def _records(file: Path) -> Iterator[tuple[int, Any]]:
 
 
 def conversation_from_record(record: Any, where: str) -> Conversation:
-    """A conversation from `{"prompt", "response"[, "system"]}` or `{"messages": [...]}`."""
+    """A conversation from `{"prompt", "response"[, "system"]}`, `{"messages": [...]}` or
+    `{"prompt", "completion"[, "system"]}`."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    targets_from = 0
     if "messages" in record:
         raw = record["messages"]
         if not isinstance(raw, list) or not raw:
             raise DataError(f'{where}: "messages" must be a non-empty list of messages')
         messages = tuple(_message(m, f"{where}, message {i + 1}") for i, m in enumerate(raw))
+    elif isinstance(record.get("prompt"), list):
+        messages, targets_from = _conversational_completion(record, where)
     else:
-        fields = {k: record.get(k) for k in ("system", "prompt", "response")}
-        for key in ("prompt", "response"):
+        answer = "completion" if "completion" in record else "response"
+        fields = {k: record.get(k) for k in ("system", "prompt", answer)}
+        for key in ("prompt", answer):
             if not isinstance(fields[key], str):
                 raise DataError(
                     f'{where}: an instruction record needs string "prompt" and "response" '
-                    f'fields (or a "messages" list); {key!r} is missing or not a string'
+                    f'(or "completion") fields, or a "messages" list; {key!r} is missing or '
+                    "not a string"
                 )
         system = fields["system"]
         if system is not None and not isinstance(system, str):
@@ -151,13 +170,31 @@ def conversation_from_record(record: Any, where: str) -> Conversation:
         messages = (
             *([Message("system", system)] if system else []),
             Message("user", str(fields["prompt"])),
-            Message(ASSISTANT, str(fields["response"])),
+            Message(ASSISTANT, str(fields[answer])),
         )
     if messages[0].role == ASSISTANT:
         raise DataError(f"{where}: the conversation starts with the assistant; give a prompt")
-    if not any(m.role == ASSISTANT and m.content for m in messages):
+    conversation = Conversation(messages, targets_from)
+    if not any(conversation.is_target(i) and m.content for i, m in enumerate(messages)):
         raise DataError(f"{where}: no non-empty assistant message, so nothing to learn from")
-    return Conversation(messages)
+    return conversation
+
+
+def _conversational_completion(
+    record: dict[str, Any], where: str
+) -> tuple[tuple[Message, ...], int]:
+    """TRL's conversational prompt-completion record: two lists of messages; the completion's
+    assistant turns are the targets."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(completion, list) or not completion or not prompt:
+        raise DataError(
+            f'{where}: a conversational record needs non-empty "prompt" and "completion" '
+            "lists of messages"
+        )
+    assert isinstance(prompt, list)
+    head = [_message(m, f"{where}, prompt message {i + 1}") for i, m in enumerate(prompt)]
+    tail = [_message(m, f"{where}, completion message {i + 1}") for i, m in enumerate(completion)]
+    return (*head, *tail), len(head)
 
 
 def _message(raw: Any, where: str) -> Message:
@@ -183,7 +220,7 @@ def render_plain(conversation: Conversation) -> tuple[str, list[Span]]:
     for i, message in enumerate(conversation.messages):
         start = len(text)
         text += message.content + ("" if i == last else "\n")
-        if message.role == ASSISTANT:
+        if conversation.is_target(i):
             spans.append((start, len(text)))
     return text, spans
 
@@ -204,8 +241,8 @@ def render_chat(
 
     full = render(len(messages), False)
     spans: list[Span] = []
-    for i, message in enumerate(conversation.messages):
-        if message.role != ASSISTANT:
+    for i in range(len(conversation.messages)):
+        if not conversation.is_target(i):
             continue
         prompt, turn = render(i, True), render(i + 1, False)
         if not (turn.startswith(prompt) and full.startswith(turn)):

@@ -22,6 +22,13 @@ from worldlm.config import DataConfig, TokenizerConfig
 from worldlm.core.leaf_data import LeafData
 from worldlm.data.blocks import encode_documents, pack_blocks, pack_examples
 from worldlm.data.corpora import CORPORA, load_corpus
+from worldlm.data.custom_sources import check_data_source, source_documents
+from worldlm.data.hf_datasets import (
+    check_dataset_source,
+    dataset_documents,
+    open_dataset,
+    source_name,
+)
 from worldlm.data.instructions import (
     Conversation,
     Document,
@@ -31,6 +38,7 @@ from worldlm.data.instructions import (
     plain_text,
     read_conversations,
 )
+from worldlm.data.shards import shard_indices
 from worldlm.data.sources import data_files, read_documents
 from worldlm.data.split import split_documents
 from worldlm.data.tokenizer import eos_id, load_tokenizer, to_hf_tokenizer, train_tokenizer
@@ -62,21 +70,44 @@ def check_sources(tree: FederationNode) -> None:
                 f"nodes.{leaf.path}.data.corpus: unknown corpus {leaf.data.corpus!r}; "
                 f"choose one of {', '.join(CORPORA)}"
             )
+        check_dataset_source(leaf.data, f"nodes.{leaf.path}.data")
+        if leaf.data.source is not None:
+            check_data_source(leaf.data.source, f"nodes.{leaf.path}.data")
 
 
 def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[Document]:
-    """A leaf's documents from its files or its named corpus; JSONL files of instruction
-    records give conversations."""
+    """A leaf's documents from its files, its named corpus or its Hugging Face dataset (its
+    shard of one, if partitioned); JSONL files and datasets of instruction records give
+    conversations."""
     spec = leaf.data
     limit = cfg.max_chars if spec.max_chars is None else spec.max_chars
     max_chars = limit or None  # 0 means no cap
+    text_field = spec.text_field or cfg.text_field
     if spec.corpus is not None:
         return list(load_corpus(spec.corpus, cache_dir, max_chars=max_chars))
+    if spec.source is not None:
+        return source_documents(
+            spec.source,
+            spec.options or {},
+            text_field=text_field,
+            max_chars=max_chars,
+            where=f"nodes.{leaf.path}.data",
+        )
+    if spec.dataset is not None or spec.hub is not None:
+        where = f"nodes.{leaf.path}.data"
+        rows = None if spec.shard is None else shard_indices(spec, cache_dir, where)
+        return dataset_documents(
+            open_dataset(spec, cache_dir),
+            rows,
+            text_field=text_field,
+            max_chars=max_chars,
+            where=f"{where} ({source_name(spec)})",
+        )
     assert spec.paths is not None
     paths = [Path(p) for p in spec.paths]
     files = [file for path in paths for file in data_files(path)]
-    if not any(holds_instructions(file, cfg.text_field) for file in files):
-        return list(read_documents(paths, text_field=cfg.text_field, max_chars=max_chars))
+    if not any(holds_instructions(file, text_field) for file in files):
+        return list(read_documents(paths, text_field=text_field, max_chars=max_chars))
     docs: list[Document] = []
     total = 0
     for file in files:
@@ -84,10 +115,10 @@ def read_leaf(leaf: FederationNode, cfg: DataConfig, cache_dir: Path) -> list[Do
         if left is not None and left <= 0:
             break
         part: list[Document] = []
-        if holds_instructions(file, cfg.text_field):
+        if holds_instructions(file, text_field):
             part.extend(read_conversations(file, max_chars=left))
         else:
-            part.extend(read_documents([file], text_field=cfg.text_field, max_chars=left))
+            part.extend(read_documents([file], text_field=text_field, max_chars=left))
         docs += part
         total += sum(document_chars(d) for d in part)
     return docs

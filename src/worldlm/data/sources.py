@@ -1,4 +1,4 @@
-"""Read a leaf's documents from JSON Lines, Parquet and plain-text files.
+"""Read a leaf's documents from JSON Lines, Parquet, Arrow and plain-text files.
 
 Files are read as streams so that `max_chars` can sample the start of a huge corpus without
 loading it; every error names the file and says what to do about it.
@@ -11,11 +11,12 @@ import json
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from worldlm.errors import DataError
 
 # Suffixes picked up when walking a directory; a file named explicitly is read whatever its suffix.
-DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".text", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".text", ".parquet", ".arrow")
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _READ_BYTES = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
@@ -57,6 +58,12 @@ def data_files(path: Path) -> list[Path]:
         raise DataError(f"{path}: no such file or directory; check the leaf's data paths")
     if not path.is_dir():
         raise DataError(f"{path}: not a regular file or directory; point to data files instead")
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        # Its JSON files describe the dataset; read as JSONL documents they would fail oddly.
+        raise DataError(
+            f"{path}: a Hugging Face dataset saved with save_to_disk; set data.dataset = "
+            f"{str(path)!r} instead of listing it under data.paths"
+        )
     files = list(_walk(path))
     if not files:
         wanted = ", ".join(DATA_SUFFIXES)
@@ -90,6 +97,8 @@ def _read_file(path: Path, text_field: str, limit: int | None) -> Generator[str]
         records = _read_jsonl(path, text_field)
     elif suffix == ".parquet":
         records = _read_parquet(path, text_field)
+    elif suffix == ".arrow":
+        records = _read_arrow(path, text_field)
     else:
         yield from _read_text(path, limit)
         return
@@ -192,20 +201,7 @@ def _read_parquet(path: Path, text_field: str) -> Generator[str]:
             f"{path}: unreadable Parquet file ({err}); re-export it or check it is not truncated"
         ) from None
     with pfile:
-        schema = pfile.schema_arrow
-        if text_field not in schema.names:
-            raise DataError(
-                f"{path}: Parquet file has no column {text_field!r} (columns: "
-                f"{', '.join(schema.names) or 'none'}); set text_field to the text column"
-            )
-        kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and not (
-            pa.types.is_string_view(kind)
-        ):
-            raise DataError(
-                f"{path}: Parquet column {text_field!r} has type {kind}, not string; "
-                "set text_field to a string column"
-            )
+        _check_text_column(path, "Parquet", pfile.schema_arrow, text_field)
         try:
             for batch in pfile.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
                 for value in batch.column(0).to_pylist():
@@ -216,6 +212,50 @@ def _read_parquet(path: Path, text_field: str) -> Generator[str]:
                 f"{path}: unreadable Parquet file ({err}); re-export it or check it is not "
                 "truncated"
             ) from None
+
+
+def _read_arrow(path: Path, text_field: str) -> Generator[str]:
+    """An Arrow IPC file or stream (what Dataset.save_to_disk writes), memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader: pa.RecordBatchFileReader | pa.RecordBatchStreamReader = pa.ipc.open_file(
+                    source
+                )
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:  # not the file format: the stream format
+                source.seek(0)
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
+            _check_text_column(path, "Arrow", reader.schema, text_field)
+            for batch in batches:
+                for value in batch.column(text_field).to_pylist():
+                    if value is not None:
+                        yield value
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(
+            f"{path}: unreadable Arrow file ({err}); re-export it or check it is not truncated"
+        ) from None
+
+
+def _check_text_column(path: Path, kind_of_file: str, schema: Any, text_field: str) -> None:
+    import pyarrow as pa
+
+    if text_field not in schema.names:
+        raise DataError(
+            f"{path}: {kind_of_file} file has no column {text_field!r} (columns: "
+            f"{', '.join(schema.names) or 'none'}); set text_field to the text column"
+        )
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and not (
+        pa.types.is_string_view(kind)
+    ):
+        raise DataError(
+            f"{path}: {kind_of_file} column {text_field!r} has type {kind}, not string; "
+            "set text_field to a string column"
+        )
 
 
 def _utf8_error(path: Path, offset: int, line_no: int | None = None) -> DataError:

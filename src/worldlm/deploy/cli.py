@@ -64,9 +64,10 @@ def run_deploy_local(args: argparse.Namespace, console: Console) -> int:
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
     from worldlm.config_load import load_config
+    from worldlm.deploy.leaf_ranks import join_on_ranks, launched_ranks
     from worldlm.deploy.node import answer_as_child, check_tls_files, open_node, run_root
     from worldlm.deploy.node_file import load_node_file
-    from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.progress_cli import auto_mode, make_progress
     from worldlm.report_table import perplexity_table
 
     logging.basicConfig(
@@ -76,7 +77,12 @@ def run_deploy(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config, args.overrides)
     node_file = load_node_file(args.node)
     check_tls_files(node_file)  # before any data is read: a wrong certificate fails at once
-    with QuietProgress() if args.quiet else RichProgress(console=Console(stderr=True)) as obs:
+    # Plain lines where stderr is no terminal: a node started by start.sh logs to a file.
+    with make_progress("none" if args.quiet else auto_mode()) as obs:
+        if args.command == "join" and launched_ranks() > 1:  # torchrun: one leaf, N processes
+            answered = join_on_ranks(config, node_file, obs, answer_as_child)
+            console.print(f"{node_file.node.path}: run over after {answered} tasks")
+            return 0
         rt = open_node(config, node_file, obs)
         is_root = rt.node.path == rt.tree.path
         if args.command == "join" and not rt.node.is_leaf:

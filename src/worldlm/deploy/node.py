@@ -94,7 +94,12 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
             settings = node.leaf.model_copy(
                 update={
                     "data": node.data.model_copy(
-                        update={"paths": node_file.data.paths, "corpus": None}
+                        update={
+                            "paths": node_file.data.paths,
+                            **dict.fromkeys(
+                                ("corpus", "dataset", "hub", "subset", "split", "shard")
+                            ),
+                        }
                     )
                 }
             )

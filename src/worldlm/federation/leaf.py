@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Set
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +20,8 @@ from worldlm.federation.local_privacy import LocalDP
 from worldlm.federation.secure_child import SecureChild
 from worldlm.seeding import generator
 from worldlm.train.evaluate import evaluate
-from worldlm.train.local import local_train, make_optimizer
+from worldlm.train.local import local_train
+from worldlm.train.trainer import build_trainer, on_cpu
 
 
 class Leaf:
@@ -70,6 +71,8 @@ class Leaf:
         local = dp if dp is not None and dp.local_noise_multiplier > 0 else None
         self.local_dp = LocalDP(local, path, ctx.seed) if local is not None else None
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
+        self.trainer = build_trainer(train_cfg)  # train.trainer: the local optimization
+        self._compiled_model: torch.nn.Module | None = None  # train.compile, built on first use
 
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, self.data.train_tokens)
@@ -95,7 +98,7 @@ class Leaf:
         # would have deployed after the federated rounds).
         start = self.deployed_state(task.state) if finetuning else self.training_start(task.state)
         set_state(model, start)
-        optimizer = make_optimizer(model, self.train_cfg)
+        optimizer = self.trainer.make_optimizer(model, self.train_cfg)
         if self.train_cfg.keep_optimizer_state and self.optimizer_state is not None:
             optimizer.load_state_dict(self.optimizer_state)
         # Seeded by the leaf's name, not its path: the same data owner trains identically in a
@@ -104,7 +107,7 @@ class Leaf:
         started = time.perf_counter()
         self.ctx.observer.leaf_started(self.path, self.train_cfg.local_steps)
         result = local_train(
-            model,
+            self._compiled() if self.train_cfg.compile else model,
             optimizer,
             self.data.train_blocks,
             self.train_cfg,
@@ -113,10 +116,14 @@ class Leaf:
             gen=gen,
             device=device,
             on_step=lambda step, loss: self.ctx.observer.leaf_step(self.path, step, loss),
+            trainer=self.trainer,
         )
-        self.optimizer_state = (
-            optimizer.state_dict() if self.train_cfg.keep_optimizer_state else None
-        )
+        self.optimizer_state = None
+        if self.train_cfg.keep_optimizer_state:
+            # In host memory between rounds: leaves sharing one GPU hold one leaf's moments on
+            # it at a time, the one training (load_state_dict moves them back).
+            state = optimizer.state_dict()
+            self.optimizer_state = on_cpu(state) if device.type != "cpu" else state
         new_state = get_state(model)
         if finetuning:
             self.own_state, self.adapted_state = new_state, {}
@@ -147,6 +154,13 @@ class Leaf:
             records.append(privacy)
         update = Update(self.path, task.round, task.nonce, shared, float(result.tokens), records)
         return self.uplink.encode(update, task.state)
+
+    def _compiled(self) -> torch.nn.Module:
+        """The workspace under torch.compile, built once: it shares the workspace's
+        parameters, so the weights set on the workspace are the ones it trains."""
+        if self._compiled_model is None:
+            self._compiled_model = cast(torch.nn.Module, torch.compile(self.workspace))
+        return self._compiled_model
 
     def handle_secure(self, message: SecureMessage) -> SecureReply:
         """A stage of the parent's secure round; the first trains, like `handle_train`."""

@@ -1,5 +1,5 @@
 """Append metrics rows to `metrics.jsonl`, one JSON object per line, flushed as written, and
-hand them to the configured sinks (TensorBoard, MLflow)."""
+hand them to the configured sinks (the experiment trackers of monitor.trackers)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from worldlm.errors import MetricsError, shown
 
-if TYPE_CHECKING:
-    from worldlm.metrics.sinks import MetricsSink
+
+class MetricsSink(Protocol):
+    """Receives every row as written (`metrics.sinks` makes them from the config)."""
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None: ...
+
+    def publish(self, run_dir: Path) -> None:
+        """The finished run's files, to sinks that keep them."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class MetricsWriter:
@@ -41,6 +50,12 @@ class MetricsWriter:
         except OSError as exc:
             tmp.unlink(missing_ok=True)  # the old file stays whole
             raise MetricsError(f"could not rewrite {self.path}: {exc.strerror or exc}") from exc
+
+    def publish(self, run_dir: Path) -> None:
+        """Hand the finished run's files (report, summary, model cards) to the sinks that keep
+        files (see `metrics.trackers`)."""
+        for sink in self.sinks:
+            sink.publish(run_dir)
 
     def close(self) -> None:
         for sink in self.sinks:

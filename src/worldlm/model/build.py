@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -10,8 +12,25 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from worldlm.config import ModelConfig
 from worldlm.data.corpora import default_cache_dir
 from worldlm.errors import ModelError
-from worldlm.model.presets import PRESETS
 from worldlm.model.pretrained import load_pretrained
+from worldlm.presets import MODEL_BUILDERS, PRESETS
+from worldlm.registration import add_entry
+
+# A causal LM for a vocabulary of vocab_size tokens; model_config.block_size is the longest
+# sequence it is trained and evaluated on.
+ModelBuilder = Callable[[ModelConfig, int], PreTrainedModel]
+
+
+def register_model_builder(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: `factory(model_config, vocab_size)` builds a random-init model selectable
+    as `model.preset = name`. It runs under a global RNG seeded from run.seed, so a run is
+    reproducible; the model must be a transformers PreTrainedModel with a causal LM head
+    (`model(input_ids=..., labels=...).loss`)."""
+
+    def wrap(factory: ModelBuilder) -> ModelBuilder:
+        return add_entry(MODEL_BUILDERS, name, factory, "model builder")
+
+    return wrap
 
 
 def build_model(
@@ -22,6 +41,18 @@ def build_model(
     if config.path is not None:
         return load_pretrained(config, cache_dir or default_cache_dir())
     assert config.preset is not None
+    builder = MODEL_BUILDERS.get(config.preset)
+    if builder is not None:
+        # Same as the presets: initialization draws from a forked, seeded global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cast(ModelBuilder, builder)(config, vocab_size)
+        if not isinstance(model, PreTrainedModel):
+            raise ModelError(
+                f"model builder {config.preset!r} returned {type(model).__name__}, not a "
+                "transformers PreTrainedModel (its outputs are saved with save_pretrained)"
+            )
+        return model
     if config.preset not in PRESETS:
         raise ModelError(
             f"model.preset: unknown preset {config.preset!r}; choose one of {', '.join(PRESETS)}"

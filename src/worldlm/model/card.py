@@ -1,18 +1,20 @@
 """The model card in each final model directory: where the model came from, not what it saw.
 
-A Hugging Face `README.md` with YAML front matter, so the Hub and `huggingface_hub.ModelCard`
-read it. It names the run, the method, the federations and leaves whose updates reached the
-model and in how many rounds, the differential privacy spent, and a SHA-256 per leaf of its
+A Hugging Face `README.md` whose YAML front matter is written by `huggingface_hub`'s
+`ModelCardData` (and the whole card checked by parsing it as a `ModelCard`), so the Hub reads
+it. It names the run, the method, the federations and leaves whose updates reached the model
+and in how many rounds, the differential privacy spent, and a SHA-256 per leaf of its
 documents: an auditor can check that a leaf's data is the data it claims, and nobody can read
 the data back from the card.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,13 @@ def latest_privacy(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
 
 def render_card(p: Provenance) -> str:
     """The README.md text of one model directory."""
-    front = {
-        "library_name": "transformers" if p.base_model is None else "peft",
-        "pipeline_tag": "text-generation",
-        "tags": ["worldlm", "federated-learning", p.method],
-    }
-    if p.base_model is not None:
-        front["base_model"] = p.base_model
-        front["tags"] = [*front["tags"], "lora"]
-    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
-    lines += [
+    front = ModelCardData(
+        library_name="transformers" if p.base_model is None else "peft",
+        pipeline_tag="text-generation",
+        tags=["worldlm", "federated-learning", p.method, *(["lora"] if p.base_model else [])],
+        base_model=p.base_model,
+    )
+    lines = [
         f"# {p.node} ({p.kind} model)",
         "",
         f"Trained by federated learning with worldlm {p.worldlm_version}, method `{p.method}`, "
@@ -103,4 +102,5 @@ def render_card(p: Provenance) -> str:
             lines.append(f"| {node} | {spent.get('epsilon')} | {spent.get('delta')} |")
     else:
         lines.append("None configured: no federation of this run added DP noise.")
-    return "\n".join(lines) + "\n"
+    # ModelCard parses the front matter back: a card the Hub could not read fails here.
+    return str(ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

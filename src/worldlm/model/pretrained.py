@@ -21,16 +21,18 @@ from transformers.utils import logging as hf_logging
 from worldlm.audit.digest import file_sha256
 from worldlm.config import ModelConfig
 from worldlm.errors import ModelError
+from worldlm.hub import resolve_model_path
 
 # Bump when the conversion changes so that old cache entries are not reused.
 _CONVERSION_FORMAT = 1
 
 
 def base_model_dir(cfg: ModelConfig, cache_dir: Path) -> Path:
-    """The Hugging Face directory of `model.path`: the directory itself, or the cached
-    conversion of `model.gguf_file` (converted now if it is not cached yet)."""
+    """The Hugging Face directory of `model.path` (a directory, or a hub id's snapshot in the
+    local hub cache): the directory itself, or the cached conversion of `model.gguf_file`
+    (converted now if it is not cached yet)."""
     assert cfg.path is not None, "only pretrained models have a directory"
-    path = Path(cfg.path)
+    path = resolve_model_path(cfg.path)
     if cfg.gguf_file is None:
         if not (path / "config.json").is_file():
             raise ModelError(

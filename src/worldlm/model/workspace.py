@@ -33,14 +33,25 @@ def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) ->
     )
     if config.model.load_in == "full":  # a quantized base is already on its GPU
         model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
+    check_model_fits(model, config, vocab_size)
+    if config.train.activation_checkpointing:
+        # Non-reentrant: also right for a frozen base under LoRA, whose inputs need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.lora.enabled:
+        wrap_lora(model, config.model.lora, seed=derive_seed(config.run.seed, "lora"))
+    return model
+
+
+def check_model_fits(model: PreTrainedModel, config: RunConfig, vocab_size: int) -> None:
+    """ModelError unless `model` embeds every token id and holds a block of positions."""
     if int(model.config.vocab_size) < vocab_size:
-        raise ModelError("the tokenizer's vocabulary is larger than the model's embedding table")
+        raise ModelError(
+            f"the tokenizer's vocabulary ({vocab_size}) is larger than the model's embedding "
+            f"table ({model.config.vocab_size}); use the model's own tokenizer"
+        )
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and int(positions) < config.model.block_size:
         raise ModelError(
             f"model.block_size: {config.model.block_size} is longer than the model's "
             f"{positions} positions; lower it"
         )
-    if config.model.lora.enabled:
-        wrap_lora(model, config.model.lora, seed=derive_seed(config.run.seed, "lora"))
-    return model

@@ -10,6 +10,7 @@ import torch
 
 from worldlm.config import RobustConfig
 from worldlm.core.messages import State, Update
+from worldlm.registration import add_entry
 
 
 class RoundAggregation(Protocol):
@@ -56,9 +57,7 @@ REQUIREMENTS: dict[str, Requirement] = {}
 
 
 def _add(name: str, factory: StrategyFactory) -> None:
-    if name in STRATEGIES:
-        raise ValueError(f"strategy {name!r} is registered twice")
-    STRATEGIES[name] = factory
+    add_entry(STRATEGIES, name, factory, "strategy")
 
 
 def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:

@@ -28,6 +28,7 @@ import torch
 
 from worldlm.config import ServerOptimizerConfig
 from worldlm.core.state import State
+from worldlm.registration import add_entry
 
 Step = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]
 
@@ -81,17 +82,54 @@ def adaptive_step(
     x.addcdiv_(m, v.sqrt().add_(tau), value=-lr)
 
 
+StepFactory = Callable[[ServerOptimizerConfig], Step]
+SERVER_OPTIMIZERS: dict[str, StepFactory] = {}
+
+
+def register_server_optimizer(name: str) -> Callable[[StepFactory], StepFactory]:
+    """Decorator: `factory(config)` returns the in-place step `step(x, g, slots)` on one
+    tensor (x the float32 model, g its pseudo-gradient, slots the tensor's state, saved with
+    the aggregator's checkpoint); selectable as `server_optimizer.name = name`."""
+
+    def wrap(factory: StepFactory) -> StepFactory:
+        return add_entry(SERVER_OPTIMIZERS, name, factory, "server optimizer")
+
+    return wrap
+
+
+@register_server_optimizer("fedavg")
+def _sgd(config: ServerOptimizerConfig) -> Step:
+    lr = config.learning_rate
+    return lambda x, g, slots: sgd_step(x, g, slots, lr)
+
+
+def _momentum(config: ServerOptimizerConfig) -> Step:
+    lr, nesterov = config.learning_rate, config.name == "nesterov"
+    return lambda x, g, slots: momentum_step(x, g, slots, lr, config.momentum, nesterov=nesterov)
+
+
+def _adaptive(config: ServerOptimizerConfig) -> Step:
+    hyper = {
+        "lr": config.learning_rate,
+        "beta1": config.beta1,
+        "beta2": config.beta2,
+        "tau": config.tau,
+    }
+    return lambda x, g, slots: adaptive_step(x, g, slots, rule=config.name, **hyper)
+
+
+for _name in ("fedavgm", "nesterov"):
+    register_server_optimizer(_name)(_momentum)
+for _name in ("fedadam", "fedyogi", "fedadagrad"):
+    register_server_optimizer(_name)(_adaptive)
+
+
+def server_optimizer_names() -> list[str]:
+    return sorted(SERVER_OPTIMIZERS)
+
+
 def _step_for(config: ServerOptimizerConfig) -> Step:
-    lr, name = config.learning_rate, config.name
-    if name == "fedavg":
-        return lambda x, g, slots: sgd_step(x, g, slots, lr)
-    if name in ("fedavgm", "nesterov"):
-        nesterov = name == "nesterov"
-        return lambda x, g, slots: momentum_step(
-            x, g, slots, lr, config.momentum, nesterov=nesterov
-        )
-    hyper = {"lr": lr, "beta1": config.beta1, "beta2": config.beta2, "tau": config.tau}
-    return lambda x, g, slots: adaptive_step(x, g, slots, rule=name, **hyper)
+    return SERVER_OPTIMIZERS[config.name](config)
 
 
 class ServerOptimizer:

@@ -1,64 +1,37 @@
-"""A leaf's local training: AdamW, warmup + cosine, gradient clipping, explicit loop; with
-`train.prox_mu` > 0, FedProx's proximal term (Li et al. 2020)."""
+"""A leaf's local training as one call: the configured trainer (`train.trainer`, see
+`train.trainer`) with dropout seeded from the session's generator."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 
 from worldlm.config import TrainConfig
-from worldlm.data.blocks import inputs_and_labels
-from worldlm.train.device import autocast
-from worldlm.train.schedule import lr_at
+from worldlm.train.trainer import (
+    LOSS_REPORT_EVERY,
+    LocalJob,
+    LocalResult,
+    LocalTrainer,
+    StepCallback,
+    add_proximal_gradient,
+    batch_order,
+    build_trainer,
+    make_adamw,
+)
 
-StepCallback = Callable[[int, float | None], None]
-# Reading the loss forces a device sync; the progress display gets it only every few steps.
-LOSS_REPORT_EVERY = 10
+__all__ = [
+    "LOSS_REPORT_EVERY",
+    "LocalResult",
+    "add_proximal_gradient",
+    "batch_order",
+    "local_train",
+    "make_optimizer",
+    "seeded_dropout",
+]
 
-
-@dataclass(frozen=True)
-class LocalResult:
-    tokens: int  # input tokens seen (steps * batch * block)
-    steps: int
-    mean_loss: float
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (with LoRA: the adapters), weight decay on
-    matrices only (norms and biases are not decayed)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def batch_order(n_blocks: int, batch_size: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """(steps, batch) block indices: consecutive random permutations, so every block is seen
-    once per pass over the data before any repeats."""
-    need = steps * batch_size
-    perms = [torch.randperm(n_blocks, generator=gen) for _ in range(-(-need // n_blocks))]
-    return torch.cat(perms)[:need].view(steps, batch_size)
-
-
-@torch.no_grad()
-def add_proximal_gradient(
-    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float
-) -> None:
-    """Add mu * (p - a), the gradient of FedProx's (mu/2)·sum ||p - a||², to each p.grad: the
-    same step as adding the term to the loss, without building its autograd graph."""
-    for p, a in zip(params, anchors, strict=True):
-        pull = (p - a).mul_(mu)
-        if p.grad is None:
-            p.grad = pull
-        else:
-            p.grad.add_(pull)
+make_optimizer = make_adamw
 
 
 def local_train(
@@ -72,49 +45,13 @@ def local_train(
     gen: torch.Generator,
     device: torch.device,
     on_step: StepCallback | None = None,
+    trainer: LocalTrainer | None = None,
 ) -> LocalResult:
-    """Train `cfg.local_steps` steps on `blocks`; the schedule continues from `start_step`.
-
-    With `cfg.prox_mu` > 0 each step also descends (mu/2)·||w - w0||², w0 being the trainable
-    parameters as this call finds them (what the leaf received, with its personal weights on
-    top): the gradient mu·(w - w0) is added before clipping. The reported loss is the language
-    model's alone."""
-    model.train()
-    prox: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-    if cfg.prox_mu > 0:
-        params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-        prox = (params, [p.detach().clone() for p in params])
-    order = batch_order(blocks.shape[0], cfg.batch_size, cfg.local_steps, gen)
-    loss_sum = torch.zeros((), device=device)
+    """Train `cfg.local_steps` steps on `blocks` with `trainer` (default: the one
+    `cfg.trainer` names); the schedule continues from `start_step`."""
+    job = LocalJob(blocks, cfg, start_step, total_steps, gen, device, on_step)
     with seeded_dropout(model, gen, device):
-        for i in range(cfg.local_steps):
-            lr = lr_at(
-                start_step + i,
-                peak=cfg.lr,
-                warmup=cfg.warmup_steps,
-                total=total_steps,
-                min_ratio=cfg.min_lr_ratio,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids, labels = inputs_and_labels(blocks[order[i]])  # (B, T) each
-            x = ids.to(device, non_blocking=True)
-            y = x if labels is ids else labels.to(device, non_blocking=True)  # text: y is x
-            with autocast(device):
-                loss = model(input_ids=x, labels=y).loss  # HF shifts labels inside
-            loss.backward()
-            if prox is not None:
-                add_proximal_gradient(*prox, cfg.prox_mu)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            if on_step is not None:
-                report = (i + 1) % LOSS_REPORT_EVERY == 0 or i + 1 == cfg.local_steps
-                on_step(i + 1, float(loss.detach()) if report else None)
-    tokens = cfg.local_steps * cfg.batch_size * blocks.shape[1]
-    return LocalResult(tokens, cfg.local_steps, float(loss_sum) / cfg.local_steps)
+        return (trainer or build_trainer(cfg)).train(model, optimizer, job)
 
 
 @contextlib.contextmanager

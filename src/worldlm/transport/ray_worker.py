@@ -23,6 +23,7 @@ from worldlm.federation.context import RunContext
 from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
 from worldlm.model.workspace import build_workspace
+from worldlm.plugins import load_plugins
 from worldlm.tree import build_tree
 
 
@@ -39,6 +40,7 @@ class LeafWorker:
     ) -> None:
         # One core per actor: actors side by side must not each start a thread per core.
         torch.set_num_threads(threads)
+        load_plugins(config.run.plugins)  # a worker is a new process: register them here too
 
         cpu = torch.device("cpu")
         plan = plan_method(config.run.method, build_tree(config.nodes))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from worldlm.checkpoint import finished_reason
 from worldlm.config import RunConfig, dump_config
 from worldlm.config_load import load_config
 from worldlm.data.prepare import check_sources
-from worldlm.errors import ConfigError
+from worldlm.errors import CheckpointError, ConfigError
+from worldlm.metrics.trackers import check_trackers
 from worldlm.outputs import RunResult
 from worldlm.root_loop import continue_session, evaluate_tree, round_loop
 from worldlm.session import (
@@ -29,6 +31,7 @@ __all__ = ["RunObserver", "RunResult", "resume", "run"]
 def run(config: RunConfig, observer: RunObserver, *, out: Path | None = None) -> RunResult:
     """Execute a whole run and leave its directory behind (see DESIGN §7)."""
     check_sources(build_tree(config.nodes))
+    check_trackers(config.monitor)  # a missing tracker package: before a run directory exists
     run_dir = make_run_dir(config, out)
     (run_dir / "config.toml").write_text(dump_config(config), encoding="utf-8")
     observer.status(f"run directory: {run_dir}")
@@ -47,6 +50,12 @@ def resume(run_dir: Path, observer: RunObserver, *, backend: list[str] | None = 
     `backend` overrides (run.backend, run.ray_address) may move it to another backend.
 
     The time budget (stop.max_seconds) restarts with the resumed process."""
+    if reason := finished_reason(run_dir / "checkpoints"):
+        # Refused before any data is read or model built: there is nothing left to run.
+        raise CheckpointError(
+            f"the run in {run_dir} already finished (stopped by {reason}); its results are in "
+            "summary.json and final/: start a new run instead"
+        )
     config = load_config(run_dir / "config.toml", backend)
     if config_digest(config) != config_digest(load_config(run_dir / "config.toml")):
         raise ConfigError("on resume only run.backend and run.ray_address may change")

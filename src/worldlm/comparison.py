@@ -50,7 +50,7 @@ from worldlm.config_load import load_config
 from worldlm.errors import CheckpointError, ConfigError
 from worldlm.federation.methods import share_of_rounds
 from worldlm.metrics.jsonl import read_metrics
-from worldlm.run import resume, run
+from worldlm.runner import resume, run
 from worldlm.session import RunObserver
 from worldlm.tree import build_tree
 

@@ -1,0 +1,28 @@
+"""Registration by name, shared by every extension point (strategies, server optimizers,
+local trainers, data sources, model builders)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+F = TypeVar("F")
+
+
+def add_entry(table: dict[str, Any], name: str, factory: F, what: str) -> F:
+    """Put `factory` under `name` in `table`. A second, different factory under one name is
+    an error (two plugins would silently fight over it); the same function registered again
+    (a notebook cell run twice, a module reloaded) replaces the first."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {what} needs a non-empty name, got {name!r}")
+    old = table.get(name)
+    if old is not None and _origin(old) != _origin(factory):
+        raise ValueError(
+            f"{what} {name!r} is registered twice ({_origin(old)} and {_origin(factory)})"
+        )
+    table[name] = factory
+    return factory
+
+
+def _origin(factory: object) -> str:
+    module = getattr(factory, "__module__", "?")
+    return f"{module}.{getattr(factory, '__qualname__', type(factory).__qualname__)}"
