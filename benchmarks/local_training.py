@@ -56,7 +56,8 @@ PEAK_BF16_TFLOPS = {
     "H100": 756.0,  # unknown form factor: the lower figure, so MFU is not overstated
     "A100": 312.0,
     "L40S": 362.1,
-    "L4": 121.0,
+    "L40": 181.0,
+    "L4": 121.0,  # after the L40s: "L4" is a prefix of their names
     "A10": 125.0,
 }
 

@@ -30,27 +30,31 @@ def test_the_api_page_runs_as_written(
         for block in blocks:
             exec(compile(block, str(DOC), "exec"), namespace)
     finally:
-        STRATEGIES.pop("uniform", None)
+        STRATEGIES.pop("clipped_mean", None)
         TRAINERS.pop("smoothed", None)
     out = capsys.readouterr().out
-    # Example 1: the custom rule ran and every leaf has a finite perplexity.
-    uniform = namespace["result"]
-    assert isinstance(uniform, worldlm.RunResult)
-    assert len(uniform.perplexity) == 4  # the partition's four leaves
-    assert all(path.startswith(("world/g0/", "world/g1/")) for path in uniform.perplexity)
+    # Example 1: the custom rule aggregated the root's two rounds, and its models are not
+    # what FedAvg makes of the same replies.
+    clipped = namespace["result"]
+    assert isinstance(clipped, worldlm.RunResult)
+    assert namespace["ROUNDS_AGGREGATED"] == [2, 2]  # two rounds of two sub-federations
+    assert len(clipped.perplexity) == 4  # the partition's four leaves
+    assert all(path.startswith(("world/g0/", "world/g1/")) for path in clipped.perplexity)
     assert "worst leaf:" in out
+    plain = worldlm.run(worldlm.config_from_dict(namespace["base"], ['run.name="plain"']))  # type: ignore[arg-type]
+    assert plain.perplexity != clipped.perplexity
     # Example 2: label smoothing trained a different model from example 1's default loss.
     smoothed = namespace["smoothed"]
     assert isinstance(smoothed, worldlm.RunResult)
-    assert smoothed.mean_perplexity != pytest.approx(uniform.mean_perplexity, rel=1e-6)
+    assert smoothed.mean_perplexity != pytest.approx(clipped.mean_perplexity, rel=1e-6)
     # Example 3: four methods, each a row of the printed table's header, and their files.
     results = namespace["results"]
     assert [r.method for r in results] == ["local", "fedavg", "fedper", "worldlm"]  # type: ignore[attr-defined]
     assert (tmp_path / "study" / "results.md").is_file()
     assert "best mean:" in out
     # Each run trained: perplexity fell below the first evaluation's at every leaf.
-    for leaf, after in uniform.after.items():
-        assert after.loss < uniform.before[leaf].loss
+    for leaf, after in clipped.after.items():
+        assert after.loss < clipped.before[leaf].loss
 
 
 def test_every_public_name_resolves() -> None:
@@ -63,33 +67,32 @@ def test_every_public_name_resolves() -> None:
         _ = worldlm.nope  # type: ignore[attr-defined]
 
 
-def test_the_uniform_rule_differs_from_fedavg_on_unequal_children() -> None:
-    """The doc's custom rule is not FedAvg under another name: with children of unequal
-    weight the two aggregates differ (FedAvg weighs by tokens, the rule does not)."""
+def test_the_clipped_mean_differs_from_fedavg() -> None:
+    """The doc's custom rule is not FedAvg under another name: of two equally weighted
+    children, the one that moved three times as far is clipped to the median norm."""
     import torch
 
     from worldlm.core.messages import Update
     from worldlm.strategies.catalog import build_strategy
 
     namespace: dict[str, object] = {"__name__": "api_docs"}
-    exec(
-        compile(code_blocks(DOC.read_text("utf-8"))[1].split("config = ")[0], "doc", "exec"),
-        namespace,
-    )
+    rule = code_blocks(DOC.read_text("utf-8"))[1].split("config = ")[0]
+    exec(compile(rule, str(DOC), "exec"), namespace)
     try:
         current = {"w": torch.zeros(2)}
         updates = [
-            Update("a", 1, "n", {"w": torch.tensor([1.0, 1.0])}, 3.0),
+            Update("a", 1, "n", {"w": torch.tensor([1.0, 1.0])}, 1.0),
             Update("b", 1, "n", {"w": torch.tensor([3.0, 3.0])}, 1.0),
         ]
         means = {}
-        for name in ("uniform", "fedavg"):
+        for name in ("clipped_mean", "fedavg"):
             rnd = build_strategy(name).start_round(current)
             for update in updates:
                 rnd.add(update)
             total, scale = rnd.result()
             means[name] = total["w"] / scale
     finally:
-        STRATEGIES.pop("uniform", None)
-    torch.testing.assert_close(means["uniform"], torch.tensor([2.0, 2.0]))
-    torch.testing.assert_close(means["fedavg"], torch.tensor([1.5, 1.5]))
+        STRATEGIES.pop("clipped_mean", None)
+    torch.testing.assert_close(means["fedavg"], torch.tensor([2.0, 2.0]))
+    # torch.median of two norms is the lower one: b is clipped to a's length.
+    torch.testing.assert_close(means["clipped_mean"], torch.tensor([1.0, 1.0]))

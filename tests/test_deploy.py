@@ -342,3 +342,22 @@ def test_a_node_with_a_missing_or_foreign_certificate_stops_before_reading_data(
     missing = node_file(tmp_path / "a.toml", leaf, pki, parent="127.0.0.1:1")
     assert main(["join", str(shared), "--node", str(missing)]) == 2
     assert "node certificate not found" in capsys.readouterr().err
+
+
+def test_a_node_files_paths_replace_every_shared_source() -> None:
+    """A member's own files win over whatever source the shared config names for its leaf,
+    including a plugin's data source (which would otherwise be read first)."""
+    from worldlm.config import LeafConfig
+    from worldlm.deploy.node import with_own_files
+    from worldlm.tree import FederationNode
+
+    for shared in (
+        {"source": "warehouse", "options": {"table": "notes"}, "max_chars": 1000},
+        {"dataset": "shared/dir", "split": "train", "max_chars": 1000},
+        {"corpus": "hpo", "max_chars": 1000},
+    ):
+        leaf = FederationNode("world/a", LeafConfig.model_validate({"data": shared}))
+        own = with_own_files(leaf, ["/member/notes.jsonl"]).data
+        assert own.paths == ["/member/notes.jsonl"]
+        assert (own.source, own.options, own.dataset, own.split, own.corpus) == (None,) * 5
+        assert own.max_chars == 1000

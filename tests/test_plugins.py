@@ -191,3 +191,19 @@ def _inline(table: dict[str, object]) -> str:
     return (
         "{" + ", ".join(f"{k} = {json.dumps(v).replace(':', ' =')}" for k, v in table.items()) + "}"
     )
+
+
+def test_partials_and_presets_are_not_silently_replaced() -> None:
+    import functools
+
+    from worldlm.model.build import register_model_builder
+
+    def factory(scale: float) -> float:
+        return scale
+
+    table: dict[str, object] = {}
+    add_entry(table, "p", functools.partial(factory, 1.0), "strategy")
+    with pytest.raises(ValueError, match="registered twice"):
+        add_entry(table, "p", functools.partial(factory, 2.0), "strategy")
+    with pytest.raises(ValueError, match="hide the built-in preset"):
+        register_model_builder("small")

@@ -37,6 +37,7 @@ _EXPORTS = {
     "MethodResult": "worldlm.comparison",
     "RunObserver": "worldlm.session",
     "QuietProgress": "worldlm.progress",
+    "PlainProgress": "worldlm.progress_lines",
     "RichProgress": "worldlm.progress",
     # Aggregation rules (a node's `strategy`).
     "register_strategy": "worldlm.strategies.registry",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
     from worldlm.model.build import register_model_builder
     from worldlm.outputs import RunResult
     from worldlm.progress import QuietProgress, RichProgress
+    from worldlm.progress_lines import PlainProgress
     from worldlm.session import RunObserver
     from worldlm.strategies.registry import (
         RoundAggregation,
@@ -108,6 +110,7 @@ __all__ = [
     "LocalTrainer",
     "MethodResult",
     "ModelError",
+    "PlainProgress",
     "QuietProgress",
     "RichProgress",
     "RoundAggregation",

@@ -21,6 +21,14 @@ from worldlm.session import RunObserver
 __all__ = ["compare", "config_from_dict", "default_config", "load_config", "resume", "run"]
 
 
+def entered(observer: RunObserver) -> AbstractContextManager[RunObserver]:
+    """`observer` as a context manager: itself if it is one (a live display starts and stops
+    with the run), else a no-op around it."""
+    if isinstance(observer, AbstractContextManager):
+        return observer
+    return nullcontext(observer)
+
+
 def default_config() -> dict[str, Any]:
     """The embedded default config (what `worldlm run` runs) as a plain dict to edit."""
     return tomllib.loads(default_config_text())
@@ -45,17 +53,21 @@ def run(
     perplexities before and after, final model directories, and `summary()`. `out` is the
     run directory (new or empty); by default run.out_dir/run.name with a free suffix. Quiet
     unless an `observer` is given (worldlm.progress has terminal and plain-line ones)."""
-    return runner.run(
-        config if config is not None else load_config(),
-        observer or QuietProgress(),
-        out=Path(out) if out is not None else None,
-    )
+    watcher = observer or QuietProgress()
+    with entered(watcher):
+        return runner.run(
+            config if config is not None else load_config(),
+            watcher,
+            out=Path(out) if out is not None else None,
+        )
 
 
 def resume(run_dir: Path | str, *, observer: RunObserver | None = None) -> RunResult:
     """Continue a run from its newest usable checkpoint (the result equals an uninterrupted
     run)."""
-    return runner.resume(Path(run_dir), observer or QuietProgress())
+    watcher = observer or QuietProgress()
+    with entered(watcher):
+        return runner.resume(Path(run_dir), watcher)
 
 
 def compare(
@@ -75,6 +87,7 @@ def compare(
 
     def observer_for(method: str) -> AbstractContextManager[RunObserver]:
         del method
-        return nullcontext(observer or QuietProgress())
+        watcher = observer or QuietProgress()
+        return entered(watcher)
 
     return comparison.compare(config, out_dir, observer_for, list(methods))

@@ -79,8 +79,11 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from `path` (or the embedded default), apply overrides, validate."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides is a list of 'key=value' strings, not one string")
+    path = Path(path) if isinstance(path, str) else path
     if path is None:
         data = tomllib.loads(default_config_text())
         base = Path.cwd()

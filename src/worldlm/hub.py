@@ -52,18 +52,29 @@ def resolve_model_path(value: str, key: str = "model.path") -> Path:
     return hub_snapshot(value, key)
 
 
-def hub_snapshot(repo_id: str, key: str = "model.path") -> Path:
-    """The cached snapshot (the `main` revision) of hub model `repo_id`, never downloaded."""
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The cached snapshot (the `main` revision) of hub repo `repo_id`, or None when it is
+    not in the cache (or is no valid id); never downloaded."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    cache = hub_cache_dir()
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
-    except LocalEntryNotFoundError:
+        found = snapshot_download(
+            repo_id, repo_type=repo_type, cache_dir=hub_cache_dir(), local_files_only=True
+        )
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+    return Path(found)
+
+
+def hub_snapshot(repo_id: str, key: str = "model.path") -> Path:
+    """The cached snapshot of hub model `repo_id`; ModelError naming the id and the cache."""
+    found = cached_snapshot(repo_id)
+    if found is None:
         raise ModelError(
             f"{key}: {repo_id!r} is neither a local directory nor a model in the Hugging Face "
-            f"cache {cache} (HF_HUB_CACHE, or HF_HOME/hub); worldlm never downloads a model: "
-            f"fetch it once where there is a network (`hf download {repo_id}`, into that "
-            f"cache), or set {key} to a local model directory"
-        ) from None
+            f"cache {hub_cache_dir()} (HF_HUB_CACHE, or HF_HOME/hub); worldlm never downloads "
+            f"a model: fetch it once where there is a network (`hf download {repo_id}`, into "
+            f"that cache), or set {key} to a local model directory"
+        )
+    return found

@@ -18,7 +18,7 @@ import numpy as np
 from worldlm.config import LeafDataConfig
 from worldlm.data.instructions import Document, conversation_from_record
 from worldlm.errors import DataError
-from worldlm.hub import hub_cache_dir
+from worldlm.hub import cached_snapshot, hub_cache_dir
 
 if TYPE_CHECKING:  # datasets takes a second to import; only leaves that use one pay for it
     from datasets import Dataset
@@ -58,23 +58,16 @@ def check_dataset_source(spec: LeafDataConfig, key: str) -> None:
 
 
 def hub_snapshot(repo_id: str, key: str) -> Path:
-    """The cached snapshot (the `main` revision) of hub dataset `repo_id`, never downloaded."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    cache = hub_cache_dir()
-    try:
-        found = snapshot_download(
-            repo_id, repo_type="dataset", cache_dir=cache, local_files_only=True
-        )
-    except (LocalEntryNotFoundError, HFValidationError):
+    """The cached snapshot of hub dataset `repo_id`; DataError naming the id and the cache."""
+    found = cached_snapshot(repo_id, "dataset")
+    if found is None:
         raise DataError(
-            f"{key}: no dataset {repo_id!r} in the Hugging Face hub cache {cache} "
+            f"{key}: no dataset {repo_id!r} in the Hugging Face hub cache {hub_cache_dir()} "
             "(HF_HUB_CACHE, or HF_HOME/hub); worldlm reads datasets offline and never downloads "
             f"one: fetch it once where there is a network (`hf download {repo_id} --repo-type "
             "dataset`, into that cache), or save it with save_to_disk and set data.dataset"
-        ) from None
-    return Path(found)
+        )
+    return found
 
 
 def _from_hub(spec: LeafDataConfig, cache_dir: Path) -> Dataset:

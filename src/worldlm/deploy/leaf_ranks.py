@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,8 @@ from worldlm.federation.leaf import Leaf
 from worldlm.session import RunObserver
 from worldlm.train.data_parallel import DataParallelTrainer, check_batch, follow
 from worldlm.train.trainer import StandardTrainer
+
+RANKS_WAIT = timedelta(days=7)
 
 
 def launched_ranks() -> int:
@@ -40,7 +43,10 @@ def join_on_ranks(
     cuda = torch.cuda.is_available() and config.run.device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # The other ranks wait in a collective for the whole time between rank 0's rounds (the
+    # parent's other leaves, aggregation, evaluation): far longer than torch's default
+    # 10-30 minute timeout. torchrun still ends every rank when one of them exits.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=RANKS_WAIT)
     try:
         rank = dist.get_rank()
         check_batch(config.train, dist.get_world_size())

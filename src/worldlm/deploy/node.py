@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from worldlm.audit.cli import AUDIT_FILE
 from worldlm.audit.log import AuditLog
-from worldlm.config import RunConfig, dump_config
+from worldlm.config import LeafDataConfig, RunConfig, dump_config
 from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
 from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.deploy.node_file import NodeFile
@@ -68,6 +68,16 @@ class NodeRuntime:
     audit: AuditRelay  # attached to this node's audit.sqlite once its directory is known
 
 
+def with_own_files(leaf: FederationNode, paths: list[str]) -> FederationNode:
+    """`leaf` reading the files its node file names instead of the shared config's source:
+    the other sources and their keys are cleared (max_chars and text_field apply to files
+    too, and stay)."""
+    kept = {"paths", "max_chars", "text_field"}
+    cleared = dict.fromkeys(set(LeafDataConfig.model_fields) - kept)
+    data = leaf.data.model_copy(update={"paths": paths, **cleared})
+    return FederationNode(leaf.path, leaf.leaf.model_copy(update={"data": data}))
+
+
 def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> NodeRuntime:
     """This process's node, built exactly as the in-process engine builds it."""
     if config.run.method not in DEPLOYABLE:
@@ -91,19 +101,7 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
     run_id = config_digest(config)[:16]  # of the shared config, before this node's own data
     if node.is_leaf:
         if node_file.data is not None:
-            settings = node.leaf.model_copy(
-                update={
-                    "data": node.data.model_copy(
-                        update={
-                            "paths": node_file.data.paths,
-                            **dict.fromkeys(
-                                ("corpus", "dataset", "hub", "subset", "split", "shard")
-                            ),
-                        }
-                    )
-                }
-            )
-            node = FederationNode(node.path, settings)
+            node = with_own_files(node, node_file.data.paths)
         check_sources(node)
         data = prepare_config_data(node, config, observer)
     else:

@@ -60,11 +60,18 @@ class TrackerSink:
 
     def __init__(self, config: RunConfig, run_dir: Path) -> None:
         check_trackers(config.monitor)
-        self.names = list(config.monitor.trackers)
-        self.trackers = [_start(name, config.monitor, run_dir) for name in self.names]
-        params = flat_params(config.model_dump(mode="json"))
-        for tracker in self.trackers:
-            tracker.store_init_configuration(params)
+        self.names: list[str] = []
+        self.trackers: list[GeneralTracker] = []
+        try:
+            for name in config.monitor.trackers:
+                self.trackers.append(_start(name, config.monitor, run_dir))
+                self.names.append(name)
+            params = flat_params(config.model_dump(mode="json"))
+            for tracker in self.trackers:
+                tracker.store_init_configuration(params)
+        except BaseException:
+            self.close()  # the ones already started are not left open (a running W&B run)
+            raise
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for step, values in batches(rows):
@@ -90,8 +97,18 @@ class TrackerSink:
                 _wandb_artifact(tracker, run_dir, files)
 
     def close(self) -> None:
+        """Finish every tracker, each even if another fails; then raise the first failure."""
+        failures: list[BaseException] = []
         for tracker in self.trackers:
-            tracker.finish()
+            try:
+                tracker.finish()
+            except (
+                Exception
+            ) as exc:  # one tracker's server being down must not keep the others open
+                failures.append(exc)
+        self.trackers, self.names = [], []
+        if failures:
+            raise failures[0]
 
 
 def _start(name: str, monitor: MonitorConfig, run_dir: Path) -> GeneralTracker:

@@ -27,6 +27,9 @@ def register_model_builder(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     reproducible; the model must be a transformers PreTrainedModel with a causal LM head
     (`model(input_ids=..., labels=...).loss`)."""
 
+    if name in PRESETS:
+        raise ValueError(f"model builder {name!r} would hide the built-in preset of that name")
+
     def wrap(factory: ModelBuilder) -> ModelBuilder:
         return add_entry(MODEL_BUILDERS, name, factory, "model builder")
 

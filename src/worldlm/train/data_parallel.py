@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from worldlm.config import TrainConfig
 from worldlm.data.blocks import inputs_and_labels
+from worldlm.errors import ConfigError
 from worldlm.train.trainer import (
     LocalJob,
     LocalResult,
@@ -69,7 +70,7 @@ class DataParallelTrainer(StandardTrainer):
         in each), so a micro-batch without targets is kept, with share 0."""
         slices = batch.chunk(self.world)
         if len(slices) != self.world:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size {batch.shape[0]} cannot be split over {self.world} processes"
             )
         total = max(sum(target_count(inputs_and_labels(part)[1]) for part in slices), 1)
@@ -91,6 +92,9 @@ class DataParallelTrainer(StandardTrainer):
                 "start_step": job.start_step,
                 "total_steps": job.total_steps,
                 "gen": job.gen.get_state(),
+                # local_train seeded this rank's dropout from the leaf's generator (a forked
+                # global RNG); the others derive theirs from it, so runs stay reproducible.
+                "dropout_seed": torch.initial_seed(),
                 # On the CPU: another rank's load_state_dict moves it to its own device.
                 "optimizer": on_cpu(optimizer.state_dict()),
             }
@@ -134,13 +138,16 @@ def follow(
         gen = torch.Generator()
         gen.set_state(meta["gen"])
         job = LocalJob(blocks, cfg, meta["start_step"], meta["total_steps"], gen, device)
-        trainer.train_part(model, optimizer, job)
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(meta["dropout_seed"] + trainer.rank)
+            trainer.train_part(model, optimizer, job)
         rounds += 1
 
 
 def check_batch(cfg: TrainConfig, world: int) -> None:
     if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size = {cfg.batch_size} must be a multiple of the processes ({world}) "
             f"times train.grad_accum_steps ({cfg.grad_accum_steps})"
         )

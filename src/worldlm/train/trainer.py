@@ -97,6 +97,12 @@ def micro_batches(batch: torch.Tensor, parts: int) -> list[tuple[torch.Tensor, t
     return [inputs_and_labels(chunk) for chunk in batch.chunk(parts)]
 
 
+def zero_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """A loss of 0 with gradient 0 that still runs the model forward and backward (a data-
+    parallel wrapper reduces gradients in every backward pass)."""
+    return model(input_ids=input_ids).logits.float().sum() * 0.0
+
+
 def target_count(labels: torch.Tensor) -> int:
     """Tokens a causal LM's loss averages over: every label after the first position that is
     not ignored (HF shifts labels by one inside the model)."""
@@ -177,7 +183,9 @@ class StandardTrainer:
                 x = ids.to(device, non_blocking=True)
                 y = x if labels is ids else labels.to(device, non_blocking=True)  # text: y is x
                 with autocast(device):
-                    loss = self.loss(model, x, y)
+                    # A piece without targets (kept only where every process must run as many
+                    # backward passes) would give a 0/0 loss; its gradient is zero instead.
+                    loss = self.loss(model, x, y) if share > 0 else zero_loss(model, x)
                 (loss * (share * self.gradient_scale)).backward()
                 step_loss += loss.detach() * share
             self.after_backward(model)
