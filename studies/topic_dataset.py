@@ -8,51 +8,22 @@ command always writes the same rows. docs/partition-dirichlet.png was drawn from
 
     python studies/topic_dataset.py data/topics
     worldlm partition configs/partition-dirichlet.toml --plot docs/partition-dirichlet.png
+
+The generator lives in the package (worldlm.examples), where `worldlm init partitioned` writes
+the same dataset as the template's example.
 """
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
-TOPICS = {
-    "astronomy": ["star", "orbit", "planet", "comet", "galaxy", "telescope", "moon", "nebula"],
-    "cooking": ["flour", "oven", "butter", "sauce", "recipe", "salt", "knife", "onion"],
-    "finance": ["bond", "equity", "loan", "rate", "budget", "market", "credit", "fund"],
-    "law": ["court", "contract", "statute", "appeal", "judge", "claim", "clause", "notice"],
-    "medicine": ["patient", "fever", "dose", "therapy", "tissue", "cardiac", "renal", "acute"],
-    "music": ["chord", "tempo", "melody", "rhythm", "violin", "score", "octave", "choir"],
-    "sailing": ["hull", "mast", "tide", "anchor", "harbour", "keel", "wind", "sail"],
-    "software": ["function", "compiler", "thread", "module", "buffer", "commit", "query", "cache"],
-}
-REGISTERS = {
-    "plain": "The {a} and the {b} are near the {c}.",
-    "formal": "It is noted that the {a} of the {b} concerns the {c}.",
-    "question": "Is the {a} with the {b}, or with the {c}?",
-}
+from worldlm.examples import TOPICS, save_topic_dataset
 
 
 def build(out: Path, n_docs: int, seed: int = 0) -> None:
-    from datasets import ClassLabel, Dataset
-
-    rng = random.Random(seed)
-    topics, registers = sorted(TOPICS), sorted(REGISTERS)
-    rows: dict[str, list[object]] = {"text": [], "label": [], "register": []}
-    for _ in range(n_docs):
-        topic = rng.randrange(len(topics))
-        register = rng.choice(registers)
-        words = TOPICS[topics[topic]]
-        sentences = [
-            REGISTERS[register].format(**dict(zip("abc", rng.sample(words, 3), strict=True)))
-            for _ in range(rng.randint(3, 8))
-        ]
-        rows["text"].append(" ".join(sentences))
-        rows["label"].append(topic)
-        rows["register"].append(register)
-    ds = Dataset.from_dict(rows).cast_column("label", ClassLabel(names=topics))
-    ds.save_to_disk(str(out))
-    print(f"wrote {n_docs} documents ({len(topics)} topics) to {out}")
+    save_topic_dataset(out, n_docs, seed)
+    print(f"wrote {n_docs} documents ({len(TOPICS)} topics) to {out}")
 
 
 if __name__ == "__main__":

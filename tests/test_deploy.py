@@ -81,10 +81,12 @@ def deploy(
     when: tuple[str, str] = ("", "train_task of round 1"),
     restart: bool = False,
     rejoin_wait: float = 10.0,
+    ranks: dict[str, int] | None = None,
 ) -> Path:
     """Run `config` (the THREE_LEVEL tree) as five processes and return the root's run
     directory. With `kill`, SIGKILL that node once the log of node `when[0]` (default: itself)
-    shows `when[1]`; with `restart`, start it again (the root with `--resume`)."""
+    shows `when[1]`; with `restart`, start it again (the root with `--resume`). `ranks` starts
+    the leaves it names on that many processes each with torchrun."""
     shared = tmp_path / "federation.toml"
     shared.write_text(dump_config(config), encoding="utf-8")
     pki = tmp_path / "pki"
@@ -107,6 +109,13 @@ def deploy(
     def command(path: str, *, again: bool = False) -> list[str]:
         verb = "join" if path in THREE_LEVEL else "serve"
         extra = ["--resume" if again else "--out", run_dir] if path == "world" else []
+        n = (ranks or {}).get(path, 1)
+        if n > 1:  # torchrun's launcher, as `torchrun --nproc_per_node n -m worldlm.cli ...`
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+            launcher += ["--master_port", str(free_port()), "-m", "worldlm.cli"]
+            # --node-file: torchrun's parser would take --node for its --node-rank
+            command = [verb, str(shared), "--node-file", str(files[path]), *map(str, extra)]
+            return [*launcher, *command]
         return worldlm(verb, shared, "--node", files[path], *extra)
 
     log_paths = {p: tmp_path / f"{safe_name(p)}.log" for p in files}
@@ -361,3 +370,23 @@ def test_a_node_files_paths_replace_every_shared_source() -> None:
         assert own.paths == ["/member/notes.jsonl"]
         assert (own.source, own.options, own.dataset, own.split, own.corpus) == (None,) * 5
         assert own.max_chars == 1000
+
+
+@pytest.mark.slow
+def test_a_leaf_on_two_processes_sends_what_one_process_sends(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m worldlm join`: rank 0 answers the parent, both ranks
+    train halves of every step's batch; the federation ends with the in-process engine's
+    models up to float rounding (gradients summed across processes in another order)."""
+    config = tiny_config(tmp_path, THREE_LEVEL, [shared_tokenizer(tmp_path)])
+    deployed = deploy(tmp_path, config, ranks={"world/c": 2})
+    log = (tmp_path / f"{safe_name('world/c')}.log").read_text("utf-8")
+    assert "run over after" in log
+    reference = run(config, QuietProgress(), out=tmp_path / "in-process")
+    left = load_file(deployed / "final" / "world" / "model.safetensors")
+    right = load_file(reference.run_dir / "final" / "world" / "model.safetensors")
+    assert left.keys() == right.keys()
+    gap = max(float((left[k] - right[k]).abs().max()) for k in left)
+    assert 0 < gap < 1e-3  # not bit-identical (another summation order), but the same model
+    for got, want in zip(evals(deployed), evals(reference.run_dir), strict=True):
+        assert (got["round"], got["node"]) == (want["round"], want["node"])
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 
@@ -11,15 +10,10 @@ import pytest
 
 from worldlm.cli import main
 from worldlm.config import to_toml
-from worldlm.templates import template_names
+from worldlm.examples import STAND_IN_NOTE
+from worldlm.templates import has_examples, template_names
 
-from .conftest import (
-    TWO_LEVEL,
-    save_topic_dataset,
-    synthetic_documents,
-    tiny_config_dict,
-    write_jsonl,
-)
+from .conftest import TWO_LEVEL, tiny_config_dict
 from .fake_hub import cache_tiny_model
 
 
@@ -35,55 +29,108 @@ def _err(capsys: pytest.CaptureFixture) -> str:
     return " ".join(capsys.readouterr().err.split())  # the console wraps long lines
 
 
-def _stand_ins(config_file: Path, tmp_path: Path) -> None:
-    """What a user fills in, made up: every leaf file the template names, the dataset a
-    [partition] splits, and a tiny model in the hub cache for a model.path that is a hub id."""
-    data = tomllib.loads(config_file.read_text("utf-8"))
-    if "partition" in data:
-        save_topic_dataset(config_file.parent / data["partition"]["data"]["dataset"])
-    model_path = data.get("model", {}).get("path")
-    if model_path is not None:
-        cache_tiny_model(tmp_path / "hf-cache", model_path)
-    instructions = data.get("model", {}).get("lora", {}).get("enabled", False)
-    for i, node in enumerate(data.get("nodes", {}).values()):
-        for raw in node.get("data", {}).get("paths", []):
-            path = config_file.parent / raw
-            docs = synthetic_documents("med" if i % 2 else "law", 30, seed=i)
-            if raw.endswith("/"):
-                write_jsonl(path / "part1.jsonl", docs[:15])
-                (path / "part2.txt").write_text(" ".join(docs[15:]), encoding="utf-8")
-            elif raw.endswith(".txt"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("\n".join(docs), encoding="utf-8")
-            elif instructions:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                rows = [{"prompt": f"Say: {d[:40]}", "completion": d} for d in docs]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-            else:
-                write_jsonl(path, docs)
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("template", template_names())
 def test_every_template_inits_then_checks(
     template: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    out = tmp_path / "project" / f"{template}.toml"
+    out = tmp_path / "project" / "x.toml"
     assert main(["init", template, "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
     text = out.read_text("utf-8")
-    if "FILL IN" in text:
-        # unfilled, check names what to fill in
-        assert main(["check", str(out)]) == 2
-        err = _err(capsys)
-        assert any(key in err for key in (".data.paths", ".data.dataset", "model.path")), err
-        assert "does not exist" in err or "Hugging Face cache" in err, err
-        _stand_ins(out, tmp_path)
-    capsys.readouterr()
+    data_dir = tmp_path / "project" / "x-data"
+    assert has_examples(template) == data_dir.is_dir()
+    if has_examples(template):
+        # the example inputs are named, and the config reads them from beside itself
+        assert "example inputs in" in printed and "x-data" in printed
+        assert "{data_dir}" not in text
+        assert "FILL IN: replace the example" in text and '"x-data/' in text
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no leftovers
     assert main(["check", str(out)]) == 0, _err(capsys)
     printed = capsys.readouterr().out
     assert "config OK" in printed and "model:" in printed and "tokenizer:" in printed
-    # init never replaces a file
+    # init never replaces a file, nor example data
+    before = _tree(out.parent)
     assert main(["init", template, "--out", str(out)]) == 2
-    assert "already exists" in _err(capsys) and out.read_text("utf-8") == text
+    assert "already exists" in _err(capsys) and _tree(out.parent) == before
+    if has_examples(template):
+        out.unlink()
+        assert main(["init", template, "--out", str(out)]) == 2
+        assert "(the example data of" in _err(capsys) and not out.exists()
+
+
+def test_lora_example_model_is_a_labelled_random_stand_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "lora.toml"
+    assert main(["init", "lora", "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "RANDOM STAND-IN" in printed and "SmolLM2-135M-Instruct" in printed
+    config = tomllib.loads(out.read_text("utf-8"))
+    assert config["model"]["path"] == "lora-data/model"
+    assert config["model"]["lora"]["enabled"] and "RANDOM STAND-IN" in out.read_text("utf-8")
+    model_dir = tmp_path / "lora-data" / "model"
+    assert "NOT A PRETRAINED MODEL" in (model_dir / STAND_IN_NOTE).read_text("utf-8")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    first = (tmp_path / "lora-data" / "north.jsonl").read_text("utf-8").splitlines()[0]
+    assert '"prompt"' in first and '"completion"' in first
+
+
+def test_examples_are_deterministic(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert main(["init", "files", "--out", str(tmp_path / name / "x.toml")]) == 0
+    first, second = _tree(tmp_path / "a" / "x-data"), _tree(tmp_path / "b" / "x-data")
+    assert first == second and len(first) == 5
+    # the leaves differ by topic: the hospitals' notes are medical, the banks' financial
+    assert (
+        "patient" in first["north.jsonl"].decode() and "patient" not in first["alpine.txt"].decode()
+    )
+
+
+@pytest.mark.parametrize("template", [t for t in template_names() if has_examples(t)])
+def test_no_example_data_leaves_check_naming_what_is_missing(
+    template: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "x.toml"
+    assert main(["init", template, "--out", str(out), "--no-example-data"]) == 0
+    assert "fill in the lines marked FILL IN" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "x-data").exists()
+    assert main(["check", str(out)]) == 2
+    err = _err(capsys)
+    assert any(key in err for key in (".data.paths", ".data.dataset", "model.path")), err
+    assert "x-data/" in err and ("does not exist" in err or "Hugging Face cache" in err), err
+
+
+def test_files_template_runs_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "x.toml"
+    assert main(["init", "files", "--out", str(out)]) == 0
+    small = [
+        "stop.rounds=1",
+        "model.preset=tiny",
+        "model.block_size=32",
+        "train.local_steps=2",
+        "train.batch_size=4",
+        "tokenizer.vocab_size=320",
+        "data.max_chars=20000",
+        "eval.max_blocks=4",
+        "run.device=cpu",
+    ]
+    args = ["run", str(out), "--out", str(tmp_path / "run")]
+    assert main([*args, *[a for s in small for a in ("--set", s)]]) == 0, _err(capsys)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "validation perplexity per leaf (1 rounds" in printed
+    for leaf in ("world/hospitals/north", "world/hospitals/south", "world/banks/alpine"):
+        assert leaf in printed
+    assert "(all leaves)" in printed and (tmp_path / "run" / "config.toml").is_file()
 
 
 def test_init_lists_the_templates_and_refuses_an_unknown_one(

@@ -19,8 +19,15 @@ def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     join = sub.add_parser("join", help="run a leaf of a deployment: dial its parent, train")
     for parser in (serve, join):
         parser.add_argument("config", type=Path, help="the federation config every node shares")
+        # --node-file: the same option under a name torchrun's own parser lets through
+        # (it reads --node as an ambiguous abbreviation of its --node-rank).
         parser.add_argument(
-            "--node", type=Path, required=True, help="this node's own file (identity, TLS, data)"
+            "--node",
+            "--node-file",
+            dest="node",
+            type=Path,
+            required=True,
+            help="this node's own file (identity, TLS, data); --node-file under torchrun",
         )
         add_override_arg(parser, "; every node must use the same overrides")
         parser.add_argument("--quiet", action="store_true", help="only warnings in the log")
