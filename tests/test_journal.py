@@ -119,3 +119,55 @@ def test_a_secure_round_trains_through_the_journal_and_a_restart_drops_out_of_it
     stage = SecureStage("run", 0, 1, "world", "world/a", task.nonce, keys)
     answer = restarted.handle_secure(stage)
     assert isinstance(answer.body, Declined) and "no secure round" in answer.body.reason
+
+
+def _dp_aggregator(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from worldlm.progress import QuietProgress
+    from worldlm.session import open_session
+
+    from .conftest import TWO_LEVEL, tiny_config
+
+    overrides = ["run.method=hierfavg", "train.local_steps=1", "nodes.world/med.dp.enabled=true"]
+    overrides += ["nodes.world/med.dp.noise_multiplier=0.001"]
+    session = open_session(
+        tiny_config(tmp_path, TWO_LEVEL, overrides), QuietProgress(), tmp_path / "r"
+    )
+    return session, session.fed.aggregators["world/med"]
+
+
+def _med_task(session, r: int) -> TrainTask:  # type: ignore[no-untyped-def]
+    run_id = session.fed.root.ctx.run_id
+    return TrainTask(run_id, r, r + 1, "world", "world/med", f"n{r}", session.fed.root.state)
+
+
+def test_a_rewind_at_a_dp_aggregator_charges_the_rounds_it_undoes(tmp_path: Path) -> None:
+    """Rounds a DP aggregator answered released noisy aggregates; when its parent runs them
+    again after resuming, the journal rolls its accountant back, and the re-runs draw fresh
+    noise: the undone rounds are charged on top, so ε never goes down."""
+    session, med = _dp_aggregator(tmp_path)
+    node = JournaledNode(med, tmp_path / "journal", session.fed.root.ctx.run_id, keep=4)
+    for r in range(3):
+        node.handle_train(_med_task(session, r))
+    policy = med.rule.policy
+    spent = policy.accountant.epsilon()
+    assert policy.accountant.steps == 3
+    node.handle_train(_med_task(session, 1))  # the parent resumed after round 0
+    # rolled back to 1 round, charged the 2 undone, then ran round 1 again
+    assert policy.accountant.steps == 4
+    assert policy.accountant.epsilon() > spent
+
+
+def test_without_the_charge_a_rewind_lowers_epsilon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worldlm.deploy import journal
+
+    monkeypatch.setattr(journal, "dp_policy", lambda node: None)
+    session, med = _dp_aggregator(tmp_path)
+    node = JournaledNode(med, tmp_path / "journal", session.fed.root.ctx.run_id, keep=4)
+    for r in range(3):
+        node.handle_train(_med_task(session, r))
+    spent = med.rule.policy.accountant.epsilon()
+    node.handle_train(_med_task(session, 1))
+    assert med.rule.policy.accountant.steps == 2
+    assert med.rule.policy.accountant.epsilon() < spent

@@ -84,7 +84,8 @@ def test_without_the_check_a_sibling_epsilon_reaches_the_root(
 
 
 def _flood(count: int) -> list[dict[str, Any]]:
-    return [{"round": 1, "node": "world/med/a", "kind": "train", "loss": 1.0}] * count
+    row = {"round": 1, "node": "world/med/a", "kind": "train", "loss": 1.0}
+    return [{**row, "tokens": 512, "steps": 1}] * count
 
 
 class Flooding(Reporting):
@@ -121,11 +122,87 @@ def test_an_aggregator_keeps_only_as_many_incidents_as_its_parent_accepts(
 ) -> None:
     """A child that floods an honest aggregator with refused messages cannot get the
     aggregator's own reply refused for having too many rows."""
-    rows = [{"round": 1, "node": "world/med", "kind": "refused", "sender": "x"}] * 500
-    rows += [{"round": 1, "node": "world/med/a", "kind": "train"}]
+    incident = {"round": 1, "node": "world/med", "kind": "refused", "sender": "x", "reason": "r"}
+    rows = [incident] * 500
+    rows += [{"round": 1, "node": "world/med/a", "kind": "train", "loss": 1.0, "tokens": 8}]
+    rows[-1]["steps"] = 1
     kept = trim_incidents(rows, "world/med", INCIDENTS_PER_CHILD * 2)
     assert len(kept) == INCIDENTS_PER_CHILD * 2 + 1 and kept[-1]["node"] == "world/med/a"
     tree = build_tree(tiny_config(tmp_path, TWO_LEVEL).nodes)
     check_records("world/med", kept, record_limits(tree)["world/med"])
     with pytest.raises(UpdateRejected, match="metrics rows, more than"):
         check_records("world/med", rows, record_limits(tree)["world/med"])
+
+
+OWN = {"round": 1, "node": "world/med/a"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({**OWN, "kind": "privacy", "epsilon": "lots", "delta": 1e-5, "steps": 1}, "'epsilon'"),
+        ({**OWN, "kind": "privacy", "epsilon": -1.0, "delta": 1e-5, "steps": 1}, "'epsilon'"),
+        ({**OWN, "kind": "train", "tokens": 1, "steps": 1}, "without 'loss'"),
+        ({**OWN, "kind": "train", "loss": float("nan"), "tokens": 1, "steps": 1}, "'loss'"),
+        (
+            {**OWN, "kind": "aggregate", "local_round": 1, "status": "ok", "participants": "x"},
+            "'participants'",
+        ),
+        ({**OWN, "kind": "refused", "sender": "x", "reason": "r" * 5000}, "'reason'"),
+        (
+            {**OWN, "kind": "train", "loss": 1.0, "tokens": 1, "steps": 1, "x": [[[1]]]},
+            "'x'",
+        ),
+    ],
+    ids=[
+        "epsilon-text",
+        "epsilon-negative",
+        "no-loss",
+        "nan-loss",
+        "participants-text",
+        "long-reason",
+        "nested-extra",
+    ],
+)
+def test_a_row_that_breaks_its_schema_is_refused(
+    tmp_path: Path, extra: dict[str, Any], named: str
+) -> None:
+    records = _round(tmp_path, extra)
+    rejected = [r for r in records if r["kind"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["sender"] == "world/med/a"
+    assert named in rejected[0]["reason"]
+    assert extra not in records
+
+
+def test_without_the_schema_a_text_epsilon_breaks_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted, a privacy row whose ε is text is written to metrics.jsonl and makes the
+    report (and model cards) fail at the end of the run."""
+    from worldlm.federation import record_check
+    from worldlm.metrics.report import last_privacy
+
+    forged = {**OWN, "kind": "privacy", "epsilon": "lots", "delta": 1e-5, "steps": 1}
+    monkeypatch.setattr(record_check, "schema_problem", lambda kind, row: None)
+    records = _round(tmp_path, forged)
+    assert forged in records
+    with pytest.raises(ValueError, match="could not convert"):
+        last_privacy(records)
+
+
+def test_honest_rows_of_every_kind_fit_their_schema(tmp_path: Path) -> None:
+    """What the engine itself writes passes: a run with central DP, local DP and refusals."""
+    from worldlm.federation.record_schema import SCHEMAS, schema_problem
+
+    overrides = ["run.method=hierfavg", "train.local_steps=1", "nodes.world/med.dp.enabled=true"]
+    overrides += ["nodes.world/med.dp.noise_multiplier=0.001"]  # small: within max_change
+    overrides += ["nodes.world/soft/c.dp.local_noise_multiplier=0.001"]
+    config = tiny_config(tmp_path, TWO_LEVEL, overrides)
+    session = open_session(config, QuietProgress(), tmp_path / "run")
+    records = session.fed.root.run_round(session.fed.root.state, 1).records
+    kinds = {r["kind"] for r in records}
+    assert {"train", "privacy", "aggregate"} <= kinds and "rejected" not in kinds
+    assert sum(r["kind"] == "privacy" for r in records) == 2  # central at world/med, local at c
+    for row in records:
+        if row["kind"] in SCHEMAS:
+            assert schema_problem(row["kind"], row) is None, row

@@ -186,6 +186,14 @@ class TrainConfig(Section):
         "tokens, so a step equals one batch of batch_size up to float rounding with 1/N of "
         "the activation memory. Must divide batch_size.",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast over fp32 weights on CUDA (fp32 master weights and "
+        "moments), fp32 on the CPU. fp32: no autocast anywhere. bf16: weights, gradients and "
+        "AdamW moments in bfloat16 on every node of the run (the federation's models too): half "
+        "the memory of weights, gradients and moments and half the bytes on every link, at "
+        "bf16's 8-bit mantissa for the updates (small steps can round away).",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute each transformer block's activations in the backward pass "

@@ -31,6 +31,7 @@ from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.transport import ChildInfo, NodeHandler
 from worldlm.errors import CheckpointError
+from worldlm.federation.privacy_policy import DPPolicy, DPRule
 from worldlm.federation.secure_child import SecureChild
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,16 @@ class JournaledNode:
                 f"no longer holds the state from before it (keeps {self.keep}); restart the run"
             )
         tensors, meta = load_checkpoint(path)
+        policy = dp_policy(self.node)
+        released = [] if policy is None else policy.spent_rounds()
         self._restore(path, tensors, meta)
+        if policy is not None:
+            # The rounds undone released noisy aggregates to the parent; their re-runs draw
+            # fresh noise, so both are charged, as the root does on resume.
+            lost = rounds_undone(released, policy.spent_rounds())
+            if lost:
+                policy.charge_lost(lost)
+                log.warning("%s: charged %d DP rounds undone by the rewind", self.path, len(lost))
         for newer in list_checkpoints(self.directory):  # the timeline that is now undone
             if _tag_of(newer) > target:
                 newer.unlink(missing_ok=True)
@@ -127,6 +137,24 @@ class JournaledNode:
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
         return self.node.handle_eval(task)
+
+
+def dp_policy(node: object) -> DPPolicy | None:
+    """The DP policy of an aggregator with central DP, else None."""
+    rule = getattr(node, "rule", None)
+    return rule.policy if isinstance(rule, DPRule) else None
+
+
+def rounds_undone(before: list[float], after: list[float]) -> list[float]:
+    """The sampling rates accounted in `before` and not in `after` (multisets of rates)."""
+    left = list(after)
+    undone = []
+    for rate in before:
+        if rate in left:
+            left.remove(rate)
+        else:
+            undone.append(rate)
+    return undone
 
 
 def journal_keep(every: int, inner_rounds_above: list[int]) -> int:

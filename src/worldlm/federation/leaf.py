@@ -176,6 +176,7 @@ class Leaf:
                 blocks[:limit] if limit else blocks,
                 batch_size=self.eval_cfg.batch_size,
                 device=self.ctx.device,
+                precision=self.train_cfg.precision,
             )
             for name, blocks in self.data.eval_sets.items()
         }

@@ -119,6 +119,19 @@ class DPPolicy:
             "replies": dp_round.count,
         }
 
+    def spent_rounds(self) -> list[float]:
+        """The sampling rate of every round accounted so far, one entry per round: restored
+        ones not yet loaded into an accountant (it is built at the next round) and lost ones
+        not yet charged included."""
+        if self.accountant is not None:
+            state = self.accountant.state_dict()
+        elif self._restored:
+            state = self._restored["accountant"]
+        else:
+            return list(self._lost)
+        by_rate = state.get("steps_by_rate") or [[state["sampling_rate"], state["steps"]]]
+        return [float(rate) for rate, n in by_rate for _ in range(int(n))] + self._lost
+
     def charge_lost(self, rates: list[float]) -> None:
         """Charge rounds that released noise but were lost to a crash (their re-runs are
         charged again as they run), at their sampling rates as recorded."""

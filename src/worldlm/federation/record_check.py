@@ -1,5 +1,6 @@
 """What a child may report besides its weights (issue 19, item 5): metrics rows about its own
-subtree, of the kinds the engine writes, each with an integer round. A child that sends a row
+subtree, of the kinds the engine writes, each with an integer round and the fields its kind's
+schema gives (`record_schema`). A child that sends a row
 about a sibling (a forged ε, a root aggregate), of an unknown kind, or with a round that is not
 an integer (which would break every later resume) is refused like any malformed reply."""
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from worldlm.errors import UpdateRejected, shown
+from worldlm.federation.record_schema import schema_problem
 from worldlm.tree import FederationNode
 
 # The rows nodes below an aggregator write: a leaf's training and local DP, an inner
@@ -65,6 +67,9 @@ def check_records(sender: str, records: Sequence[Any], limit: int | None = None)
             )
         if not isinstance(round_index, int) or isinstance(round_index, bool):
             raise UpdateRejected(sender, f"records[{i}] has round {shown(repr(round_index))}")
+        problem = schema_problem(kind, row)
+        if problem is not None:
+            raise UpdateRejected(sender, f"records[{i}] is {shown(problem)}")
 
 
 def trim_incidents(records: list[Any], node: str, cap: int) -> list[Any]:

@@ -34,6 +34,8 @@ def build_workspace(config: RunConfig, vocab_size: int, device: torch.device) ->
     if config.model.load_in == "full":  # a quantized base is already on its GPU
         model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to is too narrow
     check_model_fits(model, config, vocab_size)
+    if config.train.precision == "bf16" and config.model.load_in == "full":  # all nodes here
+        model.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' stub of .to
     if config.train.activation_checkpointing:
         # Non-reentrant: also right for a frozen base under LoRA, whose inputs need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,4 +1,5 @@
-"""Device choice and mixed precision: bf16 autocast on CUDA, plain fp32 on CPU."""
+"""Device choice and precision (`train.precision`): bf16 autocast on CUDA by default, fp32
+on CPU, or bfloat16 weights throughout."""
 
 from __future__ import annotations
 
@@ -24,10 +25,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_enabled(device: torch.device, precision: str = "auto") -> bool:
+    """bf16 autocast runs for `auto` on CUDA only: `fp32` asks for none, and under `bf16` the
+    weights are bfloat16 already."""
+    return device.type == "cuda" and precision == "auto"
+
+
 @contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA (fp32 master weights stay in the optimizer); nothing on CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "auto") -> Iterator[None]:
+    """bf16 autocast where `autocast_enabled` (fp32 master weights stay in the optimizer)."""
+    if autocast_enabled(device, precision):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yield
     else:

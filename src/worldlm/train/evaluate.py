@@ -11,7 +11,12 @@ from worldlm.train.device import autocast
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
 ) -> EvalResult:
     """Mean loss over every predicted token of `blocks` (N, T): every token after the first,
     but for instruction data only the response tokens (prompt and padding are masked)."""
@@ -28,7 +33,7 @@ def evaluate(
             y, n = labels.to(device), int((labels[:, 1:] != IGNORE_INDEX).sum())
             if n == 0:
                 continue
-        with autocast(device):
+        with autocast(device, precision):
             loss = model(input_ids=x, labels=y).loss  # mean over the n targets
         total += loss.double() * n
         count += n

@@ -182,7 +182,7 @@ class StandardTrainer:
             for ids, labels, share in self.pieces(job.blocks[order[i]], cfg.grad_accum_steps):
                 x = ids.to(device, non_blocking=True)
                 y = x if labels is ids else labels.to(device, non_blocking=True)  # text: y is x
-                with autocast(device):
+                with autocast(device, cfg.precision):
                     # A piece without targets (kept only where every process must run as many
                     # backward passes) would give a 0/0 loss; its gradient is zero instead.
                     loss = self.loss(model, x, y) if share > 0 else zero_loss(model, x)
