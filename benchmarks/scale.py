@@ -1,0 +1,198 @@
+"""Simulation at scale (issue 22): how worldlm's in-process simulation grows with the number of
+leaves N: peak resident memory, seconds per round, checkpoint bytes per round.
+
+Each N runs `worldlm.run` in a fresh process on a flat federation of N leaves (`fedavg`), each
+leaf with its own small synthetic text, the `tiny` (or `--preset`) model, a few local steps per
+round, a checkpoint after every round. Measured:
+
+- `peak RSS`: the child process's peak resident memory (`ru_maxrss` of the finished child);
+- `s/round`: the median over rounds of the root's aggregate row `seconds` (training included);
+- `ckpt/round`: the bytes of one checkpoint file (the newest), and that over the model's own
+  bytes (4 bytes per parameter).
+
+    python benchmarks/scale.py --leaves 10,100 --rounds 3
+
+This is the baseline the issue's work is measured against (leaf state off the heap,
+incremental checkpoints); Flower's side is not part of this script yet. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+WORDS = [
+    "river",
+    "bridge",
+    "harbour",
+    "ferry",
+    "canal",
+    "tide",
+    "quay",
+    "barge",
+    "lock",
+    "court",
+    "judge",
+    "appeal",
+    "statute",
+    "verdict",
+    "clause",
+    "tenant",
+    "lease",
+    "deed",
+    "oven",
+    "flour",
+    "butter",
+    "knife",
+    "recipe",
+    "dough",
+    "pan",
+    "salt",
+    "sugar",
+    "planet",
+    "orbit",
+    "rocket",
+    "comet",
+    "moon",
+    "crater",
+    "star",
+    "probe",
+    "launch",
+]
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from worldlm import config_from_dict, run
+data = json.loads(Path(sys.argv[1]).read_text())
+result = run(config_from_dict(data))
+print(json.dumps({"run_dir": str(result.run_dir), "parameters": result.parameters}))
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--leaves", default="10,100", help="comma-separated numbers of leaves")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=2)
+    p.add_argument("--docs", type=int, default=30, help="documents per leaf")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p.parse_args()
+
+
+def leaf_file(path: Path, seed: int, docs: int) -> str:
+    rng = random.Random(seed)
+    topic = rng.sample(WORDS, 8)  # each leaf its own mix of words
+    lines = []
+    for _ in range(docs):
+        text = " ".join(f"The {rng.choice(topic)} of the {rng.choice(topic)}." for _ in range(6))
+        lines.append(json.dumps({"text": text}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    data = root / "data"
+    data.mkdir()
+    nodes: dict[str, Any] = {"world": {}}
+    for i in range(n):
+        file = leaf_file(data / f"leaf{i:04d}.jsonl", args.seed * 100_003 + i, args.docs)
+        nodes[f"world/leaf{i:04d}"] = {"data": {"paths": [file]}}
+    return {
+        "run": {
+            "name": f"scale-{n}",
+            "out_dir": str(root / "runs"),
+            "cache_dir": str(root / "cache"),
+            "device": "cpu",
+            "method": "fedavg",
+            "seed": args.seed,
+        },
+        "model": {"preset": args.preset, "block_size": 32},
+        "tokenizer": {"vocab_size": 320},
+        "data": {"val_fraction": 0.2, "max_chars": 0, "chunk_chars": 200},
+        "train": {"local_steps": args.local_steps, "batch_size": 4, "warmup_steps": 1},
+        "eval": {"max_blocks": 2, "batch_size": 8, "every": args.rounds},
+        "stop": {"rounds": args.rounds},
+        "checkpoint": {"every": 1, "keep": 2},
+        "monitor": {"trackers": []},
+        "nodes": nodes,
+    }
+
+
+def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"worldlm-scale-{n}-") as tmp:
+        root = Path(tmp)
+        spec = root / "config.json"
+        spec.write_text(json.dumps(config(root, n, args)), encoding="utf-8")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"N={n} failed:\n{done.stderr[-3000:]}")
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        run_dir = Path(out["run_dir"])
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        seconds = [r["seconds"] for r in rows if r["kind"] == "aggregate" and r["node"] == "world"]
+        checkpoints = sorted((run_dir / "checkpoints").glob("*.wlm"))
+        ckpt = checkpoints[-1].stat().st_size
+        model_bytes = 4 * int(out["parameters"])
+        return {
+            "leaves": n,
+            # ru_maxrss of children is the largest child so far: exact for the first N, and
+            # a lower bound (the larger N run later) otherwise; runs go in increasing N.
+            "peak_rss_mb": max(peak_kb, before) / 1024,
+            "seconds_per_round": statistics.median(seconds),
+            "checkpoint_mb": ckpt / 1e6,
+            "checkpoint_over_model": ckpt / model_bytes,
+            "parameters": out["parameters"],
+        }
+
+
+def main() -> None:
+    args = parse_args()
+    counts = sorted(int(x) for x in args.leaves.split(",") if x.strip())
+    results = [measure(n, args) for n in counts]
+    table = Table(title=f"worldlm in process, preset {args.preset}, {args.rounds} rounds")
+    for col in ("leaves", "peak RSS MB", "x smallest N", "s/round", "ckpt MB", "ckpt / model"):
+        table.add_column(col, justify="right")
+    base = results[0]["peak_rss_mb"]
+    for r in results:
+        table.add_row(
+            str(r["leaves"]),
+            f"{r['peak_rss_mb']:,.0f}",
+            f"{r['peak_rss_mb'] / base:.2f}",
+            f"{r['seconds_per_round']:.2f}",
+            f"{r['checkpoint_mb']:.1f}",
+            f"{r['checkpoint_over_model']:.1f}",
+        )
+    Console().print(table)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"settings": vars(args) | {"json": None}, "results": results}, indent=2)
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
