@@ -90,6 +90,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--docs", type=int, default=30, help="documents per leaf")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint.every (root rounds)")
+    p.add_argument(
+        "--leaf-state", default="memory", choices=("memory", "disk"), help="run.leaf_state"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args()
 
@@ -120,6 +124,7 @@ def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "device": "cpu",
             "method": "fedavg",
             "seed": args.seed,
+            "leaf_state": args.leaf_state,
         },
         "model": {"preset": args.preset, "block_size": 32},
         "tokenizer": {"vocab_size": 320},
@@ -127,7 +132,7 @@ def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "train": {"local_steps": args.local_steps, "batch_size": 4, "warmup_steps": 1},
         "eval": {"max_blocks": 2, "batch_size": 8, "every": args.rounds},
         "stop": {"rounds": args.rounds},
-        "checkpoint": {"every": 1, "keep": 2},
+        "checkpoint": {"every": args.checkpoint_every, "keep": 2},
         "monitor": {"trackers": []},
         "nodes": nodes,
     }
@@ -173,7 +178,10 @@ def main() -> None:
     args = parse_args()
     counts = sorted(int(x) for x in args.leaves.split(",") if x.strip())
     results = [measure(n, args) for n in counts]
-    table = Table(title=f"worldlm in process, preset {args.preset}, {args.rounds} rounds")
+    table = Table(
+        title=f"worldlm in process, preset {args.preset}, {args.rounds} rounds, "
+        f"leaf state in {args.leaf_state}"
+    )
     for col in ("leaves", "peak RSS MB", "x smallest N", "s/round", "ckpt MB", "ckpt / model"):
         table.add_column(col, justify="right")
     base = results[0]["peak_rss_mb"]

@@ -171,3 +171,19 @@ def test_without_the_charge_a_rewind_lowers_epsilon(
     node.handle_train(_med_task(session, 1))
     assert med.rule.policy.accountant.steps == 2
     assert med.rule.policy.accountant.epsilon() < spent
+
+
+def test_a_crash_right_after_a_rewind_keeps_the_charge(tmp_path: Path) -> None:
+    """The undone states are deleted at the rewind; the charge for their rounds is written
+    into the state rewound to first, so a crash before the re-run does not lose it."""
+    session, med = _dp_aggregator(tmp_path / "a")
+    run_id = session.fed.root.ctx.run_id
+    node = JournaledNode(med, tmp_path / "journal", run_id, keep=4)
+    for r in range(3):
+        node.handle_train(_med_task(session, r))
+    node._rewind_to(1)  # the parent resumed; this process dies before running round 1
+    again, med_again = _dp_aggregator(tmp_path / "b")  # the restarted process
+    restarted = JournaledNode(med_again, tmp_path / "journal", run_id, keep=4)
+    restarted.handle_train(_med_task(again, 1))
+    # 1 round kept, the 2 undone charged, round 1 run again
+    assert med_again.rule.policy.accountant.steps == 4

@@ -59,3 +59,29 @@ def test_autocast_follows_the_precision(precision: str, device: str, on: bool) -
 def test_an_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         TrainConfig.model_validate({"precision": "fp8"})
+
+
+def test_bf16_in_a_hierarchy_forwards_float32_sums(tmp_path: Path) -> None:
+    """Inner aggregators of a bf16 run forward their FedAvg sums in float32 (wider than the
+    model, as float64 sums are for a float32 model); their parent accepts them."""
+    from .conftest import TWO_LEVEL
+
+    data = tiny_config_dict(tmp_path, TWO_LEVEL)
+    overrides = ['train.precision="bf16"', "run.method=hierfavg"]
+    result = run(validate_config(apply_overrides(data, overrides)), QuietProgress())
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert not [r for r in rows if r["kind"] == "rejected"]
+    roots = [r for r in rows if r["kind"] == "aggregate" and r["node"] == "world"]
+    assert roots and all(r["participants"] == ["world/med", "world/soft"] for r in roots)
+    for leaf, after in result.after.items():
+        assert after.loss < result.before[leaf].loss
+
+
+def test_bf16_over_a_quantized_base_is_refused(tmp_path: Path) -> None:
+    from worldlm.errors import ConfigError
+
+    data = tiny_config_dict(tmp_path, LEAVES)
+    data["model"] = {"path": str(tmp_path), "load_in": "4bit", "lora": {"enabled": True}}
+    validate_config(apply_overrides(data, []))  # fine with the default precision
+    with pytest.raises(ConfigError, match="quantized"):
+        validate_config(apply_overrides(data, ['train.precision="bf16"']))

@@ -143,7 +143,7 @@ OWN = {"round": 1, "node": "world/med/a"}
         ({**OWN, "kind": "privacy", "epsilon": "lots", "delta": 1e-5, "steps": 1}, "'epsilon'"),
         ({**OWN, "kind": "privacy", "epsilon": -1.0, "delta": 1e-5, "steps": 1}, "'epsilon'"),
         ({**OWN, "kind": "train", "tokens": 1, "steps": 1}, "without 'loss'"),
-        ({**OWN, "kind": "train", "loss": float("nan"), "tokens": 1, "steps": 1}, "'loss'"),
+        ({**OWN, "kind": "train", "loss": "low", "tokens": 1, "steps": 1}, "'loss'"),
         (
             {**OWN, "kind": "aggregate", "local_round": 1, "status": "ok", "participants": "x"},
             "'participants'",
@@ -158,7 +158,7 @@ OWN = {"round": 1, "node": "world/med/a"}
         "epsilon-text",
         "epsilon-negative",
         "no-loss",
-        "nan-loss",
+        "loss-text",
         "participants-text",
         "long-reason",
         "nested-extra",

@@ -54,6 +54,14 @@ class RunSection(Section):
         description="backend ray: an existing Ray cluster (auto, or host:port); default a local "
         "Ray instance with every core of this machine.",
     )
+    leaf_state: Literal["memory", "disk"] = Field(
+        "memory",
+        description="Where simulated leaves keep their state between their rounds (optimizer "
+        "moments, personal and adapted weights): memory, or disk (safetensors files under the "
+        "run directory's leaf-state/, written after each leaf's round and read before its "
+        "next), so that memory holds one leaf's state at a time whatever the number of leaves. "
+        "The same results bit for bit.",
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="Python modules imported before the config is checked, so that the "
@@ -191,8 +199,9 @@ class TrainConfig(Section):
         description="auto: bf16 autocast over fp32 weights on CUDA (fp32 master weights and "
         "moments), fp32 on the CPU. fp32: no autocast anywhere. bf16: weights, gradients and "
         "AdamW moments in bfloat16 on every node of the run (the federation's models too): half "
-        "the memory of weights, gradients and moments and half the bytes on every link, at "
-        "bf16's 8-bit mantissa for the updates (small steps can round away).",
+        "the memory of weights, gradients and moments and half the bytes on the links to and "
+        "from leaves (inner aggregators forward their sums in float32), at bf16's 8-bit "
+        "mantissa for the updates (small steps can round away). Not with a quantized base.",
     )
     activation_checkpointing: bool = Field(
         False,

@@ -71,6 +71,11 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(exc, RunConfig)) from None
     build_tree(config.nodes)
     build_trainer(config.train)  # refuses a trainer no module registered
+    if config.train.precision == "bf16" and config.model.load_in != "full":
+        raise ConfigError(
+            f'train.precision = "bf16" casts the model to bfloat16, which a base quantized to '
+            f'{config.model.load_in} is not; use "auto" (bf16 autocast) with model.load_in'
+        )
     if (config.train.finetune_rounds or 0) >= config.stop.rounds:
         raise ConfigError(
             f"train.finetune_rounds = {config.train.finetune_rounds} leaves no federated round "

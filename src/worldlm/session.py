@@ -55,10 +55,11 @@ class Session:
 
 
 def config_digest(config: RunConfig) -> str:
-    """SHA-256 of the config, less where its leaves run (run.backend, run.ray_address): that
+    """SHA-256 of the config, less where its leaves run and keep their state (run.backend,
+    run.ray_address, run.leaf_state): that
     changes none of the results, so a run keeps its run_id and checkpoints on every backend
     and may resume on another."""
-    where = {"backend": "inprocess", "ray_address": None}
+    where = {"backend": "inprocess", "ray_address": None, "leaf_state": "memory"}
     what = config.model_copy(update={"run": config.run.model_copy(update=where)})
     return hashlib.sha256(dump_config(what).encode("utf-8")).hexdigest()
 
@@ -96,7 +97,8 @@ def open_session(config: RunConfig, observer: RunObserver, run_dir: Path) -> Ses
     model = build_workspace(config, data.tokenizer.get_vocab_size(), device)
     run_id = config_digest(config)[:16]
     audit = AuditLog.open(run_dir / AUDIT_FILE, run_id)
-    ctx = RunContext(run_id, config.run.seed, device, observer, audit)
+    state_dir = run_dir / "leaf-state" if config.run.leaf_state == "disk" else None
+    ctx = RunContext(run_id, config.run.seed, device, observer, audit, state_dir)
     metrics = open_metrics(config, run_dir)
     if remote:
         observer.status("starting the Ray workers")

@@ -12,6 +12,7 @@ so that the config checks and runs at once.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from importlib import resources
@@ -90,18 +91,32 @@ def write_template(name: str, out: Path, *, examples: bool = True) -> list[str]:
             # Written aside and moved into place at the end: no half-written directory stays.
             staging = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.", dir=out.parent))
             written = write_examples(text, out.parent, data_dir, staging=staging)
+        placed: Path | None = None
+        if staging is not None:
+            # mkdtemp's directory is private (0700); the example data is ordinary files.
+            staging.chmod(0o777 & ~_umask())
+            try:
+                staging.rename(data_dir)  # refused onto a non-empty directory (a race)
+            except OSError as exc:
+                raise ConfigError(f"cannot put the example data at {data_dir}: {exc}") from None
+            placed, staging = data_dir, None
         try:
             with out.open("x", encoding="utf-8") as fh:  # "x": fails if the file exists
                 fh.write(text)
         except FileExistsError:
+            if placed is not None:
+                shutil.rmtree(placed, ignore_errors=True)
             raise _exists(out) from None
-        if staging is not None:
-            staging.rename(data_dir)
-            staging = None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _exists(out: Path) -> ConfigError:

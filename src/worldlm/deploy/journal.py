@@ -83,14 +83,18 @@ class JournaledNode:
 
     def _save(self, tag: int) -> None:
         self.history.append(tag)
-        tensors, meta = self.node.snapshot()
-        meta = {"run_id": self.run_id, "node_path": self.path, "node": meta}
-        meta["history"] = self.history
-        save_checkpoint(self.directory, tag, tensors, meta, keep=1 << 30)
+        self._write(tag)
         # The initial state (tag 0) stays, so the same config can always start over.
         saved = list_checkpoints(self.directory)
         for old in saved[1 : -self.keep]:
             old.unlink(missing_ok=True)
+
+    def _write(self, tag: int) -> None:
+        """The node's state now, as the checkpoint of `tag` (atomically)."""
+        tensors, meta = self.node.snapshot()
+        meta = {"run_id": self.run_id, "node_path": self.path, "node": meta}
+        meta["history"] = self.history
+        save_checkpoint(self.directory, tag, tensors, meta, keep=1 << 30)
 
     def _rewind_to(self, parent_round: int) -> None:
         """Go back to the state from before parent round `parent_round`."""
@@ -112,6 +116,9 @@ class JournaledNode:
             if lost:
                 policy.charge_lost(lost)
                 log.warning("%s: charged %d DP rounds undone by the rewind", self.path, len(lost))
+                # Into the state rewound to, before the newer states (the proof that those
+                # rounds ran) are deleted: a crash now must not forget the charge.
+                self._write(target)
         for newer in list_checkpoints(self.directory):  # the timeline that is now undone
             if _tag_of(newer) > target:
                 newer.unlink(missing_ok=True)

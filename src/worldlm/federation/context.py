@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -59,3 +60,6 @@ class RunContext:
     device: torch.device
     observer: Observer = field(default_factory=SilentObserver)
     audit: AuditTrail = field(default_factory=NoAudit)
+    # Where in-process leaves keep their state between rounds (run.leaf_state = "disk");
+    # None: in memory.
+    state_dir: Path | None = None

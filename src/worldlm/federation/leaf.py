@@ -16,6 +16,7 @@ from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.state import get_state, set_state
 from worldlm.core.transport import ChildInfo
 from worldlm.federation.context import RunContext
+from worldlm.federation.leaf_store import HeldState, flatten_optimizer, unflatten_optimizer
 from worldlm.federation.local_privacy import LocalDP
 from worldlm.federation.secure_child import SecureChild
 from worldlm.seeding import generator
@@ -64,9 +65,11 @@ class Leaf:
         self.finetune_after = finetune_after
         self.sessions = 0  # training sessions so far; seeds this leaf's data order
         self.steps_done = 0  # optimizer steps so far; drives the learning-rate schedule
-        self.own_state: State = {}  # personal weights, kept between rounds
-        self.adapted_state: State = {}  # adapted weights, deployed but not trained from
-        self.optimizer_state: dict[str, Any] | None = None
+        # Personal weights (kept between rounds), adapted weights (deployed but not trained
+        # from) and the optimizer's moments: in memory, or on disk between rounds when the
+        # run says so (run.leaf_state), read back as they were written.
+        self._held = HeldState(ctx.state_dir, path)
+        self._optimizer_state: dict[str, Any] | None = None  # in memory
         self.uplink = Uplink(link or LinkConfig())  # compresses replies to the parent
         local = dp if dp is not None and dp.local_noise_multiplier > 0 else None
         self.local_dp = LocalDP(local, path, ctx.seed) if local is not None else None
@@ -76,6 +79,38 @@ class Leaf:
 
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, self.data.train_tokens)
+
+    @property
+    def own_state(self) -> State:
+        return self._held.get("own")[0]
+
+    @own_state.setter
+    def own_state(self, value: State) -> None:
+        self._held.put("own", value)
+
+    @property
+    def adapted_state(self) -> State:
+        return self._held.get("adapted")[0]
+
+    @adapted_state.setter
+    def adapted_state(self, value: State) -> None:
+        self._held.put("adapted", value)
+
+    @property
+    def optimizer_state(self) -> dict[str, Any] | None:
+        if not self._held.on_disk:
+            return self._optimizer_state
+        tensors, meta = self._held.get("optimizer")
+        return unflatten_optimizer(tensors, meta) if meta else None
+
+    @optimizer_state.setter
+    def optimizer_state(self, value: dict[str, Any] | None) -> None:
+        if not self._held.on_disk:
+            self._optimizer_state = value
+        elif value is None:
+            self._held.drop("optimizer")
+        else:
+            self._held.put("optimizer", *flatten_optimizer(value))
 
     def training_start(self, incoming: State) -> State:
         """What a round trains from: the incoming model with the personal weights on top, and

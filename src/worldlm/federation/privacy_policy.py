@@ -146,16 +146,25 @@ class DPPolicy:
 
     def state_dict(self) -> dict[str, Any]:
         if self.accountant is None:
-            return dict(self._restored)
-        state: dict[str, Any] = {"accountant": self.accountant.state_dict()}
-        if self.adaptive is not None:
-            state["adaptive"] = self.adaptive.state_dict()
+            state = dict(self._restored)
+        else:
+            state = {"accountant": self.accountant.state_dict()}
+            if self.adaptive is not None:
+                state["adaptive"] = self.adaptive.state_dict()
+        state.pop("lost", None)
+        if self._lost:  # charges not applied yet (no round since): they must survive a crash
+            state["lost"] = list(self._lost)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state and "accountant" not in state:
+        restored = {k: v for k, v in state.items() if k != "lost"}
+        if restored and "accountant" not in restored:
             raise CheckpointError(f"{self.path}: the checkpoint's DP state has no accountant")
-        self._restored = dict(state)
+        lost = state.get("lost", [])
+        if not isinstance(lost, list) or not all(isinstance(r, int | float) for r in lost):
+            raise CheckpointError(f"{self.path}: the checkpoint's pending DP charges are invalid")
+        self._restored = restored
+        self._lost = [float(rate) for rate in lost]
         self.accountant = None  # rebuilt with the restored steps at the next round
 
 

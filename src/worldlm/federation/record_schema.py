@@ -39,6 +39,16 @@ def finite(value: Any) -> bool:
     return _number(value) and math.isfinite(value)
 
 
+def number(value: Any) -> bool:
+    """Any number, NaN and infinities included (a diverged leaf's honest loss)."""
+    return _number(value)
+
+
+def nonnegative(value: Any) -> bool:
+    """A non-negative number, infinity included (an adaptive clip bound that overflowed)."""
+    return _number(value) and not math.isnan(value) and value >= 0
+
+
 def budget(value: Any) -> bool:
     """ε: non-negative, and infinite where the accountant says so (no noise at all)."""
     return _number(value) and not math.isnan(value) and value >= 0
@@ -69,7 +79,7 @@ _INCIDENT: dict[str, tuple[bool, Check]] = {"sender": (True, text), "reason": (T
 # kind -> field -> (required, check)
 SCHEMAS: dict[str, dict[str, tuple[bool, Check]]] = {
     "train": {
-        "loss": (True, finite),
+        "loss": (True, number),
         "tokens": (True, amount),
         "steps": (True, count),
         "seconds": (False, amount),
@@ -80,8 +90,8 @@ SCHEMAS: dict[str, dict[str, tuple[bool, Check]]] = {
         "steps": (True, count),
         "local": (False, flag),
         "sampling_rate": (False, probability),
-        "clip": (False, optional(amount)),
-        "next_clip": (False, optional(amount)),
+        "clip": (False, optional(nonnegative)),
+        "next_clip": (False, optional(nonnegative)),
         "noise_multiplier": (False, amount),
         "noise_stddev": (False, amount),
         "clipped": (False, count),

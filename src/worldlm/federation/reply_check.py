@@ -12,6 +12,8 @@ from worldlm.core.chunked import ChunkBuffers, change_norm, state_squares, sum_o
 from worldlm.core.messages import TrainTask, Update
 from worldlm.errors import UpdateRejected
 
+HALF = (torch.bfloat16, torch.float16)
+
 
 def check_reply(
     update: Update,
@@ -68,8 +70,12 @@ def check_reply(
                 update.sender,
                 f"{key}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}",
             )
-        # A forwarded sum travels in float64; anything else comes in the model's own dtype.
-        if value.dtype not in (reference.dtype, torch.float64):
+        # A forwarded sum travels in float64, or in float32 for a half-precision model
+        # (train.precision = "bf16"); anything else comes in the model's own dtype.
+        allowed = {reference.dtype, torch.float64}
+        if reference.dtype in HALF and update.scale != 1.0:
+            allowed.add(torch.float32)
+        if value.dtype not in allowed:
             raise UpdateRejected(
                 update.sender, f"{key}: dtype {value.dtype}, expected {reference.dtype}"
             )

@@ -8,7 +8,8 @@ rank holds the leaf's data and the model; `DistributedDataParallel` gives them r
 weights and all-reduces the gradients. Each rank trains its slice of every step's batch,
 weighted by its share of the step's target tokens, so a step is the single-process step on the
 same global batch up to float rounding: the update rank 0 sends is the one a single process
-would have sent.
+would have sent (with dropout, e.g. LoRA's, each rank draws its own masks: the same in
+distribution, not bit for bit).
 
 The other ranks wait in `follow` until rank 0 says stop.
 """

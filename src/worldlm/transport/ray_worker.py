@@ -9,7 +9,9 @@ driver wraps the class with `ray.remote`.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +49,13 @@ class LeafWorker:
         workspace = build_workspace(config, vocab_size, cpu)
         # Progress stays quiet and the audit trail empty here: a leaf reports through the
         # records on its Update, and the driver's aggregators audit what they accept.
-        ctx = RunContext(run_id, config.run.seed, cpu)
+        # run.leaf_state = "disk": on the worker's own disk (it may be another machine).
+        state_dir = (
+            Path(tempfile.mkdtemp(prefix="worldlm-leaf-state-"))
+            if config.run.leaf_state == "disk"
+            else None
+        )
+        ctx = RunContext(run_id, config.run.seed, cpu, state_dir=state_dir)
         self.leaves: dict[str, Leaf] = build_leaves(
             plan,
             leaf_data,
