@@ -26,14 +26,30 @@ def save_tiny_model(directory: Path, *, hidden: int = 32, chat: bool = True) -> 
     hf = to_hf_tokenizer(tok)
     if chat:
         hf.chat_template = CHAT_TEMPLATE
+    save_llama(directory, tok.get_vocab_size(), hidden=hidden)
+    hf.save_pretrained(directory)
+    return directory
+
+
+def save_llama(
+    directory: Path,
+    vocab_size: int,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    intermediate: int = 64,
+    positions: int = 512,
+) -> None:
+    """A random-init Llama (seed 0, tied embeddings, token 0 for bos/eos/pad) saved with
+    save_pretrained into `directory`."""
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
+        intermediate_size=intermediate,
+        max_position_embeddings=positions,
         tie_word_embeddings=True,
         bos_token_id=0,
         eos_token_id=0,
@@ -41,8 +57,6 @@ def save_tiny_model(directory: Path, *, hidden: int = 32, chat: bool = True) -> 
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
-    hf.save_pretrained(directory)
-    return directory
 
 
 def hub_snapshot_dir(cache: Path, repo_id: str) -> Path:

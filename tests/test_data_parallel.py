@@ -42,12 +42,15 @@ def _inner(cfg: TrainConfig) -> StandardTrainer:
     return FedProxTrainer(cfg.prox_mu) if cfg.prox_mu > 0 else StandardTrainer()
 
 
-def _single(cfg: TrainConfig, rounds: int) -> dict[str, torch.Tensor]:
-    model = _model()
-    trainer = _inner(cfg)
+def _train_rounds(
+    model: torch.nn.Module, trainer: StandardTrainer, cfg: TrainConfig, rounds: int
+) -> list[float]:
+    """`rounds` rounds of local training with one optimizer kept across them, as a leaf keeps
+    it; each round's data order seeded by its index. The rounds' mean losses."""
     optimizer = trainer.make_optimizer(model, cfg)
+    losses = []
     for r in range(rounds):
-        local_train(
+        result = local_train(
             model,
             optimizer,
             _blocks(),
@@ -58,6 +61,13 @@ def _single(cfg: TrainConfig, rounds: int) -> dict[str, torch.Tensor]:
             device=torch.device("cpu"),
             trainer=trainer,
         )
+        losses.append(result.mean_loss)
+    return losses
+
+
+def _single(cfg: TrainConfig, rounds: int) -> dict[str, torch.Tensor]:
+    model = _model()
+    _train_rounds(model, _inner(cfg), cfg, rounds)
     return get_state(model)
 
 
@@ -76,21 +86,7 @@ def _worker(rank: int, world: int, port: int, cfg_data: dict, rounds: int, out: 
         device = torch.device("cpu")
         if rank == 0:
             # Kept across rounds on rank 0 only, as a leaf keeps it; rank 1 gets it each round.
-            optimizer = trainer.make_optimizer(model, cfg)
-            losses = []
-            for r in range(rounds):
-                result = local_train(
-                    model,
-                    optimizer,
-                    _blocks(),
-                    cfg,
-                    start_step=r * cfg.local_steps,
-                    total_steps=rounds * cfg.local_steps,
-                    gen=torch.Generator().manual_seed(3 + r),
-                    device=device,
-                    trainer=trainer,
-                )
-                losses.append(result.mean_loss)
+            losses = _train_rounds(model, trainer, cfg, rounds)
             trainer.stop()
             torch.save({"state": get_state(model), "losses": losses}, out)
         else:

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worldlm.cli import main
 from worldlm.config import ModelConfig, RunConfig, TrainConfig, dump_config
@@ -53,11 +53,8 @@ from worldlm.tree import build_tree
 from worldlm.wire import encode
 
 from .conftest import _TOPICS, synthetic_documents, write_jsonl
+from .fake_hub import CHAT_TEMPLATE, save_llama
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CPU = torch.device("cpu")
 
@@ -89,21 +86,9 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.train_from_iterator(texts, trainer=trainer)
     hf = to_hf_tokenizer(tok)
     hf.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+    save_llama(
+        directory, tok.get_vocab_size(), hidden=64, layers=4, intermediate=128, positions=128
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
     hf.save_pretrained(directory)
     return directory
 

@@ -54,6 +54,19 @@ def _round(tmp_path: Path, extra: dict[str, Any]) -> list[dict[str, Any]]:
     return session.fed.root.run_round(session.fed.root.state, 1).records
 
 
+def _refused_with_its_reply(
+    tmp_path: Path, extra: dict[str, Any], named: str
+) -> list[dict[str, Any]]:
+    """The round's rows, after checking that world/med/a's reply carrying `extra` was
+    refused for the reason `named` and that the row went nowhere."""
+    records = _round(tmp_path, extra)
+    rejected = [r for r in records if r["kind"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["sender"] == "world/med/a"
+    assert named in rejected[0]["reason"]
+    assert extra not in records
+    return records
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
@@ -67,11 +80,7 @@ def _round(tmp_path: Path, extra: dict[str, Any]) -> list[dict[str, Any]]:
 def test_a_forged_row_is_refused_with_its_reply(
     tmp_path: Path, extra: dict[str, Any], named: str
 ) -> None:
-    records = _round(tmp_path, extra)
-    rejected = [r for r in records if r["kind"] == "rejected"]
-    assert len(rejected) == 1 and rejected[0]["sender"] == "world/med/a"
-    assert named in rejected[0]["reason"]
-    assert extra not in records
+    records = _refused_with_its_reply(tmp_path, extra, named)
     med = next(r for r in records if r["kind"] == "aggregate" and r["node"] == "world/med")
     assert med["status"] == "ok" and med["participants"] == ["world/med/b"]
 
@@ -167,11 +176,7 @@ OWN = {"round": 1, "node": "world/med/a"}
 def test_a_row_that_breaks_its_schema_is_refused(
     tmp_path: Path, extra: dict[str, Any], named: str
 ) -> None:
-    records = _round(tmp_path, extra)
-    rejected = [r for r in records if r["kind"] == "rejected"]
-    assert len(rejected) == 1 and rejected[0]["sender"] == "world/med/a"
-    assert named in rejected[0]["reason"]
-    assert extra not in records
+    _refused_with_its_reply(tmp_path, extra, named)
 
 
 def test_without_the_schema_a_text_epsilon_breaks_the_report(
