@@ -15,6 +15,7 @@ the state before any task) and written atomically by `worldlm.checkpoint`.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -154,14 +155,7 @@ def dp_policy(node: object) -> DPPolicy | None:
 
 def rounds_undone(before: list[float], after: list[float]) -> list[float]:
     """The sampling rates accounted in `before` and not in `after` (multisets of rates)."""
-    left = list(after)
-    undone = []
-    for rate in before:
-        if rate in left:
-            left.remove(rate)
-        else:
-            undone.append(rate)
-    return undone
+    return list((Counter(before) - Counter(after)).elements())
 
 
 def journal_keep(every: int, inner_rounds_above: list[int]) -> int:

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from worldlm.errors import shown
+
 # Longer strings are refused: the audit log refuses strings over 4,096 characters, and no
 # field the engine writes comes near it (reasons are shortened before they are recorded).
 MAX_STRING = 4096
@@ -143,15 +145,14 @@ def schema_problem(kind: str, row: Mapping[str, Any]) -> str | None:
                 return f"a {kind} row without {field!r}"
             continue
         if not check(row[field]):
-            return f"a {kind} row whose {field!r} is {_shown(row[field])}"
+            return f"a {kind} row whose {field!r} is {_value(row[field])}"
     for field, value in row.items():
         if not isinstance(field, str) or len(field) > 100:
-            return f"a {kind} row with a field named {_shown(field)}"
+            return f"a {kind} row with a field named {_value(field)}"
         if field not in schema and field not in _COMMON and not _extra_ok(value):
-            return f"a {kind} row whose {field!r} is {_shown(value)}"
+            return f"a {kind} row whose {field!r} is {_value(value)}"
     return None
 
 
-def _shown(value: Any) -> str:
-    text_ = repr(value)
-    return text_ if len(text_) <= 60 else text_[:57] + "..."
+def _value(value: Any) -> str:
+    return shown(repr(value), limit=60)
