@@ -14,6 +14,7 @@ from worldlm import wire
 from worldlm.audit.cli import AUDIT_FILE
 from worldlm.audit.log import verify
 from worldlm.checkpoint import load_latest
+from worldlm.checkpoint_parts import PartStore
 from worldlm.progress import QuietProgress
 from worldlm.runner import resume, run
 
@@ -38,7 +39,7 @@ def test_an_altered_checkpoint_is_refused_and_an_older_one_resumed(tmp_path: Pat
     tensors, meta = wire.decode(newest.read_bytes())
     newest.write_bytes(wire.encode(tensors, {**meta, "edited": True}))
     # The attack without the check: the altered file is what a plain resume would load.
-    assert load_latest(checkpoints)[0] == newest
+    assert load_latest(checkpoints, parts=PartStore(checkpoints))[0] == newest
 
     resumed = resume(tmp_path / "cut", QuietProgress())
     (entry,) = _entries(resumed.run_dir, "run_resumed")

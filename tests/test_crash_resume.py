@@ -91,7 +91,7 @@ _KILL_DURING_WRITE = textwrap.dedent(
     elif point == "before_rename":
         ck.os.replace = die
     elif point == "after_rename":  # renamed, directory not yet synced
-        ck._fsync_dir = die
+        ck.fsync_dir = die
     ck.save_checkpoint(directory, 2, {"w": torch.full((256, 256), 2.0)}, {"n": 2}, keep=3)
     """
 )

@@ -56,13 +56,17 @@ def test_a_run_that_fills_the_disk_ends_in_one_line_and_resumes(
     data["train"]["local_steps"] = 1
     config = tmp_path / "run.toml"
     config.write_text(to_toml(data), encoding="utf-8")
-    # Checkpoint 1 writes its file and directory entry (2 fsyncs); the disk is full from then.
-    monkeypatch.setattr(checkpoint_module.os, "fsync", _disk_full_after(3))
+    # Checkpoint 1 writes each leaf's state file and the checkpoint, each file and directory
+    # entry (2 fsyncs apiece); the disk is full from then (in the first leaf file of round 2).
+    monkeypatch.setattr(checkpoint_module.os, "fsync", _disk_full_after(2 * len(TWO_LEVEL) + 3))
     assert main(["run", str(config), "--quiet", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "--resume" in err and "Traceback" not in err
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in checkpoints.iterdir()] == ["round-000001.wlm"]  # no .tmp
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["round-000001.wlm"]
+    written = [p.name for p in checkpoints.rglob("*")]
+    assert not [name for name in written if name.endswith(".tmp")]
+    assert len(list((checkpoints / "objects").iterdir())) == len(TWO_LEVEL)
     monkeypatch.setattr(checkpoint_module.os, "fsync", _real_fsync)  # space again
     assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     assert [p.name for p in list_checkpoints(checkpoints)][-1] == "round-000003.wlm"

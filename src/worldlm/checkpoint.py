@@ -2,7 +2,9 @@
 
 A checkpoint is written to a temporary file, fsynced, and renamed into place, so a crash leaves
 either the previous checkpoint or the new one, never a torn file; a torn or altered file fails its
-digest and is skipped on load.
+digest and is skipped on load. A checkpoint may name leaves' state kept in files of their own
+(`checkpoint_parts`): those are written before it, checked with it on load, and deleted when
+no kept checkpoint names them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from worldlm import wire
+from worldlm.checkpoint_parts import PartStore, fsync_dir, parts_named
 from worldlm.errors import CheckpointError, WireError
 
 _NAME = re.compile(r"^round-(\d{6})\.wlm$")
@@ -32,8 +35,10 @@ def save_checkpoint(
     meta: Mapping[str, Any],
     *,
     keep: int,
+    parts: PartStore | None = None,
 ) -> Path:
-    """Write `round-NNNNNN.wlm` atomically and keep only the newest `keep` checkpoints."""
+    """Write `round-NNNNNN.wlm` atomically and keep only the newest `keep` checkpoints (and the
+    leaf-state files of `parts` that they name)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = wire.encode(tensors, {**meta, "round": round_index})
     final = directory / checkpoint_name(round_index)
@@ -44,7 +49,7 @@ def save_checkpoint(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         # A full disk: leave no partial file behind, and keep the previous checkpoints.
         tmp.unlink(missing_ok=True)
@@ -55,15 +60,10 @@ def save_checkpoint(
         ) from exc
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
+    if parts is not None:
+        named = [d for path in list_checkpoints(directory) for d in parts_named(read_meta(path))]
+        parts.collect(named)
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -82,29 +82,39 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata from its header alone (at most a few megabytes, not the model);
+    {} if it is torn or unreadable."""
+    try:
+        with path.open("rb") as fh:
+            header = wire.read_file_header(fh)
+    except (OSError, WireError):
+        return {}
+    meta = header.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
 def finished_reason(directory: Path) -> str:
     """Why the run whose checkpoints are in `directory` ended ("rounds", "target_ppl", ...),
     from the newest checkpoint's header alone; "" while it has rounds left (or no readable
     checkpoint). Reads the header (at most a few megabytes), not the model, so that a resume
     can refuse before it reads any data or builds any model."""
     for path in reversed(list_checkpoints(directory)):
-        try:
-            with path.open("rb") as fh:
-                # the prefix and a header of the largest size allowed, or less: read_header
-                # finds the header's length in the prefix
-                header, _ = wire.read_header(fh.read(wire.MAX_HEADER_BYTES + 64))
-        except (OSError, WireError):
+        meta = read_meta(path)
+        if not meta:
             continue  # torn: a resume falls back to an older checkpoint, never a finished one
-        meta = header.get("meta")
-        return str(meta.get("finished") or "") if isinstance(meta, dict) else ""
+        return str(meta.get("finished") or "")
     return ""
 
 
 def load_latest(
-    directory: Path, vouch: Callable[[Path], str | None] | None = None
+    directory: Path,
+    vouch: Callable[[Path], str | None] | None = None,
+    parts: PartStore | None = None,
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The newest checkpoint that loads (and that `vouch` finds no problem with: say, its digest
-    against the audit log's); older ones are tried when a newer one is damaged or refused."""
+    """The newest checkpoint that loads, whose leaf-state files in `parts` are there and
+    unchanged, and that `vouch` finds no problem with (say, its digest against the audit
+    log's); older ones are tried when a newer one is damaged or refused."""
     problems = []
     for path in reversed(list_checkpoints(directory)):
         problem = vouch(path) if vouch is not None else None
@@ -115,6 +125,14 @@ def load_latest(
             tensors, meta = load_checkpoint(path)
         except CheckpointError as exc:
             problems.append(str(exc))
+            continue
+        named = parts_named(meta)
+        if named and parts is None:
+            problems.append(f"{path} names leaf-state files, and none were looked for")
+            continue
+        missing = next((p for d in named if parts and (p := parts.problem(d))), None)
+        if missing is not None:
+            problems.append(f"{path}: {missing}")
             continue
         return path, tensors, meta
     detail = ("; " + "; ".join(problems)) if problems else ""

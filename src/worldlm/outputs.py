@@ -4,6 +4,7 @@ Hugging Face models with their model cards, and summary.json."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from worldlm.audit.digest import file_sha256
 from worldlm.audit.log import AuditLog
 from worldlm.checkpoint import save_checkpoint
-from worldlm.core.messages import EvalResult, State
+from worldlm.core.messages import EvalResult, Record, State
 from worldlm.data.prepare import hf_tokenizer
 from worldlm.federation.snapshot import snapshot
 from worldlm.metrics.jsonl import read_metrics
@@ -98,12 +99,16 @@ def lora_base(model: torch.nn.Module, directory: Path) -> Path | None:
     return base_of(directory) if is_lora(model) else None
 
 
-def write_checkpoint(session: Session, round_index: int, tokens: float, finished: str) -> None:
+def write_checkpoint(session: Session, round_index: int, tokens: float, finished: str) -> Record:
     """The whole run state after `round_index`, then the audit entry naming the file and its
     SHA-256. The checkpoint itself holds nothing of the audit log (whose hashes cover
-    timestamps): two runs of one config must write identical checkpoints (TESTPLAN A2)."""
-    fed, audit = session.fed, session.audit
-    tensors, meta = snapshot(fed, round_index, tokens, fed.root.ctx.run_id)
+    timestamps): two runs of one config must write identical checkpoints (TESTPLAN A2).
+    Returns the metrics row of what it wrote: the bytes of the checkpoint and of the leaf-state
+    files it wrote (the leaves that changed since the last one), and the seconds it took."""
+    fed, audit, parts = session.fed, session.audit, session.parts
+    started, written_before = time.perf_counter(), parts.written_bytes
+    files_before = parts.written_files
+    tensors, meta = snapshot(fed, round_index, tokens, fed.root.ctx.run_id, parts)
     meta["finished"] = finished
     path = save_checkpoint(
         session.run_dir / "checkpoints",
@@ -111,9 +116,19 @@ def write_checkpoint(session: Session, round_index: int, tokens: float, finished
         tensors,
         meta,
         keep=session.config.checkpoint.keep,
+        parts=parts,
     )
     if audit is not None:
         audit_checkpoint(audit, fed.root.path, path, round_index)
+    return {
+        "round": round_index,
+        "node": fed.root.path,
+        "kind": "checkpoint",
+        "file": path.name,
+        "bytes": path.stat().st_size + parts.written_bytes - written_before,
+        "leaf_files": parts.written_files - files_before,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def audit_checkpoint(audit: AuditLog, root: str, path: Path, round_index: int) -> None:

@@ -55,12 +55,12 @@ def continue_session(session: Session, observer: RunObserver) -> RunResult:
             observer.status(f"{problem}; trying an older one")
         return problem
 
-    path, tensors, meta = load_latest(run_dir / "checkpoints", vouch)
+    path, tensors, meta = load_latest(run_dir / "checkpoints", vouch, session.parts)
     if meta.get("run_id") != session.fed.root.ctx.run_id:
         raise CheckpointError(f"{path} belongs to another run configuration")
     if meta.get("finished"):
         raise CheckpointError(f"the run in {run_dir} already finished ({meta['finished']})")
-    restore(session.fed, tensors, meta)
+    restore(session.fed, tensors, meta, session.parts)
     done = int(meta["global_round"])
     observer.status(f"resuming after round {done} from {path.name}")
     if session.audit is not None:
@@ -156,7 +156,7 @@ def round_loop(
         )
         finished = stop_reason or ("rounds" if last else "")
         if r % config.checkpoint.every == 0 or finished:
-            write_checkpoint(session, r, tokens, finished)
+            session.metrics.write([write_checkpoint(session, r, tokens, finished)])
         if stop_reason:
             break
     observer.status("saving final models")

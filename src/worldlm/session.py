@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -13,6 +14,7 @@ from transformers import PreTrainedModel
 
 from worldlm.audit.cli import AUDIT_FILE
 from worldlm.audit.log import AuditLog
+from worldlm.checkpoint_parts import PartStore
 from worldlm.config import RunConfig, dump_config
 from worldlm.core.state import get_state
 from worldlm.data.prepare import PreparedData, prepare_data
@@ -52,6 +54,12 @@ class Session:
     # Whether leaves deploy something other than the global model (worldlm, fedper, local).
     personalized: bool = True
     audit: AuditLog | None = None  # audit.sqlite; None where a caller keeps no audit log
+
+    @cached_property
+    def parts(self) -> PartStore:
+        """The leaves' checkpoint state files, and which leaf each holds (kept between
+        checkpoints so that a leaf that did not change is not written again)."""
+        return PartStore(self.run_dir / "checkpoints")
 
 
 def config_digest(config: RunConfig) -> str:

@@ -20,7 +20,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import xxhash
@@ -137,6 +137,15 @@ def _tensor_view(tensor: torch.Tensor) -> memoryview:
     if not flat.numel():
         return memoryview(b"")
     return flat.view(torch.uint8).numpy().data.cast("B")
+
+
+def read_file_header(fh: BinaryIO) -> dict[str, Any]:
+    """The header of the payload a file starts with, reading the header's bytes alone."""
+    prefix = fh.read(_PREFIX.size)
+    if len(prefix) == _PREFIX.size:
+        head_len = _PREFIX.unpack_from(prefix, 0)[2]
+        prefix += fh.read(min(head_len, MAX_HEADER_BYTES + 1))
+    return read_header(prefix)[0]
 
 
 def read_header(payload: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:

@@ -69,6 +69,9 @@ class Leaf:
         # from) and the optimizer's moments: in memory, or on disk between rounds when the
         # run says so (run.leaf_state), read back as they were written.
         self._held = HeldState(ctx.state_dir, path)
+        # Moves whenever the state a checkpoint keeps changes: an unchanged leaf is not written
+        # into the next checkpoint again (`checkpoint_parts`).
+        self.state_version = 0
         self._optimizer_state: dict[str, Any] | None = None  # in memory
         self.uplink = Uplink(link or LinkConfig())  # compresses replies to the parent
         local = dp if dp is not None and dp.local_noise_multiplier > 0 else None
@@ -86,6 +89,7 @@ class Leaf:
 
     @own_state.setter
     def own_state(self, value: State) -> None:
+        self.state_version += 1
         self._held.put("own", value)
 
     @property
@@ -94,6 +98,7 @@ class Leaf:
 
     @adapted_state.setter
     def adapted_state(self, value: State) -> None:
+        self.state_version += 1
         self._held.put("adapted", value)
 
     @property
@@ -105,6 +110,7 @@ class Leaf:
 
     @optimizer_state.setter
     def optimizer_state(self, value: dict[str, Any] | None) -> None:
+        self.state_version += 1
         if not self._held.on_disk:
             self._optimizer_state = value
         elif value is None:
@@ -126,6 +132,7 @@ class Leaf:
         return {**incoming, **self.own_state, **self.adapted_state}
 
     def handle_train(self, task: TrainTask) -> Update:
+        self.state_version += 1  # counters, error feedback: everything below may change
         task = decode_task(task)  # the weights, if the parent compressed them
         model, device = self.workspace, self.ctx.device
         finetuning = self.finetune_after is not None and task.global_round > self.finetune_after
@@ -231,6 +238,7 @@ class Leaf:
         return tensors, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
+        self.state_version += 1
         self.sessions = int(meta["sessions"])
         self.steps_done = int(meta["steps_done"])
         self.own_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("own/")}

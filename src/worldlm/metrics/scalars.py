@@ -30,6 +30,7 @@ _FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bytes_up", "bytes_up"),
     ),
     "privacy": (("epsilon", "dp_epsilon"),),
+    "checkpoint": (("bytes", "checkpoint_bytes"), ("seconds", "checkpoint_seconds")),
 }
 
 

@@ -128,6 +128,11 @@ class RemoteLeaf:
         own, adapted = self._kept()
         return {**incoming, **own, **adapted}
 
+    @property
+    def state_version(self) -> int:
+        version: int = fetch(self.path, self.actor.state_version.remote(self.path))
+        return version
+
     def snapshot(self) -> tuple[State, dict[str, Any]]:
         snap: tuple[State, dict[str, Any]] = fetch(self.path, self.actor.snapshot.remote(self.path))
         return snap

@@ -85,6 +85,9 @@ class LeafWorker:
         leaf = self.leaves[path]
         return leaf.own_state, leaf.adapted_state
 
+    def state_version(self, path: str) -> int:
+        return self.leaves[path].state_version
+
     def snapshot(self, path: str) -> tuple[State, dict[str, Any]]:
         return self.leaves[path].snapshot()
 
