@@ -7,13 +7,14 @@ round, a checkpoint after every round. Measured:
 
 - `peak RSS`: the child process's peak resident memory (`ru_maxrss` of the finished child);
 - `s/round`: the median over rounds of the root's aggregate row `seconds` (training included);
-- `ckpt/round`: the bytes of one checkpoint file (the newest), and that over the model's own
-  bytes (4 bytes per parameter).
+- `ckpt MB/round`: the median over checkpoints of the bytes each wrote (its `checkpoint` metrics
+  row: the checkpoint file and the leaf-state files of the leaves that changed since the last
+  one), that over the model's own bytes (4 bytes per parameter), and its median seconds;
+- `leaf files`: the median number of leaf-state files a checkpoint wrote.
 
-    python benchmarks/scale.py --leaves 10,100 --rounds 3
+    python benchmarks/scale.py --leaves 10,100,1000 --rounds 3 --leaf-state disk --sample 0.1
 
-This is the baseline the issue's work is measured against (leaf state off the heap,
-incremental checkpoints); Flower's side is not part of this script yet. Results: docs/benchmarks.md.
+Flower's side is not part of this script yet. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--leaf-state", default="memory", choices=("memory", "disk"), help="run.leaf_state"
     )
+    p.add_argument(
+        "--sample", type=float, default=1.0, help="share of leaves the root samples per round"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args()
 
@@ -112,7 +116,7 @@ def leaf_file(path: Path, seed: int, docs: int) -> str:
 def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     data = root / "data"
     data.mkdir()
-    nodes: dict[str, Any] = {"world": {}}
+    nodes: dict[str, Any] = {"world": {"sample": {"fraction": args.sample}}}
     for i in range(n):
         file = leaf_file(data / f"leaf{i:04d}.jsonl", args.seed * 100_003 + i, args.docs)
         nodes[f"world/leaf{i:04d}"] = {"data": {"paths": [file]}}
@@ -159,8 +163,8 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         run_dir = Path(out["run_dir"])
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
         seconds = [r["seconds"] for r in rows if r["kind"] == "aggregate" and r["node"] == "world"]
-        checkpoints = sorted((run_dir / "checkpoints").glob("*.wlm"))
-        ckpt = checkpoints[-1].stat().st_size
+        written = [r for r in rows if r["kind"] == "checkpoint"]
+        ckpt = statistics.median(r["bytes"] for r in written)
         model_bytes = 4 * int(out["parameters"])
         return {
             "leaves": n,
@@ -170,6 +174,8 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "seconds_per_round": statistics.median(seconds),
             "checkpoint_mb": ckpt / 1e6,
             "checkpoint_over_model": ckpt / model_bytes,
+            "checkpoint_seconds": statistics.median(r["seconds"] for r in written),
+            "leaf_files": statistics.median(r["leaf_files"] for r in written),
             "parameters": out["parameters"],
         }
 
@@ -180,9 +186,19 @@ def main() -> None:
     results = [measure(n, args) for n in counts]
     table = Table(
         title=f"worldlm in process, preset {args.preset}, {args.rounds} rounds, "
-        f"leaf state in {args.leaf_state}"
+        f"leaf state in {args.leaf_state}, sample {args.sample}"
     )
-    for col in ("leaves", "peak RSS MB", "x smallest N", "s/round", "ckpt MB", "ckpt / model"):
+    columns = (
+        "leaves",
+        "peak RSS MB",
+        "x smallest N",
+        "s/round",
+        "ckpt MB/round",
+        "ckpt / model",
+        "ckpt s",
+        "leaf files",
+    )
+    for col in columns:
         table.add_column(col, justify="right")
     base = results[0]["peak_rss_mb"]
     for r in results:
@@ -193,6 +209,8 @@ def main() -> None:
             f"{r['seconds_per_round']:.2f}",
             f"{r['checkpoint_mb']:.1f}",
             f"{r['checkpoint_over_model']:.1f}",
+            f"{r['checkpoint_seconds']:.2f}",
+            f"{r['leaf_files']:.0f}",
         )
     Console().print(table)
     if args.json is not None:

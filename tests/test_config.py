@@ -178,7 +178,7 @@ def test_a_node_is_an_aggregator_or_a_leaf_never_both(tmp_path: Path) -> None:
     }
     dumped = tomllib.loads(dump_config(config))["nodes"]
     assert "data" not in dumped["world/med"] and "strategy" in dumped["world/med"]
-    assert set(dumped["world/med/a"]) == {"data", "link", "dp"}  # no aggregator settings
+    assert set(dumped["world/med/a"]) == {"data", "link", "dp", "slowdown"}  # no aggregator's
     # The wrong kind of settings is refused by name, whichever side it is on.
     data = tiny_config_dict(tmp_path, TWO_LEVEL)
     leaf_error = _error(data, ["nodes.world/med/a.server_optimizer.name=fedadam"])

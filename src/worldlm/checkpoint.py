@@ -112,9 +112,10 @@ def load_latest(
     vouch: Callable[[Path], str | None] | None = None,
     parts: PartStore | None = None,
 ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The newest checkpoint that loads, whose leaf-state files in `parts` are there and
-    unchanged, and that `vouch` finds no problem with (say, its digest against the audit
-    log's); older ones are tried when a newer one is damaged or refused."""
+    """The newest checkpoint that loads, whose leaf-state files (in `parts`, by default the
+    directory's own) are there and unchanged, and that `vouch` finds no problem with (say, its
+    digest against the audit log's); older ones are tried when a newer one is damaged or
+    refused."""
     problems = []
     for path in reversed(list_checkpoints(directory)):
         problem = vouch(path) if vouch is not None else None
@@ -126,11 +127,8 @@ def load_latest(
         except CheckpointError as exc:
             problems.append(str(exc))
             continue
-        named = parts_named(meta)
-        if named and parts is None:
-            problems.append(f"{path} names leaf-state files, and none were looked for")
-            continue
-        missing = next((p for d in named if parts and (p := parts.problem(d))), None)
+        store = parts if parts is not None else PartStore(directory)
+        missing = next((p for d in parts_named(meta) if (p := store.problem(d))), None)
         if missing is not None:
             problems.append(f"{path}: {missing}")
             continue

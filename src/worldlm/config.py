@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from worldlm.config_fedbuff import FedBuffConfig as FedBuffConfig
+from worldlm.config_fedbuff import SpeedConfig as SpeedConfig
 from worldlm.config_leaf_data import LeafDataConfig as LeafDataConfig
 
 # Re-exported: callers build configs from dicts with these (worldlm.config's API).
@@ -413,6 +415,13 @@ class NodeSettings(Section):
         default_factory=LinkConfig,
         description="Compression of the link between this node and its parent (not the root).",
     )
+    slowdown: float = Field(
+        1.0,
+        gt=0.0,
+        description="Simulation under a FedBuff parent: this node's simulated training "
+        "durations are multiplied by this (10 = a straggler ten times slower); ignored under "
+        "synchronous parents.",
+    )
 
 
 class AggregatorConfig(NodeSettings):
@@ -420,8 +429,9 @@ class AggregatorConfig(NodeSettings):
 
     strategy: str = Field(
         "fedavg",
-        description="Aggregation rule of an aggregator: fedavg, none, or a Byzantine-robust "
-        "rule (median, trimmed_mean, krum, multi_krum, bulyan; see robust).",
+        description="Aggregation rule of an aggregator: fedavg, none, a Byzantine-robust "
+        "rule (median, trimmed_mean, krum, multi_krum, bulyan; see robust), or fedbuff "
+        "(buffered asynchronous steps on a simulated clock; see fedbuff and docs/fedbuff.md).",
     )
     inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
     sample: SampleConfig = Field(
@@ -461,6 +471,11 @@ class AggregatorConfig(NodeSettings):
         default_factory=ServerOptimizerConfig,
         description="An aggregator's optimizer on its round's pseudo-gradient (after robust "
         "rules and DP noise).",
+    )
+    fedbuff: FedBuffConfig = Field(
+        default_factory=FedBuffConfig,
+        description="strategy = 'fedbuff': buffer size, concurrency, staleness weighting and "
+        "the simulated clock.",
     )
 
 

@@ -22,6 +22,7 @@ from worldlm.errors import ConfigError
 from worldlm.hub import is_hub_id
 from worldlm.partition_tree import expand_partition
 from worldlm.plugins import load_plugins, plugins_of
+from worldlm.strategies.fedbuff import check_fedbuff_method
 from worldlm.train.trainer import build_trainer
 from worldlm.tree import build_tree
 
@@ -70,6 +71,7 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, RunConfig)) from None
     build_tree(config.nodes)
+    check_fedbuff_method(config.run.method, config.nodes)
     build_trainer(config.train)  # refuses a trainer no module registered
     if config.train.precision == "bf16" and config.model.load_in != "full":
         raise ConfigError(

@@ -13,6 +13,7 @@ from worldlm.compression.policy import check_root_link
 from worldlm.config import AggregatorConfig, LeafConfig, LeafDataConfig, NodeConfig
 from worldlm.errors import ConfigError
 from worldlm.strategies.catalog import strategy_names
+from worldlm.strategies.fedbuff import check_fedbuff
 from worldlm.strategies.server_optimizer import server_optimizer_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -158,6 +159,7 @@ def _check_aggregator(key: str, path: str, settings: AggregatorConfig, n: int) -
             f"{key}.sample.min: {settings.sample.min} is above the number of children "
             f"of {path} ({n})"
         )
+    check_fedbuff(key, settings, n)
 
 
 def flatten(tree: FederationNode) -> FederationNode:

@@ -36,6 +36,7 @@ from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.state import cast_like
 from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.errors import UpdateRejected
+from worldlm.federation.buffered_round import BufferedRounds
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.eval_check import accepted_results
 from worldlm.federation.key_layers import (
@@ -54,6 +55,7 @@ from worldlm.federation.record_check import (
 )
 from worldlm.federation.reply_check import check_reply, is_abstention
 from worldlm.federation.round_rule import RoundRule, StrategyRule
+from worldlm.federation.round_runner import RoundRunner, SynchronousRounds
 from worldlm.federation.round_state import (
     Collected,
     RoundOutcome,
@@ -72,6 +74,7 @@ from worldlm.federation.selection import (
 )
 from worldlm.security.downlink import DownlinkSigner, sign_tasks
 from worldlm.seeding import derive_seed
+from worldlm.strategies.fedbuff import FEDBUFF
 from worldlm.strategies.registry import RoundAggregation, Strategy
 from worldlm.strategies.routing import route
 from worldlm.strategies.server_optimizer import ServerOptimizer
@@ -88,7 +91,8 @@ class RouterPolicy:
 class Aggregator:
     """One federation's aggregator. What varies between methods and federations plugs in:
     `rule` (the strategy, or DP-FedAvg around it), `keys` (WorldLM's key layers, or none),
-    `optimizer` (the server optimizer), `links` (compression), and plain or secure collection."""
+    `optimizer` (the server optimizer), `links` (compression), plain or secure collection, and
+    `rounds`, what runs a round (the synchronous round, or FedBuff's buffered step)."""
 
     def __init__(
         self,
@@ -105,6 +109,7 @@ class Aggregator:
         record_limits: Mapping[str, int] | None = None,
         eval_owners: Mapping[str, frozenset[str]] | None = None,
         eval_max_tokens: int | None = None,
+        child_slowdowns: Mapping[str, float] | None = None,
     ) -> None:
         self.path = path
         self.settings = settings
@@ -149,6 +154,13 @@ class Aggregator:
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
         secure = settings.secure_aggregation.enabled
         self._collect = self._collect_secure if secure else self._collect_plain
+        # FedBuff replaces the synchronous round by buffered server steps on a simulated clock
+        # (buffered_round); `child_slowdowns` make its stragglers.
+        self.rounds: RoundRunner = (
+            BufferedRounds(self, child_slowdowns or {})
+            if settings.strategy == FEDBUFF
+            else SynchronousRounds(self._synchronous_round)
+        )
 
     @property
     def key_policy(self) -> KeyLayerPolicy | None:
@@ -197,6 +209,10 @@ class Aggregator:
         return self.secure_child.handle(message)
 
     def run_round(self, state: State, global_round: int) -> RoundOutcome:
+        """One round over this node's children (a FedBuff node's: one server step)."""
+        return self.rounds.run(state, global_round)
+
+    def _synchronous_round(self, state: State, global_round: int) -> RoundOutcome:
         """One round over this node's children: select, send, collect, finalize, record."""
         started, r = time.perf_counter(), self.rounds_done
         n_children, chosen = self._select(r)
@@ -204,9 +220,7 @@ class Aggregator:
             return self._out_of_budget(state, global_round, r, started)
         aggregation = self.rule.start_round(state, n_children, len(chosen), r)
         key_round = self.keys.start_round(self.routed)
-        sent, seen = self.links.send(self._tasks(chosen, state, r, global_round))
-        if self.signer is not None:
-            sent, seen = sign_tasks(self.signer, sent, seen, self.chain)
+        sent, seen = self._send(chosen, state, r, global_round)
         got = self._collect(sent, seen, state, aggregation, key_round, (r, global_round))
         benched = self._settle(got, chosen, r, global_round)
         finished = None
@@ -245,6 +259,15 @@ class Aggregator:
             secure=dp.enabled and not dp.seeded_noise,
         )
         return len(pool), chosen
+
+    def _send(
+        self, chosen: list[str], state: State, r: int, global_round: int
+    ) -> tuple[dict[str, TrainTask], dict[str, TrainTask]]:
+        """The tasks of `chosen` as they cross the links, and as the children decode them."""
+        sent, seen = self.links.send(self._tasks(chosen, state, r, global_round))
+        if self.signer is not None:
+            sent, seen = sign_tasks(self.signer, sent, seen, self.chain)
+        return sent, seen
 
     def _tasks(
         self, chosen: list[str], state: State, r: int, global_round: int
@@ -566,6 +589,8 @@ class Aggregator:
         tensors.update(self.keys.snapshot())
         tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
         tensors.update({f"server_opt/{k}": v for k, v in self.optimizer.state_dict().items()})
+        runner_tensors, runner_meta = self.rounds.snapshot()  # FedBuff's work in flight
+        tensors.update({f"runner/{k}": v for k, v in runner_tensors.items()})
         for source, residual in sorted(self.residuals.items()):
             for name, (left, right) in residual.items():
                 tensors[f"residual#{source}#{name}#U"] = left
@@ -577,6 +602,8 @@ class Aggregator:
             "benched_until": self.benched_until,
             **self.rule.meta(),
         }
+        if runner_meta:
+            meta["runner"] = runner_meta
         return tensors, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
@@ -588,6 +615,7 @@ class Aggregator:
         self.keys.restore(tensors)
         self.uplink.load_state_dict(under_prefix("link/", tensors))
         self.optimizer.load_state_dict(under_prefix("server_opt/", tensors))
+        self.rounds.restore(under_prefix("runner/", tensors), meta.get("runner", {}))
         factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         for key, value in tensors.items():
             if key.startswith("residual#"):

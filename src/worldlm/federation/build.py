@@ -139,6 +139,7 @@ def build_federation(
             ),
             # Each link is configured by its child (nodes.<child>.link); checked there too.
             child_links={child.path: child.settings.link for child in node.children},
+            child_slowdowns={child.path: child.settings.slowdown for child in node.children},
             weight_bounds={child.path: bounds[child.path] for child in node.children},
             record_limits={child.path: rows[child.path] for child in node.children},
             eval_owners={child.path: owners[child.path] for child in node.children},

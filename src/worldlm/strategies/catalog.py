@@ -12,7 +12,7 @@ from worldlm.config import RobustConfig
 from worldlm.errors import ConfigError
 
 # The rules' modules, imported for the registration they run.
-from worldlm.strategies import fedavg, none, robust_rounds  # noqa: F401
+from worldlm.strategies import fedavg, fedbuff, none, robust_rounds  # noqa: F401
 from worldlm.strategies.norm_bound import NormBounded
 from worldlm.strategies.registry import REQUIREMENTS, STRATEGIES, Strategy, StrategySettings
 
