@@ -288,19 +288,20 @@ class NoOpWorker:
     def paths(self) -> list[str]:
         return sorted(self.tokens)
 
-    def handle_train(self, task: Any, state: Any) -> Any:
-        from worldlm.core.messages import Update
+    def answer(self, method: str, calls: list[Any], *models: Any) -> list[Any]:
+        from worldlm.transport.ray_codec import answer_batch
 
-        copy = {k: v.clone() for k, v in state.items()}
+        return answer_batch(self._handle, method, calls, models)
+
+    def _handle(self, method: str, task: Any) -> Any:
+        from worldlm.core.messages import EvalReport, Update
+
+        if method == "handle_eval":
+            return EvalReport(task.recipient, task.nonce, {})
+        copy = {k: v.clone() for k, v in task.state.items()}
         return Update(
             task.recipient, task.round, task.nonce, copy, float(self.tokens[task.recipient])
         )
-
-    def handle_eval(self, task: Any, state: Any) -> Any:
-        from worldlm.core.messages import EvalReport
-
-        del state
-        return EvalReport(task.recipient, task.nonce, {})
 
 
 def leaf_paths(n: int) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -17,13 +17,15 @@ from worldlm.cli_args import backend_overrides
 from worldlm.config import RunConfig, dump_config
 from worldlm.config_load import load_config
 from worldlm.core.leaf_data import LeafData
-from worldlm.core.messages import State, TrainTask, Update
+from worldlm.core.messages import TrainTask, Update
 from worldlm.errors import ConfigError
 from worldlm.federation.context import SilentObserver
 from worldlm.model.io import weights_file
 from worldlm.outputs import RunResult
 from worldlm.progress import QuietProgress
 from worldlm.runner import resume, run
+from worldlm.transport import ray_transport
+from worldlm.transport.ray_codec import answer_batch
 from worldlm.transport.ray_transport import RayTransport, RemoteLeaf
 
 from .conftest import TWO_LEVEL, tiny_config
@@ -118,47 +120,64 @@ def test_resume_may_change_the_backend_and_nothing_else(tmp_path: Path) -> None:
 
 
 class _EchoWorker:
-    """A Ray actor with `LeafWorker`'s train call: answers with the state it was sent."""
+    """A Ray actor with `LeafWorker`'s batch call: answers each task with the state it was sent."""
 
-    def handle_train(self, task: TrainTask, state: State) -> Update:
-        return Update(task.recipient, task.round, task.nonce, dict(state), 1.0)
+    def answer(self, method: str, calls: list[Any], *models: Any) -> list[Any]:
+        def echo(_method: str, task: TrainTask) -> Update:
+            return Update(task.recipient, task.round, task.nonce, dict(task.state), 1.0)
 
-
-class _CountingLeaf(RemoteLeaf):
-    """A `RemoteLeaf` that counts the calls the transport starts on its actor."""
-
-    submitted: ClassVar[list[str]] = []
-
-    def submit(self, method: str, message: Any, models: dict[int, Any]) -> Any:
-        _CountingLeaf.submitted.append(self.path)
-        return super().submit(method, message, models)
+        return answer_batch(echo, method, calls, models)
 
 
-@pytest.mark.parametrize(("calls_per_actor", "bounded"), [(2, True), (100, False)])
+@pytest.mark.parametrize(
+    ("calls_per_actor", "max_batch", "leaves", "most"),
+    [(2, 1, 12, 4), (2, 3, 24, 12), (100, 1, 12, 12)],
+)
 def test_replies_waiting_in_the_object_store_stay_bounded(
-    local_ray: None, calls_per_actor: int, bounded: bool
+    local_ray: None,
+    monkeypatch: pytest.MonkeyPatch,
+    calls_per_actor: int,
+    max_batch: int,
+    leaves: int,
+    most: int,
 ) -> None:
-    """However many leaves, at most `calls_per_actor` calls per actor are in flight, so the
-    replies waiting for the aggregator do not grow with the number of children; the replies
-    still come in task order. (The unbounded case is the teeth: all 12 start at once.)"""
+    """However many leaves, at most `calls_per_actor` calls (of `max_batch` tasks) per actor are
+    in flight, so the replies waiting for the aggregator do not grow with the number of
+    children; the replies still come in task order, bit for bit. (The unbounded case is the
+    teeth: all 12 start at once.)"""
     import ray
 
-    paths = [f"root/leaf-{i:02d}" for i in range(12)]
+    paths = [f"root/leaf-{i:02d}" for i in range(leaves)]
     actors = [ray.remote(num_cpus=0)(_EchoWorker).remote() for _ in range(2)]
-    transport = RayTransport({"root": paths}, SilentObserver(), calls_per_actor=calls_per_actor)
+    transport = RayTransport(
+        {"root": paths}, SilentObserver(), calls_per_actor=calls_per_actor, max_batch=max_batch
+    )
     for i, path in enumerate(paths):
         blocks = torch.zeros((1, 8), dtype=torch.long)
-        transport.register(_CountingLeaf(path, LeafData(path, blocks, {}), actors[i % 2]))
-    _CountingLeaf.submitted.clear()
-    state = {"w": torch.arange(6.0)}
+        transport.register(RemoteLeaf(path, LeafData(path, blocks, {}), actors[i % 2]))
+    submitted: list[str] = []
+    real_submit = ray_transport.submit_batch
+
+    def counting(actor: Any, method: str, messages: Any, models: Any) -> Any:
+        submitted.extend(m.recipient for m in messages)
+        return real_submit(actor, method, messages, models)
+
+    monkeypatch.setattr(ray_transport, "submit_batch", counting)
+    # Every dtype crosses as bytes: bfloat16 (no NumPy type), a 0-d tensor, a strided view.
+    state = {
+        "w": torch.arange(6.0),
+        "b": torch.arange(4, dtype=torch.bfloat16) / 3,
+        "s": torch.tensor(2.5),
+        "t": torch.arange(12.0).reshape(3, 4).t(),
+    }
     tasks = [TrainTask("run", 3, 3, "root", p, f"nonce-{p}", state) for p in paths]
     in_flight = []
     for k, update in enumerate(transport.train(tasks)):
         assert update.sender == paths[k] and update.nonce == f"nonce-{paths[k]}"
-        assert torch.equal(update.state["w"], state["w"])
-        in_flight.append(len(_CountingLeaf.submitted) - k)  # started and not yet taken
-    assert sorted(_CountingLeaf.submitted) == paths  # each leaf asked once
-    if bounded:
-        assert max(in_flight) == 2 * 2  # two actors, two calls each
-    else:
-        assert max(in_flight) == len(paths)
+        for key, value in state.items():
+            got = update.state[key]
+            assert got.dtype == value.dtype and torch.equal(got, value), key
+        update.state["w"].add_(1)  # the aggregator may write into what it receives
+        in_flight.append(len(submitted) - k)  # started and not yet taken
+    assert sorted(submitted) == paths  # each leaf asked once
+    assert max(in_flight) == most

@@ -55,6 +55,10 @@ class UpdateRejected(WorldLMError):
         self.reason = shown(reason, 4 * SHOWN_CHARS)
         super().__init__(f"update from {self.sender!r} rejected: {self.reason}")
 
+    def __reduce__(self) -> tuple[type[UpdateRejected], tuple[str, str]]:
+        # Raised in a Ray worker, it crosses to the driver pickled: rebuild it from its fields.
+        return (type(self), (self.sender, self.reason))
+
 
 class TransportError(WorldLMError):
     """A child could not be reached or did not answer in time."""

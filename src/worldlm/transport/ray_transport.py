@@ -7,13 +7,18 @@ and one intra-op thread, on a local Ray instance with every core of this machine
 existing cluster (`run.ray_address`). An actor runs one call at a time, in the order the driver
 submitted them, so its leaves share one model workspace as in-process leaves do.
 
+Calls. The messages for one actor go in batches (up to `max_batch`, 16, consecutive messages
+per call; for train tasks at most `batch_bytes`, 256 MiB, of models per batch), so a round
+costs a few round trips through Ray per actor instead of one per leaf; weights cross the
+object store as NumPy byte arrays, which Ray maps without pickling (`ray_codec`).
+
 Determinism and memory. `train` keeps `calls_per_actor` (2) calls per actor in flight, so leaves
-on different actors train in parallel and an actor starts its next leaf as soon as it finishes
-one, and yields the replies in task order (`ray.get` on the next task's result). A reply that
-finishes early waits in Ray's object store, not in the aggregator's memory, and the window
-bounds how many wait: 2 per actor, whatever the number of leaves (submitting all of a round's
-tasks at once let up to every reply pile up in the store, and the driver maps each one it
-reads). The aggregator holds one update at a time and folds the updates in the same order as
+on different actors train in parallel and an actor starts its next batch as soon as it
+finishes one, and yields the replies in task order (`ray.get` on the batch of the next task).
+A reply that finishes early waits in Ray's object store, not in the aggregator's memory, and
+the window bounds how many wait: 2 batches per actor, whatever the number of leaves
+(submitting all of a round's tasks at once let up to every reply pile up in the store). The
+aggregator holds one update at a time and folds the updates in the same order as
 the in-process transport, so its floating-point sums, and the final models, are bit-identical
 to an in-process run on CPU (each leaf trains the same code on the same seeds; see
 docs/design-notes.md for the one caveat, intra-op threads). `evaluate` and `exchange` (secure
@@ -38,7 +43,7 @@ import torch
 from worldlm.config import RunConfig
 from worldlm.core.inprocess import InProcessTransport
 from worldlm.core.leaf_data import LeafData
-from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update, tensor_bytes
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.transport import ChildInfo
 from worldlm.data.prepare import PreparedData
@@ -46,6 +51,7 @@ from worldlm.errors import ConfigError, TransportError, WorldLMError
 from worldlm.federation.build import Federation, build_federation, children_of
 from worldlm.federation.context import Observer, RunContext
 from worldlm.federation.methods import MethodPlan
+from worldlm.transport.ray_codec import pack_state, unpack_reply
 from worldlm.transport.ray_worker import LeafWorker
 
 
@@ -77,6 +83,40 @@ def fetch(path: str, ref: Any) -> Any:
         ) from None
 
 
+class ModelRefs:
+    """The models a round's messages carry, each packed and put into Ray's object store once
+    however many tasks carry it (by identity: a round sends one model object to many)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, Any] = {}
+        self._kept: list[State] = []  # alive until the round ends, so no id is reused
+
+    def ref(self, state: State) -> Any:
+        if id(state) not in self._refs:
+            self._refs[id(state)] = import_ray().put(pack_state(state))
+            self._kept.append(state)
+        return self._refs[id(state)]
+
+
+def submit_batch(actor: Any, method: str, messages: Sequence[Any], models: ModelRefs) -> Any:
+    """Start `method` on `actor` for each of `messages` (all for leaves it hosts), in one call;
+    the object ref of the list of their answers (`ray_codec.answer_batch`)."""
+    calls: list[tuple[Any, int | None]] = []
+    refs: list[Any] = []
+    index_of: dict[int, int] = {}
+    for message in messages:
+        if not isinstance(message, TrainTask | EvalTask):
+            calls.append((message, None))
+            continue
+        if id(message.state) not in index_of:
+            index_of[id(message.state)] = len(refs)
+            refs.append(models.ref(message.state))
+        calls.append((replace(message, state={}), index_of[id(message.state)]))
+    # The packed models go as arguments of their own: Ray hands an actor the values of
+    # top-level object refs (mapped from shared memory), not of refs inside a list.
+    return actor.answer.remote(method, calls, *refs)
+
+
 class RemoteLeaf:
     """A leaf living in a Ray actor, as the driver sees it: the tasks, checkpoints and final
     models the run asks of a leaf, forwarded to its actor."""
@@ -89,26 +129,20 @@ class RemoteLeaf:
     def info(self) -> ChildInfo:
         return ChildInfo(self.path, self.data.train_tokens)
 
-    def submit(self, method: str, message: Any, models: dict[int, Any]) -> Any:
-        """Start `method` on the actor; the result's object ref. A model that several tasks
-        carry goes to the object store once (`models`, by identity), not once per task."""
-        call = getattr(self.actor, method)
-        if not isinstance(message, TrainTask | EvalTask):
-            return call.remote(message)
-        if id(message.state) not in models:
-            models[id(message.state)] = import_ray().put(message.state)
-        return call.remote(replace(message, state={}), models[id(message.state)])
+    def _one(self, method: str, message: Any) -> Any:
+        (answer,) = fetch(self.path, submit_batch(self.actor, method, [message], ModelRefs()))
+        return unpack_reply(answer)
 
     def handle_train(self, task: TrainTask) -> Update:
-        update: Update = fetch(self.path, self.submit("handle_train", task, {}))
+        update: Update = self._one("handle_train", task)
         return update
 
     def handle_eval(self, task: EvalTask) -> EvalReport:
-        report: EvalReport = fetch(self.path, self.submit("handle_eval", task, {}))
+        report: EvalReport = self._one("handle_eval", task)
         return report
 
     def handle_secure(self, message: SecureMessage) -> SecureReply:
-        reply: SecureReply = fetch(self.path, self.submit("handle_secure", message, {}))
+        reply: SecureReply = self._one("handle_secure", message)
         return reply
 
     def _kept(self) -> tuple[State, State]:
@@ -142,20 +176,28 @@ class RemoteLeaf:
 
 
 class RayTransport(InProcessTransport):
-    """The in-process transport, except that tasks for a `RemoteLeaf` go to its actor, up to
-    `calls_per_actor` per actor at a time, the replies yielded in task order."""
+    """The in-process transport, except that tasks for a `RemoteLeaf` go to its actor, in
+    batches of up to `max_batch` messages per call and `calls_per_actor` calls per actor at a
+    time, the replies yielded in task order."""
 
     def __init__(
         self,
         children: Mapping[str, Sequence[str]],
         observer: Observer,
         calls_per_actor: int = 2,
+        max_batch: int = 16,
+        batch_bytes: int = 256 << 20,
     ) -> None:
         super().__init__(children)
         self.observer = observer
         # Calls in flight per actor: 1 would leave an actor idle while the driver fetches and
         # folds its reply; more lets replies pile up in the object store.
         self.calls_per_actor = calls_per_actor
+        # Messages per call: one round trip through Ray for several leaves. A batch's replies
+        # wait in the object store together, so a train batch holds at most `batch_bytes` of
+        # models (one message per call for a model that large).
+        self.max_batch = max_batch
+        self.batch_bytes = batch_bytes
 
     def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
         for update in self._answer(tasks, "handle_train"):
@@ -168,27 +210,49 @@ class RayTransport(InProcessTransport):
     def exchange(self, messages: Sequence[SecureMessage]) -> Iterator[SecureReply]:
         yield from self._answer(messages, "handle_secure")
 
+    def _batch_size(self, messages: Sequence[Any], method: str) -> int:
+        if method != "handle_train":
+            return self.max_batch
+        model = max((tensor_bytes(m) for m in messages), default=0)
+        return max(1, min(self.max_batch, self.batch_bytes // max(1, model)))
+
     def _answer(self, messages: Sequence[Any], method: str) -> Iterator[Any]:
-        remote = [
-            (i, handler)
+        remote = {
+            i: handler
             for i, message in enumerate(messages)
             if isinstance(handler := self.handler(message.recipient), RemoteLeaf)
-        ]
-        actors = len({id(handler.actor) for _, handler in remote})
+        }
+        batches = actor_batches(
+            [(i, handler.actor) for i, handler in remote.items()],
+            self._batch_size(messages, method),
+        )
+        batch_of = {i: b for b, (indices, _) in enumerate(batches) for i in indices}
+        actors = len({id(actor) for _, actor in batches})
         window = max(1, self.calls_per_actor * actors)
-        models: dict[int, Any] = {}  # the models sent, in the object store until the last call
-        pending: dict[int, Any] = {}  # message index -> object ref of its reply
+        models = ModelRefs()  # the models sent, in the object store until the last call
+        pending: dict[int, Any] = {}  # batch index -> object ref of its answers
+        taken: dict[int, list[Any]] = {}  # batch index -> its answers not yet yielded
         submitted = 0
         for i, message in enumerate(messages):
-            # Top the window up; always far enough to include the call waited for next.
-            while submitted < len(remote) and (len(pending) < window or remote[submitted][0] <= i):
-                j, handler = remote[submitted]
-                pending[j] = handler.submit(method, messages[j], models)
-                submitted += 1
-            if i in pending:
-                yield fetch(message.recipient, pending.pop(i))
-            else:
+            if i not in batch_of:
                 yield getattr(self.handler(message.recipient), method)(message)
+                continue
+            b = batch_of[i]
+            # Top the window up (a batch being taken still holds its place); always far enough
+            # to include the batch waited for next.
+            while submitted < len(batches) and (
+                len(pending) + len(taken) < window or submitted <= b
+            ):
+                indices, actor = batches[submitted]
+                batch = [messages[j] for j in indices]
+                pending[submitted] = submit_batch(actor, method, batch, models)
+                submitted += 1
+            if b not in taken:
+                taken[b] = list(fetch(message.recipient, pending.pop(b)))
+            answer = taken[b].pop(0)
+            if not taken[b]:
+                del taken[b]
+            yield unpack_reply(answer)
 
     def _report(self, update: Update) -> None:
         """A remote leaf's progress, as one step when its reply is taken."""
@@ -196,6 +260,21 @@ class RayTransport(InProcessTransport):
             if row.get("kind") == "train":
                 self.observer.leaf_started(row["node"], row["steps"])
                 self.observer.leaf_step(row["node"], row["steps"], row["loss"])
+
+
+def actor_batches(remote: Sequence[tuple[int, Any]], size: int) -> list[tuple[list[int], Any]]:
+    """The messages at `remote` (index, actor), in index order, cut into batches of up to
+    `size` consecutive messages of one actor; batches in the order of their first message."""
+    open_batch: dict[int, tuple[list[int], Any]] = {}
+    batches: list[tuple[list[int], Any]] = []
+    for index, actor in remote:
+        current = open_batch.get(id(actor))
+        if current is None or len(current[0]) >= size:
+            current = ([], actor)
+            open_batch[id(actor)] = current
+            batches.append(current)
+        current[0].append(index)
+    return batches
 
 
 def start_ray(address: str | None) -> bool:

@@ -10,7 +10,6 @@ driver wraps the class with `ray.remote`.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from worldlm.config import RunConfig
 from worldlm.core.leaf_data import LeafData
-from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
+from worldlm.core.messages import State
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.federation.build import build_leaves
 from worldlm.federation.context import RunContext
@@ -26,6 +25,7 @@ from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
 from worldlm.model.workspace import build_workspace
 from worldlm.plugins import load_plugins
+from worldlm.transport.ray_codec import Packed, answer_batch
 from worldlm.tree import build_tree
 
 
@@ -69,13 +69,15 @@ class LeafWorker:
         """The leaves this worker hosts (the driver waits on this to know it started)."""
         return sorted(self.leaves)
 
-    # A task arrives without its weights, which come beside it: the driver puts a model that
-    # several tasks carry into Ray's object store once, not once per task.
-    def handle_train(self, task: TrainTask, state: State) -> Update:
-        return self.leaves[task.recipient].handle_train(replace(task, state=state))
+    def answer(
+        self, method: str, calls: list[tuple[Any, int | None]], *models: Packed
+    ) -> list[Any]:
+        """A batch of calls from the driver (`ray_codec.answer_batch`): each task's weights are
+        the packed model it names, put into the object store once however many tasks carry it."""
+        return answer_batch(self._handle, method, calls, models)
 
-    def handle_eval(self, task: EvalTask, state: State) -> EvalReport:
-        return self.leaves[task.recipient].handle_eval(replace(task, state=state))
+    def _handle(self, method: str, message: Any) -> Any:
+        return getattr(self.leaves[message.recipient], method)(message)
 
     def handle_secure(self, message: SecureMessage) -> SecureReply:
         return self.leaves[message.recipient].handle_secure(message)
