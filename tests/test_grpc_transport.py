@@ -13,7 +13,11 @@ import pytest
 from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.transport import ChildInfo, NodeHandler
-from worldlm.federation.downlink_policy import downlink_allowances
+from worldlm.federation.downlink_policy import (
+    downlink_allowances,
+    eval_allowances,
+    tasks_per_root_round,
+)
 from worldlm.federation.methods import plan_method
 from worldlm.federation.secure_child import SecureChild
 from worldlm.model.partition import key_layer_partition
@@ -22,6 +26,7 @@ from worldlm.root_loop import evaluate_tree, round_loop
 from worldlm.runner import run
 from worldlm.security.certs import create_ca, issue_node_cert, safe_name
 from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier
+from worldlm.security.replay_window import ReplayWindow
 from worldlm.session import Session, config_digest, open_session
 from worldlm.transport.grpc import ChildLink, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
@@ -58,8 +63,9 @@ def over_grpc(
     session: Session, pki: Path, *, signed: bool = True, round_timeout: float = 120
 ) -> Iterator[dict[str, GrpcTransport]]:
     """Put every parent-child link of `session`'s federation on gRPC with mTLS; with `signed`,
-    as a deployment does, every aggregator signs the train tasks it sends and every child
-    verifies the chain before it trains (`security.downlink`)."""
+    as a deployment does, every aggregator signs the train and evaluation tasks it sends and
+    every child verifies the chain (and that the task is not older than the last it accepted)
+    before it acts on it (`security.downlink`)."""
     create_ca(pki)
     tree, fed = session.tree, session.fed
     for node in tree.walk():
@@ -71,13 +77,17 @@ def over_grpc(
 
     digest = config_digest(session.config)
     keys = key_layer_partition(session.model, session.config.worldlm.key_fraction).key_names
-    allowances = downlink_allowances(plan_method(session.config.run.method, tree), keys)
-    verifiers: dict[str, Callable[[TrainTask], None] | None] = {}
+    plan = plan_method(session.config.run.method, tree)
+    allowances, eval_allowed = downlink_allowances(plan, keys), eval_allowances(plan, keys)
+    verifiers: dict[str, Callable[[TrainTask | EvalTask], None] | None] = {}
     for node in tree.walk():
         ca, cert, key = tls(node.path).read()
         if signed and not node.is_leaf:
             fed.aggregators[node.path].signer = DownlinkSigner(node.path, key, cert, digest)
-        verifier = DownlinkVerifier(node.path, ca, digest, allowances)
+        window = ReplayWindow(per_round=tasks_per_root_round(tree, node.path))
+        verifier = DownlinkVerifier(
+            node.path, ca, digest, allowances, eval_may_change=eval_allowed, window=window
+        )
         verifiers[node.path] = verifier.check if signed else None
 
     lock = threading.Lock()

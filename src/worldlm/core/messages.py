@@ -97,6 +97,8 @@ class EvalTask:
     nonce: str
     state: State
     deployed: bool = True
+    # The root's and each forwarding aggregator's signed statements, as on a TrainTask.
+    signatures: tuple[SignedStatement, ...] = ()
 
 
 @dataclass

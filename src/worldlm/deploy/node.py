@@ -23,11 +23,16 @@ from worldlm.config import LeafDataConfig, RunConfig, dump_config
 from worldlm.data.prepare import PreparedData, check_sources, choose_tokenizer
 from worldlm.deploy.journal import JournaledNode, journal_keep
 from worldlm.deploy.node_file import NodeFile
+from worldlm.deploy.root_epoch import next_epoch
 from worldlm.errors import ConfigError
 from worldlm.federation.aggregator import Aggregator
 from worldlm.federation.build import Federation, LeafNode
 from worldlm.federation.context import AuditRelay, RunContext
-from worldlm.federation.downlink_policy import downlink_allowances
+from worldlm.federation.downlink_policy import (
+    downlink_allowances,
+    eval_allowances,
+    tasks_per_root_round,
+)
 from worldlm.federation.methods import finetune_rounds, plan_method
 from worldlm.model.partition import key_layer_partition
 from worldlm.model.pretrained import pretrained_dir
@@ -36,6 +41,7 @@ from worldlm.outputs import RunResult
 from worldlm.root_loop import continue_session, evaluate_tree, round_loop
 from worldlm.security.certs import safe_name
 from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier
+from worldlm.security.replay_window import ReplayWindow
 from worldlm.session import (
     RunObserver,
     Session,
@@ -55,6 +61,7 @@ from worldlm.tree import FederationNode, build_tree
 
 log = logging.getLogger(__name__)
 DEPLOYABLE = ("hierfavg", "worldlm")  # methods that run on the configured tree as it is
+WINDOW_FILE = "downlink-window.json"  # a child's replay window, in its state directory
 
 
 @dataclass
@@ -141,23 +148,39 @@ def check_tls_files(node_file: NodeFile) -> None:
         files.check_identity(node_file.node.path)
 
 
-def downlink_integrity(rt: NodeRuntime, node_file: NodeFile) -> DownlinkVerifier | None:
-    """With TLS, an aggregator signs every train task it sends with its node key, on top of the
-    chain it was sent, and a child verifies the chain before it trains (`security.downlink`);
-    returns this child's verifier (None at the root). Over plaintext, which is for loopback
-    tests only, nothing is signed."""
+def downlink_integrity(
+    rt: NodeRuntime, node_file: NodeFile, directory: Path
+) -> DownlinkVerifier | None:
+    """With TLS, an aggregator signs every train and evaluation task it sends with its node
+    key, on top of the chain it was sent, and a child verifies the chain and the task's
+    freshness before it acts on it (`security.downlink`); returns this child's verifier (None
+    at the root). `directory` is the root's run directory (where its epoch is kept) or a
+    child's state directory (where its replay window is kept, across its own restarts). Over
+    plaintext, which is for loopback tests only, nothing is signed."""
     files = tls_files(node_file)
     if files is None:
         return None
     ca, cert, key = files.read()
     digest = config_digest(rt.config)
+    is_root = rt.node.path == rt.tree.path
     if not rt.node.is_leaf:
-        rt.fed.aggregators[rt.node.path].signer = DownlinkSigner(rt.node.path, key, cert, digest)
-    if rt.node.path == rt.tree.path:
+        epoch = next_epoch(directory) if is_root else 0  # only the root's epoch is signed
+        signer = DownlinkSigner(rt.node.path, key, cert, digest, epoch=epoch)
+        rt.fed.aggregators[rt.node.path].signer = signer
+    if is_root:
         return None
     plan = plan_method(rt.config.run.method, rt.tree)
     keys = key_layer_partition(rt.model, rt.config.worldlm.key_fraction).key_names
-    return DownlinkVerifier(rt.node.path, ca, digest, downlink_allowances(plan, keys))
+    return DownlinkVerifier(
+        rt.node.path,
+        ca,
+        digest,
+        downlink_allowances(plan, keys),
+        eval_may_change=eval_allowances(plan, keys),
+        window=ReplayWindow(
+            directory / WINDOW_FILE, per_round=tasks_per_root_round(rt.tree, rt.node.path)
+        ),
+    )
 
 
 def serve_children(rt: NodeRuntime, node_file: NodeFile) -> GrpcTransport:
@@ -226,7 +249,7 @@ def run_root(
     else:
         run_dir = make_run_dir(rt.config, out)
         (run_dir / "config.toml").write_text(dump_config(rt.config), encoding="utf-8")
-    downlink_integrity(rt, node_file)
+    downlink_integrity(rt, node_file, run_dir)
     transport = serve_children(rt, node_file)
     audit = AuditLog.open(run_dir / AUDIT_FILE, rt.run_id)
     rt.audit.attach(audit)
@@ -277,7 +300,7 @@ def answer_as_child(rt: NodeRuntime, node_file: NodeFile) -> int:
         # An inner aggregator's own log, beside its journal. It is not cut back when the
         # node rolls back to replay a round: the replayed round's entries appear again.
         rt.audit.attach(AuditLog.open(state_dir / AUDIT_FILE, rt.run_id))
-    verifier = downlink_integrity(rt, node_file)
+    verifier = downlink_integrity(rt, node_file, state_dir)
     transport = None if rt.node.is_leaf else serve_children(rt, node_file)
     link = ChildLink(
         node_file.node.parent,

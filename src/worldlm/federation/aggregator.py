@@ -72,7 +72,7 @@ from worldlm.federation.selection import (
     select_children,
     update_stragglers,
 )
-from worldlm.security.downlink import DownlinkSigner, sign_tasks
+from worldlm.security.downlink import DownlinkSigner, sign_eval_tasks, sign_tasks
 from worldlm.seeding import derive_seed
 from worldlm.strategies.fedbuff import FEDBUFF
 from worldlm.strategies.registry import RoundAggregation, Strategy
@@ -572,6 +572,8 @@ class Aggregator:
             )
             for c in self.transport.children(self.path)
         ]
+        if self.signer is not None:  # on the chain this task came with (security.downlink)
+            tasks = sign_eval_tasks(self.signer, tasks, task.signatures)
 
         def refused(exc: UpdateRejected) -> None:
             # Its results are left out of the table; the other children's still count.
@@ -580,6 +582,15 @@ class Aggregator:
 
         reports = self.transport.evaluate(tasks)
         results = accepted_results(reports, tasks, self.eval_owners, self.eval_max_tokens, refused)
+        # Children that refused the task (its provenance did not verify) or dropped out: said
+        # here, with this evaluation's round, rather than in the next training round's rows.
+        for dropout in self.transport.dropouts():
+            log.warning(
+                "%s: %s left out of the evaluation: %s", self.path, dropout.path, dropout.reason
+            )
+            self._audit(
+                "eval_dropped", task.global_round, sender=dropout.path, reason=dropout.reason
+            )
         return EvalReport(self.path, task.nonce, results)
 
     # --- checkpointing -------------------------------------------------------------------

@@ -4,6 +4,7 @@ config: the allowance a child checks the signed chain against (`security.downlin
 from __future__ import annotations
 
 from worldlm.federation.methods import MethodPlan
+from worldlm.tree import FederationNode
 
 
 def downlink_allowances(
@@ -31,3 +32,31 @@ def downlink_allowances(
             else:
                 allowed[hop] = frozenset()
     return allowed
+
+
+def eval_allowances(
+    plan: MethodPlan, key_names: frozenset[str]
+) -> dict[tuple[str, str], frozenset[str] | None]:
+    """Per hop, what an aggregator may change in the model it forwards for the *deployed*
+    evaluation: a WorldLM sub-federation its K (each child evaluates the model it would deploy,
+    with its sub-federation's K), every other hop nothing. Evaluation tasks are never
+    compressed, and an aggregator forwards the model it was sent whatever its inner rounds
+    (`Aggregator.handle_eval`). The global evaluation may be changed by no hop."""
+    tree = plan.tree
+    allowed: dict[tuple[str, str], frozenset[str] | None] = {}
+    for node in tree.walk():
+        for child in node.children:
+            keys = plan.key_layers and node.path != tree.path
+            allowed[(node.path, child.path)] = key_names if keys else frozenset()
+    return allowed
+
+
+def tasks_per_root_round(tree: FederationNode, path: str) -> int:
+    """The most train tasks the node at `path` is sent in one root round: the `inner_rounds` of
+    the aggregators strictly between the root and it, multiplied (the root runs one). A child's
+    replay window accepts no more (`security.replay_window`)."""
+    parts = path.split("/")
+    count = 1
+    for i in range(2, len(parts)):
+        count *= tree.find("/".join(parts[:i])).aggregator.inner_rounds
+    return count

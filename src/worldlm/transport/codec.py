@@ -84,7 +84,15 @@ _FIELDS: dict[str, tuple[str, ...]] = {
         "layout",
         "signatures",
     ),
-    "eval_task": ("run_id", "global_round", "sender", "recipient", "nonce", "deployed"),
+    "eval_task": (
+        "run_id",
+        "global_round",
+        "sender",
+        "recipient",
+        "nonce",
+        "deployed",
+        "signatures",
+    ),
     "update": (
         "sender",
         "round",
@@ -150,6 +158,7 @@ def encode_message_parts(
             "recipient": message.recipient,
             "nonce": message.nonce,
             "deployed": message.deployed,
+            "signatures": _signature_fields(message.signatures),
         }
     elif isinstance(message, Update):
         kind = "update"
@@ -231,6 +240,7 @@ def decode_message(
             fields["nonce"],
             groups.state,
             fields["deployed"],
+            fields["signatures"],
         )
     if kind == "update":
         return Update(
@@ -268,15 +278,19 @@ def _train_task_parts(task: TrainTask, tensors: dict[str, torch.Tensor]) -> dict
         "routed": [{"source": r.source, "weight": r.weight} for r in task.routed],
         "encoding": task.encoding,
         "layout": {name: [dtype, list(shape)] for name, (dtype, shape) in task.layout.items()},
-        "signatures": [
-            {
-                "statement": s.statement,
-                "signature": s.signature.hex(),
-                "certificate": s.certificate.decode("ascii"),
-            }
-            for s in task.signatures
-        ],
+        "signatures": _signature_fields(task.signatures),
     }
+
+
+def _signature_fields(signatures: tuple[SignedStatement, ...]) -> list[dict[str, str]]:
+    return [
+        {
+            "statement": s.statement,
+            "signature": s.signature.hex(),
+            "certificate": s.certificate.decode("ascii"),
+        }
+        for s in signatures
+    ]
 
 
 def _train_task(kind: str, fields: Mapping[str, Any], groups: _Groups) -> TrainTask:

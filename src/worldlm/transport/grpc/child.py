@@ -48,14 +48,15 @@ def answer_parent(
     run_id: str = "",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     reconnect_wait: float = 300.0,
-    verify: Callable[[TrainTask], None] | None = None,
+    verify: Callable[[TrainTask | EvalTask], None] | None = None,
 ) -> int:
     """Serve the parent's tasks until it sends `stop`; returns how many were answered.
 
     The link must be attached already. A refused message is logged and skipped: the parent
     will leave this child out of that round rather than act on a forged or misrouted task.
-    `verify` checks a train task's signed provenance (`security.downlink`) before it is acted
-    on, that of a secure round's setup included; it raises to refuse it."""
+    `verify` checks a train or evaluation task's signed provenance and freshness
+    (`security.downlink`) before it is acted on, that of a secure round's setup included; it
+    raises to refuse it."""
     answered = 0
     while True:
         try:
@@ -78,8 +79,8 @@ def answer_parent(
             continue
         reply: Message
         try:
-            if verify is not None and isinstance(task, TrainTask | SecureSetup):
-                verify(task if isinstance(task, TrainTask) else task.task)
+            if verify is not None and isinstance(task, TrainTask | EvalTask | SecureSetup):
+                verify(task.task if isinstance(task, SecureSetup) else task)
         except WorldLMError as exc:
             # Well-formed and addressed here, but not provably what the root sent: say so, so
             # that the parent leaves this node out now rather than at its round's timeout.
