@@ -187,3 +187,50 @@ def test_a_crash_right_after_a_rewind_keeps_the_charge(tmp_path: Path) -> None:
     restarted.handle_train(_med_task(again, 1))
     # 1 round kept, the 2 undone charged, round 1 run again
     assert med_again.rule.policy.accountant.steps == 4
+
+
+def _local_dp_leaf(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from worldlm.progress import QuietProgress
+    from worldlm.session import open_session
+
+    from .conftest import TWO_LEVEL, tiny_config
+
+    overrides = ["run.method=hierfavg", "train.local_steps=1"]
+    overrides += ["nodes.world/med/a.dp.local_noise_multiplier=1.0"]
+    session = open_session(
+        tiny_config(tmp_path, TWO_LEVEL, overrides), QuietProgress(), tmp_path / "r"
+    )
+    return session, session.fed.leaves["world/med/a"]
+
+
+def _leaf_task(session, r: int) -> TrainTask:  # type: ignore[no-untyped-def]
+    run_id = session.fed.root.ctx.run_id
+    state = session.fed.root.state
+    return TrainTask(run_id, r, r + 1, "world/med", "world/med/a", f"n{r}", state)
+
+
+def _released(update: Update) -> int:
+    (row,) = [r for r in update.records if r["kind"] == "privacy"]
+    return int(row["steps"])
+
+
+@pytest.mark.parametrize("charged", [True, False])
+def test_a_rewind_at_a_local_dp_leaf_charges_the_releases_it_undoes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, charged: bool
+) -> None:
+    """A leaf with local DP sent a noisy change in every round its parent later runs again;
+    the re-runs draw fresh noise, so the undone releases count on top, and survive a crash.
+    (Without the charge, the teeth: the count restarts from the state rewound to.)"""
+    from worldlm.deploy import journal
+
+    if not charged:
+        monkeypatch.setattr(journal, "local_dp_leaf", lambda node: None)
+    session, leaf = _local_dp_leaf(tmp_path / "a")
+    run_id = session.fed.root.ctx.run_id
+    node = JournaledNode(leaf, tmp_path / "journal", run_id, keep=4)
+    assert [_released(node.handle_train(_leaf_task(session, r))) for r in range(3)] == [1, 2, 3]
+    node._rewind_to(1)  # the parent resumed after round 0; this process dies now
+    again, leaf_again = _local_dp_leaf(tmp_path / "b")  # the restarted process
+    restarted = JournaledNode(leaf_again, tmp_path / "journal", run_id, keep=4)
+    # 1 release kept, the 2 undone charged, round 1 released again
+    assert _released(restarted.handle_train(_leaf_task(again, 1))) == (4 if charged else 2)

@@ -32,6 +32,7 @@ from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.transport import ChildInfo, NodeHandler
 from worldlm.errors import CheckpointError
+from worldlm.federation.leaf import Leaf
 from worldlm.federation.privacy_policy import DPPolicy, DPRule
 from worldlm.federation.secure_child import SecureChild
 
@@ -109,7 +110,19 @@ class JournaledNode:
         tensors, meta = load_checkpoint(path)
         policy = dp_policy(self.node)
         released = [] if policy is None else policy.spent_rounds()
+        local = local_dp_leaf(self.node)
+        sessions = 0 if local is None else local.sessions
         self._restore(path, tensors, meta)
+        if local is not None and sessions > local.sessions:
+            # A leaf's local-DP releases of the undone rounds reached its parent; the re-runs
+            # release again with fresh noise: both count (kept with the state rewound to).
+            local.lost_releases += sessions - local.sessions
+            log.warning(
+                "%s: charged %d local-DP releases undone by the rewind",
+                self.path,
+                sessions - local.sessions,
+            )
+            self._write(target)
         if policy is not None:
             # The rounds undone released noisy aggregates to the parent; their re-runs draw
             # fresh noise, so both are charged, as the root does on resume.
@@ -151,6 +164,11 @@ def dp_policy(node: object) -> DPPolicy | None:
     """The DP policy of an aggregator with central DP, else None."""
     rule = getattr(node, "rule", None)
     return rule.policy if isinstance(rule, DPRule) else None
+
+
+def local_dp_leaf(node: object) -> Leaf | None:
+    """The leaf, if it privatizes its own changes (local DP), else None."""
+    return node if isinstance(node, Leaf) and node.local_dp is not None else None
 
 
 def rounds_undone(before: list[float], after: list[float]) -> list[float]:

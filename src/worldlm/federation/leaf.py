@@ -64,6 +64,8 @@ class Leaf:
         self.ctx = ctx
         self.finetune_after = finetune_after
         self.sessions = 0  # training sessions so far; seeds this leaf's data order
+        # Local-DP releases a rewind undid (deploy.journal): sent all the same, so charged.
+        self.lost_releases = 0
         self.steps_done = 0  # optimizer steps so far; drives the learning-rate schedule
         # Personal weights (kept between rounds), adapted weights (deployed but not trained
         # from) and the optimizer's moments: in memory, or on disk between rounds when the
@@ -191,7 +193,7 @@ class Leaf:
         if self.local_dp is not None:  # the parent only ever sees the noisy change
             release = self.sessions - 1
             shared, privacy = self.local_dp.privatize(
-                shared, task.state, task.global_round, release
+                shared, task.state, task.global_round, release, self.lost_releases
             )
             records.append(privacy)
         update = Update(self.path, task.round, task.nonce, shared, float(result.tokens), records)
@@ -230,6 +232,8 @@ class Leaf:
         tensors.update({f"adapted/{k}": v for k, v in self.adapted_state.items()})
         tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
         meta: dict[str, Any] = {"sessions": self.sessions, "steps_done": self.steps_done}
+        if self.lost_releases:  # (absent otherwise: checkpoints of runs without it unchanged)
+            meta["lost_releases"] = self.lost_releases
         if self.optimizer_state is not None:
             for index, slots in self.optimizer_state["state"].items():
                 for slot, value in slots.items():
@@ -241,6 +245,7 @@ class Leaf:
         self.state_version += 1
         self.sessions = int(meta["sessions"])
         self.steps_done = int(meta["steps_done"])
+        self.lost_releases = int(meta.get("lost_releases", 0))
         self.own_state = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("own/")}
         self.adapted_state = {
             k[8:]: v.clone() for k, v in tensors.items() if k.startswith("adapted/")

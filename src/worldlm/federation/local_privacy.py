@@ -10,7 +10,8 @@ Accounting: each training session is one release of the Gaussian mechanism with 
 (the leaf's whole data moves its change by at most C after clipping) and noise multiplier
 z_local, on every round the leaf is selected (no sampling amplification: the leaf knows it
 took part). The number of releases is the leaf's session count, which checkpoints already
-keep, so resume needs no extra state.
+keep, plus the releases a deployed leaf's journal undid when its parent resumed (`lost`): those
+were sent, and their re-runs draw fresh noise, so both count.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ class LocalDP:
         self.accountant = PrivacyAccountant(config.local_noise_multiplier, 1.0, config.delta)
 
     def privatize(
-        self, shared: State, sent: State, global_round: int, release: int
+        self, shared: State, sent: State, global_round: int, release: int, lost: int = 0
     ) -> tuple[State, Record]:
         """`sent + clip(shared - sent) + noise` in the dtypes of `shared`, and the leaf's
-        `privacy` row; `release` counts from 0 (the leaf's sessions before this one)."""
+        `privacy` row; `release` counts from 0 (the leaf's sessions before this one), and
+        `lost` releases undone by rewinds are charged on top."""
         cfg = self.config
         change = {k: v.double() - sent[k].double() for k, v in shared.items()}
         norm = l2_norm(change.values())
         generator = noise_generator(cfg.seeded_noise, self.seed, self.path, "local_dp", release)
         noisy = local_dp(change, cfg.clip, cfg.local_noise_multiplier, generator)
         private = {k: (sent[k].double() + noisy[k]).to(v.dtype) for k, v in shared.items()}
-        releases = release + 1
+        releases = release + 1 + lost
         record: Record = {
             "round": global_round,
             "node": self.path,
