@@ -1,11 +1,13 @@
-"""Simulation at scale (issue 22): how worldlm's in-process simulation grows with the number of
-leaves N: peak resident memory, seconds per round, checkpoint bytes per round.
+"""Simulation at scale (issue 22): how worldlm's simulation grows with the number of leaves N:
+peak memory, seconds per round, checkpoint bytes per round, in process or on Ray (`--backend`).
 
 Each N runs `worldlm.run` in a fresh process on a flat federation of N leaves (`fedavg`), each
 leaf with its own small synthetic text, the `tiny` (or `--preset`) model, a few local steps per
 round, a checkpoint after every round. Measured:
 
 - `peak RSS`: the child process's peak resident memory (`ru_maxrss` of the finished child);
+- `tree PSS`: the peak of the summed PSS of the child and all its descendants, sampled every
+  0.2 s (on Ray: the actors, raylet and the object store too);
 - `s/round`: the median over rounds of the root's aggregate row `seconds` (training included);
 - `ckpt MB/round`: the median over checkpoints of the bytes each wrote (its `checkpoint` metrics
   row: the checkpoint file and the leaf-state files of the leaves that changed since the last
@@ -14,7 +16,8 @@ round, a checkpoint after every round. Measured:
 
     python benchmarks/scale.py --leaves 10,100,1000 --rounds 3 --leaf-state disk --sample 0.1
 
-Flower's side is not part of this script yet. Results: docs/benchmarks.md.
+Flower at the same N runs in `noop_round.py` (no-op clients: the machinery alone), since
+Flower has no trainer of this model. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -96,6 +101,9 @@ def parse_args() -> argparse.Namespace:
         "--leaf-state", default="memory", choices=("memory", "disk"), help="run.leaf_state"
     )
     p.add_argument(
+        "--backend", default="inprocess", choices=("inprocess", "ray"), help="run.backend"
+    )
+    p.add_argument(
         "--sample", type=float, default=1.0, help="share of leaves the root samples per round"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -129,6 +137,7 @@ def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
             "method": "fedavg",
             "seed": args.seed,
             "leaf_state": args.leaf_state,
+            "backend": args.backend,
         },
         "model": {"preset": args.preset, "block_size": 32},
         "tokenizer": {"vocab_size": 320},
@@ -142,6 +151,39 @@ def config(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class TreePeak(threading.Thread):
+    """The peak over time of the summed PSS of a process and all its descendants (Ray's
+    workers, raylet and object store included; shared pages count once), sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.done = threading.Event()
+        self.peak = 0.0
+
+    def sample(self) -> None:
+        total = 0.0
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss / 2**20
+            except psutil.Error:  # gone, or not ours to read
+                continue
+        self.peak = max(self.peak, total)
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.sample()
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
 def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"worldlm-scale-{n}-") as tmp:
         root = Path(tmp)
@@ -149,17 +191,21 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         spec.write_text(json.dumps(config(root, n, args)), encoding="utf-8")
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        done = subprocess.run(
+        child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(spec)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
-            check=False,
         )
-        if done.returncode != 0:
-            raise SystemExit(f"N={n} failed:\n{done.stderr[-3000:]}")
+        tree = TreePeak(child.pid)
+        tree.start()
+        stdout, stderr = child.communicate()
+        tree_peak = tree.stop()
+        if child.returncode != 0:
+            raise SystemExit(f"N={n} failed:\n{stderr[-3000:]}")
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        out = json.loads(done.stdout.strip().splitlines()[-1])
+        out = json.loads(stdout.strip().splitlines()[-1])
         run_dir = Path(out["run_dir"])
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
         seconds = [r["seconds"] for r in rows if r["kind"] == "aggregate" and r["node"] == "world"]
@@ -171,6 +217,7 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
             # ru_maxrss of children is the largest child so far: exact for the first N, and
             # a lower bound (the larger N run later) otherwise; runs go in increasing N.
             "peak_rss_mb": max(peak_kb, before) / 1024,
+            "tree_peak_pss_mb": tree_peak,
             "seconds_per_round": statistics.median(seconds),
             "checkpoint_mb": ckpt / 1e6,
             "checkpoint_over_model": ckpt / model_bytes,
@@ -186,12 +233,13 @@ def main() -> None:
     results = [measure(n, args) for n in counts]
     table = Table(
         title=f"worldlm in process, preset {args.preset}, {args.rounds} rounds, "
-        f"leaf state in {args.leaf_state}, sample {args.sample}"
+        f"leaf state in {args.leaf_state}, sample {args.sample}, backend {args.backend}"
     )
     columns = (
         "leaves",
         "peak RSS MB",
         "x smallest N",
+        "tree PSS MB",
         "s/round",
         "ckpt MB/round",
         "ckpt / model",
@@ -206,6 +254,7 @@ def main() -> None:
             str(r["leaves"]),
             f"{r['peak_rss_mb']:,.0f}",
             f"{r['peak_rss_mb'] / base:.2f}",
+            f"{r['tree_peak_pss_mb']:,.0f}",
             f"{r['seconds_per_round']:.2f}",
             f"{r['checkpoint_mb']:.1f}",
             f"{r['checkpoint_over_model']:.1f}",
