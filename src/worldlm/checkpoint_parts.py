@@ -79,9 +79,10 @@ class PartStore:
             raise CheckpointError(f"a checkpoint names a leaf state {digest!r}: not a SHA-256")
         return self.objects / f"{digest}.wlm"
 
-    def store(self, path: str, node: StoredNode) -> str:
-        """The digest of `node`'s current state, written only if it changed since last stored."""
-        version = node.state_version
+    def store(self, path: str, node: StoredNode, version: int | None = None) -> str:
+        """The digest of `node`'s current state, written only if it changed since last stored
+        (`version`: its state_version, if the caller knows it already)."""
+        version = node.state_version if version is None else version
         known = self.stored.get(path)
         if known is not None and known[0] == version and self.path_of(known[1]).is_file():
             return known[1]

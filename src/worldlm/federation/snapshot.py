@@ -27,10 +27,11 @@ def snapshot(
     each leaf's state is in its file, named in the metadata (`{"part": <sha256>}`)."""
     tensors: dict[str, torch.Tensor] = {}
     nodes_meta: dict[str, Any] = {}
+    versions = fed.leaf_versions() if parts is not None else {}
     for path, node in sorted(fed.nodes().items()):
         leaf = fed.leaves.get(path)
         if parts is not None and leaf is not None:
-            nodes_meta[path] = {PART_KEY: parts.store(path, leaf)}
+            nodes_meta[path] = {PART_KEY: parts.store(path, leaf, versions[path])}
             continue
         node_tensors, node_meta = node.snapshot()
         # '#' cannot occur in a node path, so a path never swallows another node's keys.

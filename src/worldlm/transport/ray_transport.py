@@ -354,4 +354,15 @@ def ray_federation(
         transport.register(leaf)
     fed.leaves.update(leaves)
     fed.closers.append(stop)
+    fed.versions = lambda: leaf_versions(leaves)
     return fed
+
+
+def leaf_versions(leaves: Mapping[str, RemoteLeaf]) -> dict[str, int]:
+    """The state_version of every remote leaf, from one call per actor."""
+    actors = {id(leaf.actor): leaf for leaf in leaves.values()}
+    refs = [(leaf.path, leaf.actor.state_versions.remote()) for leaf in actors.values()]
+    versions: dict[str, int] = {}
+    for path, ref in refs:
+        versions.update(fetch(path, ref))
+    return {path: versions[path] for path in leaves}

@@ -90,6 +90,10 @@ class LeafWorker:
     def state_version(self, path: str) -> int:
         return self.leaves[path].state_version
 
+    def state_versions(self) -> dict[str, int]:
+        """Every hosted leaf's state_version, in one call (a checkpoint asks each actor once)."""
+        return {path: leaf.state_version for path, leaf in self.leaves.items()}
+
     def snapshot(self, path: str) -> tuple[State, dict[str, Any]]:
         return self.leaves[path].snapshot()
 
