@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first thing to run on a machine with a GPU (under 8 minutes on an H100):
-#   1. the CUDA-marked tests (bf16 training, fused AdamW, moments off the GPU between rounds),
+#   1. the CUDA-marked tests (bf16 training, fused AdamW, moments off the GPU between rounds,
+#      a leaf's model sharded by FSDP2 over NCCL),
 #   2. the local-training benchmark on the GPU: worldlm's leaf step against a plain PyTorch
 #      loop on the same model, bf16 autocast, block 1024, presets small / 125m / 250m, and
 #      125m with torch.compile,
@@ -17,7 +18,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # A failing test is reported, and the benchmarks still run (their numbers are wanted either way).
-python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$out/tests.txt" \
+python -m pytest -q -m cuda tests/test_cuda.py tests/test_fsdp.py -p no:cacheprovider 2>&1 | tee "$out/tests.txt" \
   || echo "CUDA tests FAILED; see $out/tests.txt"
 
 bench() {  # NAME ARGS...: one benchmark row set, its JSON under $out

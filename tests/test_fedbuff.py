@@ -26,7 +26,7 @@ from worldlm.session import open_session
 from worldlm.strategies.catalog import build_strategy
 from worldlm.strategies.fedbuff import (
     buffered_fold,
-    check_fedbuff_simulated,
+    check_fedbuff_deployable,
     staleness_weight,
 )
 
@@ -353,10 +353,10 @@ def test_fedbuff_settings_without_fedbuff_are_refused(tmp_path: Path) -> None:
         tiny_config(tmp_path, TWO_LEVEL, ["nodes.world/med.fedbuff.buffer=2"])
 
 
-def test_fedbuff_is_refused_in_a_deployment(tmp_path: Path) -> None:
+def test_simulated_fedbuff_is_refused_in_a_deployment(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TWO_LEVEL, ["nodes.world/med.strategy=fedbuff"])
-    with pytest.raises(ConfigError, match="'fedbuff' runs in simulation only"):
-        check_fedbuff_simulated(config.nodes)  # what `worldlm serve` and `join` check first
+    with pytest.raises(ConfigError, match="a deployed federation has real clocks"):
+        check_fedbuff_deployable(config.nodes)  # what `worldlm serve` and `join` check first
 
 
 def _fedbuff_run_config(tmp_path: Path) -> Any:

@@ -131,3 +131,22 @@ def test_a_sampled_run_resumed_twice_equals_the_uninterrupted_one(tmp_path: Path
         for digest in parts_named(read_meta(left)):
             assert (right.parent / "objects" / f"{digest}.wlm").is_file()
     assert resumed.perplexity == whole.perplexity
+
+
+def test_audit_verify_checks_every_leaf_file_a_checkpoint_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worldlm.cli import main
+
+    config = tiny_config(tmp_path, SIX, SAMPLED, n_docs=20)
+    result = run(config, QuietProgress(), out=tmp_path / "run")
+    assert main(["audit", "verify", str(result.run_dir)]) == 0
+    newest = list_checkpoints(result.run_dir / "checkpoints")[-1]
+    digest = parts_named(read_meta(newest))[0]
+    target = result.run_dir / "checkpoints" / "objects" / f"{digest}.wlm"
+    tensors, meta = wire.decode(target.read_bytes())
+    target.write_bytes(wire.encode(tensors, {**meta, "sessions": 0}))  # well-formed, altered
+    capsys.readouterr()
+    assert main(["audit", "verify", str(result.run_dir)]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # (rich wraps long lines)
+    assert f"{digest}.wlm does not match its name: it was altered since" in out

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from worldlm.checkpoint import list_checkpoints
 from worldlm.cli import main
 from worldlm.config import ModelConfig, RunConfig, TrainConfig, dump_config
 from worldlm.config_load import validate_config
@@ -484,8 +485,11 @@ def test_two_lora_runs_give_identical_checkpoints(tmp_path: Path, base_dir: Path
     for name in ("one", "two"):
         torch.manual_seed(len(payloads))  # the global RNG differs between the runs
         result = run(config, QuietProgress(), out=tmp_path / name)
-        [checkpoint] = (result.run_dir / "checkpoints").iterdir()
-        payloads.append(checkpoint.read_bytes())
+        directory = result.run_dir / "checkpoints"
+        [checkpoint] = list_checkpoints(directory)
+        # the checkpoint, and the leaves' state files it names by their SHA-256
+        objects = sorted(p.name for p in (directory / "objects").iterdir())
+        payloads.append((checkpoint.read_bytes(), objects))
     assert payloads[0] == payloads[1]
 
 

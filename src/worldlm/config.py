@@ -420,7 +420,7 @@ class NodeSettings(Section):
         gt=0.0,
         description="Simulation under a FedBuff parent: this node's simulated training "
         "durations are multiplied by this (10 = a straggler ten times slower); ignored under "
-        "synchronous parents.",
+        "synchronous parents and on a FedBuff parent's real clock (fedbuff.clock = 'real').",
     )
 
 
@@ -431,7 +431,8 @@ class AggregatorConfig(NodeSettings):
         "fedavg",
         description="Aggregation rule of an aggregator: fedavg, none, a Byzantine-robust "
         "rule (median, trimmed_mean, krum, multi_krum, bulyan; see robust), or fedbuff "
-        "(buffered asynchronous steps on a simulated clock; see fedbuff and docs/fedbuff.md).",
+        "(buffered asynchronous steps on a simulated or a real clock; see fedbuff and "
+        "docs/fedbuff.md).",
     )
     inner_rounds: int = Field(1, ge=1, description="Rounds over its children per parent round.")
     sample: SampleConfig = Field(
@@ -475,7 +476,7 @@ class AggregatorConfig(NodeSettings):
     fedbuff: FedBuffConfig = Field(
         default_factory=FedBuffConfig,
         description="strategy = 'fedbuff': buffer size, concurrency, staleness weighting and "
-        "the simulated clock.",
+        "the clock (simulated, or real when deployed).",
     )
 
 

@@ -106,17 +106,19 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     (
         'nodes."PATH".fedbuff',
         FedBuffConfig,
-        "strategy = 'fedbuff': buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022) "
-        "in simulation. One round is one server step: children stay in flight across rounds on "
-        "a simulated clock, and the step folds the first K updates to arrive, down-weighting "
-        "stale ones. Refused with secure aggregation, central DP and run.method = 'worldlm'; "
-        "see docs/fedbuff.md.",
+        "strategy = 'fedbuff': buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022). "
+        "One round is one server step: children stay in flight across rounds, and the step "
+        "folds the first K updates to arrive, down-weighting stale ones; they arrive on a "
+        "simulated clock (`worldlm run`, bit-exact) or a real one (`worldlm serve`/`join`, not "
+        "bit-reproducible). Refused with secure aggregation, central DP and run.method = "
+        "'worldlm'; see docs/fedbuff.md.",
     ),
     (
         'nodes."PATH".fedbuff.speed',
         SpeedConfig,
-        "The simulated clock: a child's training duration per dispatch, drawn from (run seed, "
-        "child path, dispatch count) and multiplied by the child's own `slowdown`.",
+        "The simulated clock (fedbuff.clock = 'simulated'): a child's training duration per "
+        "dispatch, drawn from (run seed, child path, dispatch count) and multiplied by the "
+        "child's own `slowdown`.",
     ),
     (
         'nodes."PATH".link',

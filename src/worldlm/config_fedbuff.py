@@ -1,5 +1,6 @@
 """The `[nodes."PATH".fedbuff]` table: buffered asynchronous aggregation at one aggregator
-(FedBuff, Nguyen et al. 2022), simulated on a deterministic clock (`worldlm.config`)."""
+(FedBuff, Nguyen et al. 2022), on a deterministic simulated clock or, deployed, on real clocks
+(`worldlm.config`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ class SpeedConfig(Section):
 class FedBuffConfig(Section):
     """Settings of `strategy = "fedbuff"`; ignored (and refused when set) under other rules."""
 
+    clock: Literal["simulated", "real"] = Field(
+        "simulated",
+        description="simulated: children train at dispatch and their updates arrive on a "
+        "deterministic simulated clock (`speed`, `slowdown`), in `worldlm run`; bit-exact and "
+        "resumable bit for bit. real: updates arrive when they really do, over gRPC "
+        "(`worldlm serve`/`join`, which refuse `simulated`); what a step folds depends on "
+        "timing, so such a run is not bit-reproducible, and work in flight at a crash is lost "
+        "(docs/fedbuff.md).",
+    )
     buffer: int | None = Field(
         None,
         ge=1,
@@ -59,5 +69,6 @@ class FedBuffConfig(Section):
     )
     speed: SpeedConfig = Field(
         default_factory=SpeedConfig,
-        description="The simulated clock: each child's training duration per dispatch.",
+        description="The simulated clock: each child's training duration per dispatch "
+        "(clock = 'simulated' only).",
     )

@@ -78,6 +78,11 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
             f'train.precision = "bf16" casts the model to bfloat16, which a base quantized to '
             f'{config.model.load_in} is not; use "auto" (bf16 autocast) with model.load_in'
         )
+    if config.train.shard == "fsdp" and config.model.load_in != "full":
+        raise ConfigError(
+            f'train.shard = "fsdp" cannot split a base quantized to {config.model.load_in} '
+            'by bitsandbytes over the ranks; use train.shard = "none" (DDP) with model.load_in'
+        )
     if (config.train.finetune_rounds or 0) >= config.stop.rounds:
         raise ConfigError(
             f"train.finetune_rounds = {config.train.finetune_rounds} leaves no federated round "

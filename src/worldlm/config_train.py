@@ -51,6 +51,16 @@ class TrainConfig(Section):
         "compilation, tens of seconds; later steps run fused kernels). Needs a C compiler on "
         "CPU. The same results up to float rounding.",
     )
+    shard: Literal["none", "fsdp"] = Field(
+        "none",
+        description='A leaf trained on several processes (torchrun, README "Several GPUs"): '
+        "none = each rank holds the whole model, gradients and moments (DDP); fsdp = they are "
+        "split over the ranks (PyTorch FSDP2, per transformer block): about 1/N of their memory "
+        "per rank, for gathering each block's weights in its forward and backward. The leaf "
+        "still sends its parent the whole model; moments kept between rounds stay in the "
+        "ranks' shards and are not in the leaf's checkpoints. The same training up to float "
+        "rounding. Not with compile or a quantized base; one process: nothing to shard.",
+    )
     trainer: str = Field(
         "standard",
         min_length=1,
@@ -82,5 +92,10 @@ class TrainConfig(Section):
             raise ValueError(
                 f"grad_accum_steps = {self.grad_accum_steps} must divide batch_size = "
                 f"{self.batch_size} (micro-batches are equal parts of a step's batch)"
+            )
+        if self.shard == "fsdp" and self.compile:
+            raise ValueError(
+                'shard = "fsdp" does not yet run a compiled model; set compile = false (or '
+                'shard = "none", DDP, which does)'
             )
         return self

@@ -120,7 +120,8 @@ def checkpoint_entry_problems(run_dir: Path, log_path: Path) -> list[str]:
     recording its SHA-256: a checkpoint swapped or altered, or its entry deleted, shows."""
     from worldlm.audit.digest import file_sha256
     from worldlm.audit.log import checkpoint_entry, connect_readonly
-    from worldlm.checkpoint import list_checkpoints
+    from worldlm.checkpoint import list_checkpoints, read_meta
+    from worldlm.checkpoint_parts import PartStore, parts_named
 
     problems: list[str] = []
     conn, _ = connect_readonly(log_path)
@@ -139,6 +140,13 @@ def checkpoint_entry_problems(run_dir: Path, log_path: Path) -> list[str]:
                     f"row {seq}: records checkpoint {path.name} with another SHA-256 than "
                     "the file has (the file was replaced or altered)"
                 )
+                continue
+            # The checkpoint names its leaves' state files by SHA-256: each must still be it.
+            parts = PartStore(run_dir / "checkpoints")
+            for digest in sorted(set(parts_named(read_meta(path)))):
+                problem = parts.problem(digest)
+                if problem is not None:
+                    problems.append(f"checkpoint {path.name}: {problem}")
     finally:
         conn.close()
     return problems

@@ -3,14 +3,16 @@
 The engine only asks who its children are and sends them tasks; replies come back one at a time
 as they arrive, so an aggregator never holds more than one child's update. A secure aggregation
 round sends its four stages through the one generic `exchange` (there the parent holds every
-child's masked vector until the sum is unmasked: the protocol needs them all at once).
+child's masked vector until the sum is unmasked: the protocol needs them all at once). A
+transport that can also keep tasks in flight across rounds (`AsyncTransport`, gRPC) lets FedBuff
+run on real clocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from worldlm.core.messages import EvalReport, EvalTask, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
@@ -75,4 +77,26 @@ class Transport(Protocol):
 
     def dropouts(self) -> list[Dropout]:
         """Children left out and messages refused since the last call; cleared by the call."""
+        ...
+
+
+@runtime_checkable
+class AsyncTransport(Protocol):
+    """A transport that can send train tasks without waiting for their replies, and hand the
+    replies over in the order they really arrive, across any number of rounds (FedBuff on real
+    clocks). `train`, `evaluate` and `exchange` keep working beside it."""
+
+    def dispatch(self, tasks: Sequence[TrainTask]) -> None:
+        """Send each task and return at once; one task in flight per child at most."""
+        ...
+
+    def arrivals(self, timeout: float | None = None) -> Iterator[Update | Dropout]:
+        """The outcome of each dispatched task as it arrives: its reply, checked as `train`
+        checks one, or a `Dropout` saying why none will come. Ends once nothing is in flight,
+        or after `timeout` seconds without an arrival (None: each task's own deadline)."""
+        ...
+
+    def abandon(self, reason: str) -> list[str]:
+        """Forget every task in flight (their work is lost, as at a resume): a reply that
+        still comes for one is refused with `reason`. Returns the children they were sent."""
         ...

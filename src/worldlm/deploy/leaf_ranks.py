@@ -3,7 +3,8 @@
 Each process is a rank of one process group (gloo on CPUs, NCCL on GPUs, one GPU per rank:
 cuda:LOCAL_RANK). Rank 0 is the leaf the federation sees: it alone connects to the parent and
 journals its state; the other ranks read the same data, build the same model, and train their
-part of each of rank 0's rounds (`train.data_parallel`) until rank 0 is done.
+part of each of rank 0's rounds (`train.data_parallel`, or `train.sharded` with the model
+split over the ranks: `train.shard`) until rank 0 is done.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from worldlm.errors import ConfigError
 from worldlm.federation.leaf import Leaf
 from worldlm.session import RunObserver
 from worldlm.train.data_parallel import DataParallelTrainer, check_batch, follow
+from worldlm.train.sharded import ShardedTrainer
 from worldlm.train.trainer import StandardTrainer
 
 RANKS_WAIT = timedelta(days=7)
@@ -66,7 +68,9 @@ def join_on_ranks(
                 "train.trainer: training a leaf on several processes needs a trainer built on "
                 "worldlm.StandardTrainer (its steps are what the processes split)"
             )
-        trainer = DataParallelTrainer(leaf.trainer)
+        # train.shard: the model whole on every rank (DDP), or split over them (FSDP2).
+        sharded = leaf.train_cfg.shard == "fsdp"
+        trainer = (ShardedTrainer if sharded else DataParallelTrainer)(leaf.trainer)
         leaf.trainer = trainer
         if rank != 0:
             return follow(

@@ -52,7 +52,7 @@ from worldlm.session import (
     open_metrics,
     prepare_config_data,
 )
-from worldlm.strategies.fedbuff import check_fedbuff_simulated
+from worldlm.strategies.fedbuff import check_fedbuff_deployable
 from worldlm.train.device import pick_device
 from worldlm.transport.grpc import ChildLink, LinkTimeout, ParentLinkServer, TlsFiles
 from worldlm.transport.grpc.child import answer_parent
@@ -99,7 +99,7 @@ def open_node(config: RunConfig, node_file: NodeFile, observer: RunObserver) -> 
             "(no node may train it on the others' data); set tokenizer.path or model.path"
         )
     tree = build_tree(config.nodes)
-    check_fedbuff_simulated(config.nodes)
+    check_fedbuff_deployable(config.nodes)
     try:
         node = tree.find(node_file.node.path)
     except KeyError:

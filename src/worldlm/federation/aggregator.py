@@ -154,8 +154,8 @@ class Aggregator:
         self.secure_child = SecureChild(self)  # answers its parent's secure rounds
         secure = settings.secure_aggregation.enabled
         self._collect = self._collect_secure if secure else self._collect_plain
-        # FedBuff replaces the synchronous round by buffered server steps on a simulated clock
-        # (buffered_round); `child_slowdowns` make its stragglers.
+        # FedBuff replaces the synchronous round by buffered server steps (buffered_round), on
+        # a simulated clock where `child_slowdowns` make its stragglers, or a real one.
         self.rounds: RoundRunner = (
             BufferedRounds(self, child_slowdowns or {})
             if settings.strategy == FEDBUFF

@@ -1,15 +1,14 @@
-"""FedBuff's server steps at one aggregator (Nguyen et al. 2022), on a simulated clock.
+"""FedBuff's server steps at one aggregator (Nguyen et al. 2022), on a simulated or a real clock.
 
 One round of a FedBuff aggregator is one server step:
 
 1. Idle children (fewest dispatches first, then by path) are sent the current model until
-   `fedbuff.concurrency` are in flight. In simulation each trains at once, through the normal
-   transport; its reply passes every check of a plain round (`Aggregator._take`: reply_check,
-   record_check), and what it changed (its model minus the model it was sent) is held until its
-   simulated arrival: the dispatch time plus `sim_clock.training_seconds`.
-2. Arrivals are taken in simulated-time order, ties by path. An update more than
-   `max_staleness` steps stale is dropped (recorded and audited); a refused reply, or none,
-   just frees its child. The others go into the buffer.
+   `fedbuff.concurrency` are in flight.
+2. Arrivals are taken in the order their source gives them (`arrivals.ArrivalSource`: the
+   simulated clock of `sim_arrivals`, or the real one of `real_arrivals`). Each reply passed
+   every check of a plain round (`Aggregator._take`). An update more than `max_staleness` steps
+   stale is dropped (recorded and audited); a refused reply, or none, just frees its child. The
+   others go into the buffer.
 3. With K updates buffered, the model takes the step `strategies.fedbuff.buffered_fold`, the
    version goes up, and the clock stands at the K-th arrival. The children whose updates were
    folded are idle and get new work at the start of the next round, with the new model.
@@ -21,28 +20,33 @@ the model of that moment; here the replacement waits for the step, and starts fr
 If everything in flight arrives before the buffer fills (refusals, a dropped stale update), the
 round makes no step ("too_few_replies"), and the buffer waits for the next round's dispatches.
 
-In-flight work and the buffer are checkpointed with the aggregator, so a resumed run continues
-bit for bit. Held changes cost one model copy per child in flight: simulation only.
+The buffer is checkpointed with the aggregator, and so is what the source keeps of its work in
+flight (all of it on the simulated clock, so that a resumed run continues bit for bit; on a real
+clock, only who was in flight: that work is lost). Held changes cost one model copy per update.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from worldlm.config import AggregatorConfig
-from worldlm.core.messages import Record, State, TrainTask, Update
-from worldlm.core.transport import ChildInfo, Transport
+from worldlm.core.messages import Record, State
+from worldlm.core.transport import ChildInfo
 from worldlm.errors import ConfigError
-from worldlm.federation.context import RunContext
-from worldlm.federation.key_layers import KeyLayerRound
+from worldlm.federation.arrivals import (
+    ArrivalSource,
+    Pending,
+    RoundHost,
+    pending_entries,
+    pending_from,
+)
+from worldlm.federation.real_arrivals import RealArrivals
 from worldlm.federation.round_state import Collected, RoundOutcome
 from worldlm.federation.selection import eligible
-from worldlm.federation.sim_clock import training_seconds
+from worldlm.federation.sim_arrivals import SimulatedArrivals
 from worldlm.strategies.catalog import SUM_DTYPES
 from worldlm.strategies.fedbuff import (
     buffered_fold,
@@ -50,124 +54,12 @@ from worldlm.strategies.fedbuff import (
     fedbuff_concurrency,
     staleness_weight,
 )
-from worldlm.strategies.registry import RoundAggregation
-
-
-class RoundHost(Protocol):
-    """What the runner uses of its aggregator (`Aggregator`): its place and settings, and its
-    own steps of a round, so that a FedBuff reply is sent, checked, refused and recorded exactly
-    where a plain round's would be. (A protocol, not the class: the aggregator imports this.)"""
-
-    rounds_done: int
-    state: State
-
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def settings(self) -> AggregatorConfig: ...
-
-    @property
-    def transport(self) -> Transport: ...
-
-    @property
-    def ctx(self) -> RunContext: ...
-
-    @property
-    def key_policy(self) -> object: ...
-
-    @property
-    def router(self) -> object: ...
-
-    @property
-    def benched_until(self) -> dict[str, int]: ...
-
-    def _send(
-        self, chosen: list[str], state: State, r: int, global_round: int
-    ) -> tuple[dict[str, TrainTask], dict[str, TrainTask]]: ...
-
-    def _collect_plain(
-        self,
-        sent: dict[str, TrainTask],
-        seen: dict[str, TrainTask],
-        state: State,
-        aggregation: RoundAggregation,
-        key_round: KeyLayerRound | None,
-        rounds: tuple[int, int],
-    ) -> Collected: ...
-
-    def _settle(
-        self, got: Collected, chosen: list[str], r: int, global_round: int
-    ) -> list[str]: ...
-
-    def _aggregate_record(
-        self,
-        global_round: int,
-        local_round: int,
-        chosen: list[str],
-        got: Collected | None,
-        started: float,
-        benched: list[str],
-    ) -> Record: ...
-
-    def _audit(self, event: str, global_round: int, **fields: Any) -> None: ...
-
-    def _audit_round(self, row: Record, result: State | None) -> None: ...
-
-    def _digest(self, state: State) -> str | None: ...
-
-
-@dataclass
-class Pending:
-    """One dispatch of a child, from the moment it is sent work until it is folded or dropped."""
-
-    child: str
-    version: int  # the server version of the model it was sent
-    sent_at: float  # simulated seconds
-    arrives: float
-    weight: float  # tokens it trained (FedAvg's weight)
-    change: State | None  # its model minus the model it was sent; None: refused or no reply
-
-
-def model_change(update: Update, sent: State, dtype: torch.dtype) -> State:
-    """update.state / update.scale - sent, per tensor in at least `dtype`'s precision."""
-    change: State = {}
-    for key, value in update.state.items():
-        base = sent[key]
-        wide = torch.promote_types(dtype, base.dtype) if base.is_floating_point() else dtype
-        # A forwarded float64 sum is divided in float64 before it is narrowed (once).
-        exact = torch.promote_types(wide, value.dtype)
-        model = value.to(exact) / update.scale if update.scale != 1.0 else value.to(exact)
-        change[key] = (model - base.to(exact)).to(wide)
-    return change
-
-
-class HeldChanges:
-    """A round aggregation (`registry.RoundAggregation`) that sums nothing: it keeps each
-    accepted reply's change and weight for the buffer, once the reply passed its checks."""
-
-    def __init__(self, seen: Mapping[str, TrainTask], dtype: torch.dtype) -> None:
-        self.seen, self.dtype = seen, dtype
-        self.changes: dict[str, State] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, update: Update) -> None:
-        self.changes[update.sender] = model_change(
-            update, self.seen[update.sender].state, self.dtype
-        )
-        self.weights[update.sender] = update.weight
-
-    def result(self) -> tuple[State, float]:
-        raise AssertionError("a FedBuff dispatch is buffered, never finished as a round")
-
-    @property
-    def count(self) -> int:
-        return len(self.changes)
 
 
 class BufferedRounds:
     """The round runner (`round_runner.RoundRunner`) of a FedBuff aggregator: a part of the
-    aggregator in a module of its own, which it reaches through `RoundHost`."""
+    aggregator in a module of its own, which it reaches through `RoundHost`. Where updates come
+    from and when they arrive is its source's business (`fedbuff.clock`), chosen once here."""
 
     def __init__(self, agg: RoundHost, slowdowns: Mapping[str, float]) -> None:
         if agg.key_policy is not None or agg.router is not None:
@@ -177,12 +69,14 @@ class BufferedRounds:
             )
         self.agg = agg
         self.config = agg.settings.fedbuff
-        self.slowdowns = dict(slowdowns)
         self.dtype = SUM_DTYPES[agg.settings.sum_dtype]
-        self.clock = 0.0  # simulated seconds
+        self.source: ArrivalSource = (
+            RealArrivals(agg, self.dtype)
+            if self.config.clock == "real"
+            else SimulatedArrivals(agg, slowdowns, self.dtype)
+        )
         self.version = 0  # server steps taken
         self.dispatches: dict[str, int] = {}  # per child: tasks sent so far
-        self.in_flight: list[Pending] = []  # in arrival order (time, then path)
         self.buffer: list[Pending] = []
 
     def run(self, state: State, global_round: int) -> RoundOutcome:
@@ -191,8 +85,10 @@ class BufferedRounds:
         agg, started, r = self.agg, time.perf_counter(), self.agg.rounds_done
         infos = agg.transport.children(agg.path)
         size = fedbuff_buffer(self.config, fedbuff_concurrency(self.config, len(infos)))
-        got, chosen, held, benched = self._dispatch(state, infos, (r, global_round))
-        dropped = self._take_arrivals(size, global_round)
+        got = self.source.begin_round()
+        chosen = self._dispatch(state, infos, got, (r, global_round))
+        dropped = self._take_arrivals(size, got, (r, global_round))
+        settled, benched = self.source.settle(got, (r, global_round))
         folded: list[Pending] = []
         new_state, status, rows = state, "too_few_replies", []
         if len(self.buffer) >= size:
@@ -200,22 +96,24 @@ class BufferedRounds:
             rows = [self._folded_row(p) for p in folded]  # staleness before the step
             new_state, status = self._step(state, folded, rows, global_round)
         weight = float(sum(p.weight for p in folded)) if status == "ok" else 0.0
-        done = Collected(held, got.records, {p.child for p in folded}, weight)
+        done = Collected(got.aggregation, got.records, {p.child for p in folded}, weight)
         done.traffic, done.status = got.traffic, status
         done.row = {
-            "clock": self.clock,
+            "clock": self.source.now(),
             "version": self.version,
-            "in_flight": len(self.in_flight),
+            "in_flight": len(self.source.in_flight()),
             "buffered": len(self.buffer),
             "folded": rows,
             "dropped_stale": dropped,
+            **got.row,  # the source's own (a real clock's work lost at a resume)
         }
         if status == "too_few_replies":
             done.row["reason"] = (
                 f"{len(self.buffer)} of K={size} updates buffered and nothing left in flight"
             )
         row = agg._aggregate_record(global_round, r, chosen, done, started, benched)
-        row["missing"] = sorted(set(chosen) - set(held.changes))  # sent work, no valid reply
+        # Sent work (this round or before) and learned this round that no valid update came.
+        row["missing"] = sorted(set(settled) - got.answered)
         done.records.append(row)
         agg._audit_round(row, new_state if status == "ok" else None)
         agg.rounds_done += 1
@@ -223,48 +121,36 @@ class BufferedRounds:
         return RoundOutcome(new_state, new_state, 1.0, weight, done.records)
 
     def _dispatch(
-        self, state: State, infos: list[ChildInfo], rounds: tuple[int, int]
-    ) -> tuple[Collected, list[str], HeldChanges, list[str]]:
-        """Send `state` to idle children up to the concurrency; hold their checked changes."""
-        agg, (r, global_round) = self.agg, rounds
+        self, state: State, infos: list[ChildInfo], got: Collected, rounds: tuple[int, int]
+    ) -> list[str]:
+        """Send `state` to idle children up to the concurrency; returns them."""
+        agg, r = self.agg, rounds[0]
         resources = {c.path: c.resources for c in infos}
         pool = eligible(resources, agg.settings.sample, agg.benched_until, r)
-        busy = {p.child for p in [*self.in_flight, *self.buffer]}
+        in_flight = self.source.in_flight()
+        busy = {*in_flight, *(p.child for p in self.buffer)}
         # Fewest dispatches first: with concurrency below the children, each gets its turn.
         idle = sorted(
             (c for c in pool if c not in busy), key=lambda c: (self.dispatches.get(c, 0), c)
         )
-        slots = fedbuff_concurrency(self.config, len(infos)) - len(self.in_flight)
+        slots = fedbuff_concurrency(self.config, len(infos)) - len(in_flight)
         chosen = sorted(idle[: max(slots, 0)])
-        if not chosen:
-            held = HeldChanges({}, self.dtype)
-            return Collected(held), chosen, held, []
-        sent, seen = agg._send(chosen, state, r, global_round)
-        held = HeldChanges(seen, self.dtype)
-        got = agg._collect_plain(sent, seen, state, held, None, rounds)
-        benched = agg._settle(got, chosen, r, global_round)
-        for child in chosen:
-            count = self.dispatches.get(child, 0)
-            self.dispatches[child] = count + 1
-            slowdown = self.slowdowns.get(child, 1.0)
-            seconds = training_seconds(self.config.speed, agg.ctx.seed, child, count, slowdown)
-            change = held.changes.get(child)
-            weight = held.weights.get(child, 0.0)
-            pending = Pending(child, self.version, self.clock, self.clock + seconds, weight, change)
-            self.in_flight.append(pending)
-        self.in_flight.sort(key=lambda p: (p.arrives, p.child))
-        return got, chosen, held, benched
+        if chosen:
+            self.source.dispatch(chosen, state, self.version, self.dispatches, got, rounds)
+            for child in chosen:
+                self.dispatches[child] = self.dispatches.get(child, 0) + 1
+        return chosen
 
-    def _take_arrivals(self, size: int, global_round: int) -> list[Record]:
-        """Advance the clock through arrivals until `size` updates are buffered or nothing is
-        in flight; returns the updates dropped as too stale."""
+    def _take_arrivals(self, size: int, got: Collected, rounds: tuple[int, int]) -> list[Record]:
+        """Take arrivals until `size` updates are buffered or nothing is in flight; returns
+        the updates dropped as too stale."""
         dropped: list[Record] = []
         limit = self.config.max_staleness
-        while len(self.buffer) < size and self.in_flight:
-            pending = self.in_flight.pop(0)
-            self.clock = max(self.clock, pending.arrives)
+        if len(self.buffer) >= size:
+            return dropped
+        for pending in self.source.arrivals(got, rounds):
             if pending.change is None:
-                continue  # refused or left out, recorded at dispatch: its child is idle again
+                continue  # refused or left out, recorded: its child is idle again
             staleness = self.version - pending.version
             if limit is not None and staleness > limit:
                 dropped.append(
@@ -272,7 +158,7 @@ class BufferedRounds:
                 )
                 self.agg._audit(
                     "update_dropped_stale",
-                    global_round,
+                    rounds[1],
                     sender=pending.child,
                     staleness=staleness,
                     max_staleness=limit,
@@ -280,6 +166,8 @@ class BufferedRounds:
                 )
                 continue
             self.buffer.append(pending)
+            if len(self.buffer) >= size:
+                break
         return dropped
 
     def _step(
@@ -297,7 +185,7 @@ class BufferedRounds:
             "fedbuff_step",
             global_round,
             version=self.version + 1,
-            clock=self.clock,
+            clock=self.source.now(),
             folded=rows,
             result_digest=self.agg._digest(model),
         )
@@ -320,50 +208,18 @@ class BufferedRounds:
 
     # --- checkpointing -------------------------------------------------------------------
     def snapshot(self) -> tuple[State, dict[str, Any]]:
-        tensors: State = {}
-        entries: dict[str, list[dict[str, Any]]] = {}
-        for where, items in (("in_flight", self.in_flight), ("buffer", self.buffer)):
-            entries[where] = []
-            for i, p in enumerate(items):
-                entries[where].append(
-                    {
-                        "child": p.child,
-                        "version": p.version,
-                        "sent_at": p.sent_at,
-                        "arrives": p.arrives,
-                        "weight": p.weight,
-                        "held": p.change is not None,
-                    }
-                )
-                tensors.update({f"{where}#{i}#{k}": v for k, v in (p.change or {}).items()})
+        tensors, source_meta = self.source.snapshot()
+        buffered, entries = pending_entries("buffer", self.buffer)
         meta = {
-            "clock": self.clock,
             "version": self.version,
             "dispatches": dict(sorted(self.dispatches.items())),
-            **entries,
+            **source_meta,
+            "buffer": entries,
         }
-        return tensors, meta
+        return {**tensors, **buffered}, meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
-        self.clock = float(meta.get("clock", 0.0))
         self.version = int(meta.get("version", 0))
         self.dispatches = {k: int(v) for k, v in meta.get("dispatches", {}).items()}
-        lists: dict[str, list[Pending]] = {}
-        for where in ("in_flight", "buffer"):
-            lists[where] = []
-            for i, e in enumerate(meta.get(where, [])):
-                prefix = f"{where}#{i}#"
-                change = {
-                    k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)
-                }
-                lists[where].append(
-                    Pending(
-                        str(e["child"]),
-                        int(e["version"]),
-                        float(e["sent_at"]),
-                        float(e["arrives"]),
-                        float(e["weight"]),
-                        change if e["held"] else None,
-                    )
-                )
-        self.in_flight, self.buffer = lists["in_flight"], lists["buffer"]
+        self.buffer = pending_from("buffer", tensors, meta.get("buffer", []))
+        self.source.restore(tensors, meta)

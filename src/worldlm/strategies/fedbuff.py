@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from worldlm.config import AggregatorConfig, FedBuffConfig, NodeConfig
+from worldlm.config import AggregatorConfig, FedBuffConfig, NodeConfig, SpeedConfig
 from worldlm.core.messages import State
 from worldlm.errors import ConfigError
 from worldlm.strategies.fedavg import FedAvg
@@ -123,6 +123,11 @@ def check_fedbuff(key: str, settings: AggregatorConfig, n_children: int) -> None
             f"{key}.fedbuff.concurrency: {settings.fedbuff.concurrency} is above the number of "
             f"children ({n_children})"
         )
+    if settings.fedbuff.clock == "real" and settings.fedbuff.speed != SpeedConfig():
+        raise ConfigError(
+            f"{key}.fedbuff.speed: describes the simulated clock; with fedbuff.clock = 'real' "
+            "children take as long as they really take (remove it)"
+        )
     concurrency = fedbuff_concurrency(settings.fedbuff, n_children)
     if fedbuff_buffer(settings.fedbuff, concurrency) > concurrency:
         raise ConfigError(
@@ -147,14 +152,21 @@ def check_fedbuff_method(method: str, nodes: Mapping[str, NodeConfig]) -> None:
             )
 
 
-def check_fedbuff_simulated(nodes: Mapping[str, NodeConfig]) -> None:
-    """Refuse FedBuff in a deployment: its clock is simulated, its children train at dispatch."""
+def check_fedbuff_deployable(nodes: Mapping[str, NodeConfig]) -> None:
+    """Refuse FedBuff on the simulated clock in a deployment (`worldlm serve`/`join`): there the
+    children train in processes of their own, and their replies arrive when they arrive."""
     for path, settings in sorted(nodes.items()):
-        if isinstance(settings, AggregatorConfig) and settings.strategy == FEDBUFF:
+        if (
+            isinstance(settings, AggregatorConfig)
+            and settings.strategy == FEDBUFF
+            and settings.fedbuff.clock != "real"
+        ):
             raise ConfigError(
-                f"nodes.{path}.strategy: 'fedbuff' runs in simulation only (`worldlm run`, on a "
-                "simulated clock); it is not implemented across processes: use a synchronous "
-                "strategy in a deployment"
+                f"nodes.{path}.fedbuff.clock: {settings.fedbuff.clock!r} cannot be deployed: "
+                "a deployed federation has real clocks (its children train in processes of "
+                "their own and their updates arrive when they do), so a simulated clock "
+                "cannot order them; set fedbuff.clock = 'real' (not bit-reproducible, see "
+                "docs/fedbuff.md), or run the simulation with `worldlm run`"
             )
 
 

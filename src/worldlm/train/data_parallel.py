@@ -89,18 +89,19 @@ class DataParallelTrainer(StandardTrainer):
     ) -> LocalResult:
         """Rank 0: send the round's job to the other ranks, then train with them."""
         if self.rank == 0:
-            meta = {
-                "start_step": job.start_step,
-                "total_steps": job.total_steps,
-                "gen": job.gen.get_state(),
-                # local_train seeded this rank's dropout from the leaf's generator (a forked
-                # global RNG); the others derive theirs from it, so runs stay reproducible.
-                "dropout_seed": torch.initial_seed(),
-                # On the CPU: another rank's load_state_dict moves it to its own device.
-                "optimizer": on_cpu(optimizer.state_dict()),
-            }
-            _broadcast((TRAIN, meta))
+            _broadcast((TRAIN, self.round_message(optimizer, job)))
         return self.train_part(model, optimizer, job)
+
+    def round_message(self, optimizer: torch.optim.Optimizer, job: LocalJob) -> dict[str, Any]:
+        """What the other ranks need of rank 0's round: the schedule, the data order, and here
+        the optimizer's moments (on the CPU: load_state_dict moves them to a rank's device)."""
+        return {**schedule_message(job), "optimizer": on_cpu(optimizer.state_dict())}
+
+    def follow_round(self, model: torch.nn.Module, message: dict[str, Any], job: LocalJob) -> None:
+        """A rank other than 0: its part of the round rank 0's `message` describes."""
+        optimizer = self.make_optimizer(model, job.cfg)
+        optimizer.load_state_dict(message["optimizer"])
+        self.train_part(model, optimizer, job)
 
     def train_part(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: LocalJob
@@ -134,16 +135,26 @@ def follow(
         kind, meta = _broadcast(None)
         if kind == STOP:
             return rounds
-        optimizer = trainer.make_optimizer(model, cfg)
-        optimizer.load_state_dict(meta["optimizer"])
         gen = torch.Generator()
         gen.set_state(meta["gen"])
         job = LocalJob(blocks, cfg, meta["start_step"], meta["total_steps"], gen, device)
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(meta["dropout_seed"] + trainer.rank)
-            trainer.train_part(model, optimizer, job)
+            trainer.follow_round(model, meta, job)
         rounds += 1
+
+
+def schedule_message(job: LocalJob) -> dict[str, Any]:
+    """Rank 0's round as the other ranks rebuild it: the schedule and the data order."""
+    return {
+        "start_step": job.start_step,
+        "total_steps": job.total_steps,
+        "gen": job.gen.get_state(),
+        # local_train seeded rank 0's dropout from the leaf's generator (a forked global RNG);
+        # the others derive theirs from it, so runs stay reproducible.
+        "dropout_seed": torch.initial_seed(),
+    }
 
 
 def check_batch(cfg: TrainConfig, world: int) -> None:

@@ -14,6 +14,11 @@ Memory: the server's receive gate (admission.py) bounds the replies held at once
 number of children: the links of children beyond it stop reading, so those children wait in
 their send. The child the round waits for next is always let in, and a child the gate held
 back past the round's timeout answered in time: it gets one more `round_timeout`.
+
+In flight across rounds (FedBuff on real clocks): `dispatch` sends train tasks and returns, and
+`arrivals` hands their replies over as they come, each checked as `train` checks one, each task
+waiting at most `round_timeout` from its dispatch (in_flight.py). Threads waiting for replies
+from one child read its link in turns, in the order their tasks were sent.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -41,6 +46,7 @@ from worldlm.transport.grpc.admission import ReceiveGate
 from worldlm.transport.grpc.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from worldlm.transport.grpc.connection import ChildConnection
 from worldlm.transport.grpc.errors import LinkError, LinkTimeout
+from worldlm.transport.grpc.in_flight import InFlightTasks, ReaderTurns, Turn
 from worldlm.transport.grpc.server import ParentLinkServer
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,10 @@ class GrpcTransport:
         self.server = server
         self.policy = policy or RoundPolicy()
         self.dropped: list[Dropout] = []  # exclusions not yet collected by `dropouts()`
+        self._dropped_lock = threading.Lock()  # reply threads add to it while rounds run
         self._waited_for: frozenset[str] = frozenset()  # the absent children last waited for
+        self.turns = ReaderTurns()
+        self.flights = InFlightTasks(self._drop)
 
     def children(self, parent: str) -> list[ChildInfo]:
         if parent != self.server.node_path:
@@ -95,7 +104,8 @@ class GrpcTransport:
         return attached
 
     def dropouts(self) -> list[Dropout]:
-        taken, self.dropped = self.dropped, []
+        with self._dropped_lock:
+            taken, self.dropped = self.dropped, []
         return taken
 
     def train(self, tasks: Sequence[TrainTask]) -> Iterator[Update]:
@@ -119,9 +129,16 @@ class GrpcTransport:
         round_.outstanding = set(round_.expected)
         round_.prefer(reset=True)
         for index in round_.expected:
+            turn = self.turns.take(tasks[index].recipient)  # here: in the order tasks are sent
             threading.Thread(
                 target=self._ask,
-                args=(attached[tasks[index].recipient], tasks[index], reply_type, round_, index),
+                args=(
+                    attached[tasks[index].recipient],
+                    tasks[index],
+                    reply_type,
+                    (round_, index),
+                    turn,
+                ),
                 name=f"ask-{tasks[index].recipient}",
                 daemon=True,
             ).start()
@@ -159,22 +176,47 @@ class GrpcTransport:
         conn: ChildConnection,
         task: Request,
         reply_type: type[Reply],
-        round_: _Exchange[Reply],
-        index: int,
+        where: tuple[_Exchange[Reply], int],
+        turn: Turn,
     ) -> None:
-        """Send one task and wait for its reply; anything else it reads is refused."""
-        deadline, extended = round_.deadline, False
+        """One task of an exchange (`where`: the exchange and the task's index in it)."""
+        round_, index = where
+        try:
+            outcome = self._answer(
+                conn, task, reply_type, round_.deadline, turn, lambda: round_.was_held_back(index)
+            )
+            round_.arrivals.put((index, outcome))
+            del outcome
+        finally:
+            turn.done()
+
+    def _answer(
+        self,
+        conn: ChildConnection,
+        task: Request,
+        reply_type: type[Reply],
+        deadline: float,
+        turn: Turn,
+        held_back: Callable[[], bool],
+    ) -> Reply | Dropout:
+        """Send one task and wait, in `turn`, for its reply; anything else read is refused.
+        `held_back` says whether the receive gate held the child back (it answered in time,
+        so it gets one more `round_timeout`)."""
+        extended = False
         try:
             # The link digests every payload whole (chunking.py), so the codec's body digest
             # would be a second pass over the same bytes.
             kind, parts = encode_message_parts(task, body_digest=False)
             conn.send(kind, parts, timeout=_remaining(deadline))
             del parts
+            if not turn.wait(_remaining(deadline)):
+                reason = "no reply before the timeout: it was still answering an earlier task"
+                return Dropout(conn.path, reason)
             while True:
                 try:
                     kind, payload = conn.receive(timeout=_remaining(deadline))
                 except LinkTimeout:
-                    if extended or not round_.was_held_back(index):
+                    if extended or not held_back():
                         raise
                     # The receive gate held it back, so it answered in time: see _exchange.
                     deadline, extended = time.monotonic() + self.policy.round_timeout, True
@@ -193,18 +235,73 @@ class GrpcTransport:
                     and reply.nonce == task.nonce
                 ):
                     # The child will not act on this task (its provenance did not verify).
-                    reason = f"refused the task: {shown(reply.reason)}"
-                    round_.arrivals.put((index, Dropout(conn.path, reason)))
-                    return
+                    return Dropout(conn.path, f"refused the task: {shown(reply.reason)}")
                 answer = _as_answer(reply, reply_type, task, conn.path)
                 del reply
                 if not isinstance(answer, str):
-                    round_.arrivals.put((index, answer))
-                    return
+                    return answer
                 # Refused and recorded, but the child may still send its real answer in time.
                 self._drop(Dropout(conn.path, f"refused its {kind}: {answer}", left_out=False))
         except (LinkError, WireError) as exc:
-            round_.arrivals.put((index, Dropout(conn.path, f"{type(exc).__name__}: {exc}")))
+            return Dropout(conn.path, f"{type(exc).__name__}: {exc}")
+
+    # --- in flight across rounds (FedBuff on real clocks; core.transport.AsyncTransport) ---
+    def dispatch(self, tasks: Sequence[TrainTask]) -> None:
+        """Send each train task and return at once; `arrivals` hands over the outcomes."""
+        attached = self.server.children()
+        for task in tasks:
+            self.flights.start(task.nonce, task.recipient)
+            conn = attached.get(task.recipient)
+            if conn is None:
+                reason = "not attached when its task was dispatched"
+                self.flights.land(task.nonce, Dropout(task.recipient, reason))
+                continue
+            turn = self.turns.take(task.recipient)  # here: in the order tasks are sent
+            flight = threading.Thread(
+                target=self._fly,
+                args=(conn, task, turn),
+                name=f"dispatch-{task.recipient}",
+                daemon=True,
+            )
+            try:
+                flight.start()
+            except RuntimeError as exc:  # no thread to spare: the task must not stay pending
+                turn.done()
+                self.flights.land(task.nonce, Dropout(task.recipient, f"not sent: {exc}"))
+
+    def _fly(self, conn: ChildConnection, task: TrainTask, turn: Turn) -> None:
+        outcome: Update | Dropout = Dropout(conn.path, "its reply was lost to an internal error")
+        try:
+            deadline = time.monotonic() + self.policy.round_timeout
+            gate = self.server.gate
+            outcome = self._answer(
+                conn, task, Update, deadline, turn, lambda: gate.delayed(conn.path)
+            )
+            if isinstance(outcome, Dropout) and outcome.reason.startswith("LinkTimeout"):
+                outcome = Dropout(conn.path, "no reply within round_timeout of its dispatch")
+        finally:
+            self.flights.land(task.nonce, outcome)
+            del outcome
+            turn.done()
+
+    def arrivals(self, timeout: float | None = None) -> Iterator[Update | Dropout]:
+        """The outcome of each dispatched task, in the order they arrive; ends once nothing is
+        in flight, or after `timeout` seconds without an arrival."""
+        while True:
+            outcome = self.flights.take(timeout)
+            if outcome is None:
+                return
+            if isinstance(outcome, Dropout):
+                log.warning("%s: its dispatched task ended: %s", outcome.path, outcome.reason)
+            yield outcome
+            del outcome  # the engine lets go of a reply before the next: see _exchange
+
+    def abandon(self, reason: str) -> list[str]:
+        """Forget every task in flight; a reply that still comes for one is refused."""
+        children = self.flights.abandon(reason)
+        if children:
+            log.warning("forgot the tasks in flight to %s: %s", ", ".join(children), reason)
+        return children
 
     def stop_children(self) -> None:
         """Tell every attached child the run is over (inner aggregators pass it on)."""
@@ -219,7 +316,8 @@ class GrpcTransport:
     def _drop(self, dropped: Dropout) -> None:
         what = "left out of this round" if dropped.left_out else "message refused"
         log.warning("%s: %s: %s", dropped.path, what, dropped.reason)
-        self.dropped.append(dropped)
+        with self._dropped_lock:
+            self.dropped.append(dropped)
 
 
 class _Exchange(Generic[Reply]):
