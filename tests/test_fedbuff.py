@@ -398,3 +398,40 @@ def test_a_resumed_fedbuff_run_equals_an_uninterrupted_one(tmp_path: Path) -> No
     assert steps(resumed.run_dir) == ran
     # The checkpoint of round 2 held work in flight (d, three times slower, never folded yet).
     assert ran[1][3] > 0 and all(f["sender"] != "world/d" for _, _, fs, _ in ran[:2] for f in fs)
+
+
+class _AlwaysMalformed(ShiftChild):
+    """A child every reply of which has a wrong shape (hostile, or broken for good)."""
+
+    def handle_train(self, task: TrainTask) -> Update:
+        self.bad_session = self.sessions
+        return super().handle_train(task)
+
+
+@pytest.mark.parametrize("min_replies", [1, 4])
+def test_a_child_refused_every_time_does_not_hold_the_steps(min_replies: int) -> None:
+    """K is the whole cohort of 4 and d is refused in every round: once nothing is left in
+    flight, the step folds the 3 updates it has (at least min_replies), as a synchronous round
+    goes on without a refused reply. (min_replies = 4 is the teeth: then no step is taken, the
+    buffer waiting for d forever.)"""
+    kids = _children(3)
+    kids["root/d"] = _AlwaysMalformed("root/d", 3, 40.0)
+    settings = {
+        "strategy": "fedbuff",
+        "fedbuff": {"buffer": 4, "speed": CONSTANT},
+        "min_replies": min_replies,
+    }
+    root = _root(kids, settings)
+    state = _start()
+    rows = []
+    for r in range(3):
+        outcome = root.run_round(state, r)
+        state = outcome.state
+        rows.append(_aggregate(outcome.records))
+    if min_replies == 1:
+        assert [row["status"] for row in rows] == ["ok"] * 3
+        assert all(row["participants"] == ["root/a", "root/b", "root/c"] for row in rows)
+        assert all(row["missing"] == ["root/d"] for row in rows)
+    else:
+        assert [row["status"] for row in rows] == ["too_few_replies"] * 3
+        assert torch.equal(state["w"], _start()["w"])

@@ -234,3 +234,15 @@ def test_a_rewind_at_a_local_dp_leaf_charges_the_releases_it_undoes(
     restarted = JournaledNode(leaf_again, tmp_path / "journal", run_id, keep=4)
     # 1 release kept, the 2 undone charged, round 1 released again
     assert _released(restarted.handle_train(_leaf_task(again, 1))) == (4 if charged else 2)
+
+
+def test_a_second_rewind_to_an_older_state_keeps_the_first_rewinds_charge(tmp_path: Path) -> None:
+    """A rewind lands on a state from before an earlier rewind's charge (the root fell back
+    further, or started afresh): every release sent so far still counts."""
+    session, leaf = _local_dp_leaf(tmp_path)
+    node = JournaledNode(leaf, tmp_path / "journal", session.fed.root.ctx.run_id, keep=8)
+    for r in range(3):
+        node.handle_train(_leaf_task(session, r))  # releases 1, 2, 3
+    assert _released(node.handle_train(_leaf_task(session, 1))) == 4  # 2 undone, charged
+    # round 0 again: the state before any task, which knew of no charge; 4 releases went out
+    assert _released(node.handle_train(_leaf_task(session, 0))) == 5

@@ -9,6 +9,7 @@ no kept checkpoint names them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ from worldlm import wire
 from worldlm.checkpoint_parts import PartStore, fsync_dir, parts_named
 from worldlm.errors import CheckpointError, WireError
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^round-(\d{6})\.wlm$")
 
 
@@ -61,9 +63,18 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     if parts is not None:
-        named = [d for path in list_checkpoints(directory) for d in parts_named(read_meta(path))]
-        parts.collect(named)
+        collect_parts(directory, parts)
     return final
+
+
+def collect_parts(directory: Path, parts: PartStore) -> None:
+    """Delete the leaf-state files no kept checkpoint names; nothing when a kept checkpoint's
+    header cannot be read (its names unknown, deleting could lose the files it needs)."""
+    metas = [read_meta(path) for path in list_checkpoints(directory)]
+    if not all(metas):
+        log.warning("a checkpoint in %s is unreadable: leaf-state files are kept", directory)
+        return
+    parts.collect([digest for meta in metas for digest in parts_named(meta)])
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

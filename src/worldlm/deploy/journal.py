@@ -111,17 +111,16 @@ class JournaledNode:
         policy = dp_policy(self.node)
         released = [] if policy is None else policy.spent_rounds()
         local = local_dp_leaf(self.node)
-        sessions = 0 if local is None else local.sessions
+        # Releases so far, lost ones included: the state rewound to may predate an earlier
+        # rewind's charge, which must not be forgotten with it.
+        released_local = 0 if local is None else local.sessions + local.lost_releases
         self._restore(path, tensors, meta)
-        if local is not None and sessions > local.sessions:
+        if local is not None and released_local > local.sessions + local.lost_releases:
             # A leaf's local-DP releases of the undone rounds reached its parent; the re-runs
             # release again with fresh noise: both count (kept with the state rewound to).
-            local.lost_releases += sessions - local.sessions
-            log.warning(
-                "%s: charged %d local-DP releases undone by the rewind",
-                self.path,
-                sessions - local.sessions,
-            )
+            undone = released_local - local.sessions - local.lost_releases
+            local.charge_lost_releases(undone)
+            log.warning("%s: charged %d local-DP releases undone by the rewind", self.path, undone)
             self._write(target)
         if policy is not None:
             # The rounds undone released noisy aggregates to the parent; their re-runs draw

@@ -18,7 +18,9 @@ update per child (its weight stays within what its parent allows per round, and 
 FedAvg over distinct children). In the paper a client that finishes is replaced at once, with
 the model of that moment; here the replacement waits for the step, and starts from its result.
 If everything in flight arrives before the buffer fills (refusals, a dropped stale update), the
-round makes no step ("too_few_replies"), and the buffer waits for the next round's dispatches.
+round steps with what it buffered if that is at least `min_replies` (a child refused every
+time, or gone, must not hold the steps forever), and otherwise makes no step
+("too_few_replies"), the buffer waiting for the next round's dispatches.
 
 The buffer is checkpointed with the aggregator, and so is what the source keeps of its work in
 flight (all of it on the simulated clock, so that a resumed run continues bit for bit; on a real
@@ -91,7 +93,10 @@ class BufferedRounds:
         settled, benched = self.source.settle(got, (r, global_round))
         folded: list[Pending] = []
         new_state, status, rows = state, "too_few_replies", []
-        if len(self.buffer) >= size:
+        # K updates; or, with nothing left in flight, what is buffered (at least min_replies):
+        # a child refused every time, or gone, must not hold the steps forever.
+        stalled = not self.source.in_flight() and len(self.buffer) >= agg.settings.min_replies
+        if self.buffer and (len(self.buffer) >= size or stalled):
             folded, self.buffer = self.buffer, []
             rows = [self._folded_row(p) for p in folded]  # staleness before the step
             new_state, status = self._step(state, folded, rows, global_round)
@@ -109,7 +114,8 @@ class BufferedRounds:
         }
         if status == "too_few_replies":
             done.row["reason"] = (
-                f"{len(self.buffer)} of K={size} updates buffered and nothing left in flight"
+                f"{len(self.buffer)} of K={size} updates buffered (fewer than min_replies) and "
+                "nothing left in flight"
             )
         row = agg._aggregate_record(global_round, r, chosen, done, started, benched)
         # Sent work (this round or before) and learned this round that no valid update came.

@@ -120,6 +120,11 @@ class Leaf:
         else:
             self._held.put("optimizer", *flatten_optimizer(value))
 
+    def charge_lost_releases(self, count: int) -> None:
+        """Local-DP releases a rewind undid (they reached the parent): charged from now on."""
+        self.lost_releases += count
+        self.state_version += 1
+
     def training_start(self, incoming: State) -> State:
         """What a round trains from: the incoming model with the personal weights on top, and
         the adapted weights moved key_mix of the way from the leaf's own toward the incoming."""
@@ -243,6 +248,9 @@ class Leaf:
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
         self.state_version += 1
+        restored = getattr(self.trainer, "restored", None)
+        if callable(restored):  # a trainer keeping state of its own (train.shard = "fsdp")
+            restored()
         self.sessions = int(meta["sessions"])
         self.steps_done = int(meta["steps_done"])
         self.lost_releases = int(meta.get("lost_releases", 0))

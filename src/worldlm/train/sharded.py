@@ -11,7 +11,8 @@ up is the full state, as with DDP.
 
 The moments stay in each rank's shard between rounds (`train.keep_optimizer_state`): nothing
 of them crosses between ranks or reaches the leaf's own optimizer, so the leaf's checkpoints
-hold none (a restarted leaf starts them afresh). Moments the leaf does hold (restored from a
+hold none: a restarted leaf, or one its journal rewinds (`restored`), starts them afresh on
+every rank. Moments the leaf does hold (restored from a
 checkpoint of an unsharded run) are scattered into the shards.
 """
 
@@ -46,25 +47,33 @@ class ShardedTrainer(DataParallelTrainer):
         super().__init__(inner)
         self.sharded: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None  # this rank's shard of the moments
+        self.stale = False  # rank 0: the leaf went back to an older state since the last round
+
+    def restored(self) -> None:
+        """The leaf was put back in an older state (its journal rewound it): the shards'
+        moments belong to the rounds undone, so every rank starts them afresh next round."""
+        self.stale = True
 
     def round_message(self, optimizer: torch.optim.Optimizer, job: LocalJob) -> dict[str, Any]:
-        return {**schedule_message(job), "moments": bool(optimizer.state)}
+        return {**schedule_message(job), "moments": bool(optimizer.state), "fresh": self.stale}
 
     def train_part(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: LocalJob
     ) -> LocalResult:
         """Rank 0: `model` is the leaf's workspace and `optimizer` the leaf's (it trains
         neither; they hand in the round's start and take back its result)."""
-        return self._round(model, optimizer, bool(optimizer.state), job)
+        fresh, self.stale = self.stale, False
+        return self._round(model, optimizer, bool(optimizer.state), fresh, job)
 
     def follow_round(self, model: torch.nn.Module, message: dict[str, Any], job: LocalJob) -> None:
-        self._round(model, None, bool(message["moments"]), job)
+        self._round(model, None, bool(message["moments"]), bool(message["fresh"]), job)
 
     def _round(
         self,
         model: torch.nn.Module,
         leaf_optimizer: torch.optim.Optimizer | None,
         moments: bool,
+        fresh: bool,
         job: LocalJob,
     ) -> LocalResult:
         check_batch(job.cfg, self.world)
@@ -72,7 +81,7 @@ class ShardedTrainer(DataParallelTrainer):
         # The round's start is rank 0's workspace (what the leaf received): into every shard.
         start = model.state_dict() if self.rank == 0 else {}
         set_model_state_dict(sharded, start, options=FULL_FROM_RANK0)
-        if self.optimizer is None or not job.cfg.keep_optimizer_state:
+        if self.optimizer is None or fresh or not job.cfg.keep_optimizer_state:
             self.optimizer = self.inner.make_optimizer(sharded, job.cfg)
         if moments:  # the leaf's own (from a checkpoint of an unsharded run): into the shards
             full = by_name(leaf_optimizer, model) if leaf_optimizer is not None else {}

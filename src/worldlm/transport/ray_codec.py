@@ -11,7 +11,8 @@ sums in place).
 An actor answers a batch of calls at once (`answer_batch`): one round trip through Ray for
 several leaves' tasks instead of one each. A WorldLM error raised for one message of a batch
 comes back as that message's answer (`Raised`) and is raised by the driver at its turn, as
-with one call per message. Nothing here imports Ray.
+with one call per message; any other exception fails the whole batch (and the run, as a
+failed call did). Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def answer_batch(
     `models` entry it names, None for a message that carries its own) in memory of its own."""
     answers: list[Any] = []
     for message, index in calls:
-        if index is not None and isinstance(message, TrainTask | EvalTask):
-            message = replace(message, state=unpack_state(models[index]))
         try:
+            if index is not None and isinstance(message, TrainTask | EvalTask):
+                message = replace(message, state=unpack_state(models[index]))
             reply = handle(method, message)
         except WorldLMError as exc:
             answers.append(Raised(exc))
