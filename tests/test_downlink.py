@@ -35,12 +35,18 @@ KEYS = frozenset({"block.k"})
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, bytes, bytes]]:
-    """(ca, cert, key) PEM per node, from one CA."""
-    pki = tmp_path_factory.mktemp("pki")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return node_keys(tmp_path_factory.mktemp("pki"), (ROOT, MED, SOFT, LEAF))
+
+
+Keys = dict[str, tuple[bytes, bytes, bytes]]
+
+
+def node_keys(pki: Path, paths: tuple[str, ...]) -> Keys:
+    """(ca, cert, key) PEM per node of `paths`, from one CA made in `pki`."""
     create_ca(pki)
     out = {}
-    for path in (ROOT, MED, SOFT, LEAF):
+    for path in paths:
         issue_node_cert(pki, path, pki)
         name = safe_name(path)
         out[path] = tuple((pki / f).read_bytes() for f in ("ca.pem", f"{name}.pem", f"{name}.key"))

@@ -16,7 +16,6 @@ import torch
 from worldlm.core.messages import EvalReport, EvalTask, RoutedResidual, TrainTask, Update
 from worldlm.monitoring import leaf_results
 from worldlm.progress import QuietProgress
-from worldlm.security.certs import create_ca, issue_node_cert, safe_name
 from worldlm.security.downlink import (
     DownlinkRefused,
     DownlinkSigner,
@@ -28,6 +27,7 @@ from worldlm.security.downlink_facts import EVAL_DEPLOYED, EVAL_GLOBAL, TRAIN, r
 from worldlm.session import open_session
 
 from .conftest import TWO_LEVEL, tiny_config
+from .test_downlink import Keys, node_keys
 from .test_grpc_transport import ROUTING, over_grpc
 
 ROOT, MED, LEAF = "world", "world/med", "world/med/a"
@@ -35,20 +35,10 @@ MODEL = {"embed": torch.arange(6.0), "block.k": torch.ones(3)}
 KEYS = frozenset({"block.k"})
 ROUTED = (RoutedResidual("world/soft", 0.5, {"block.k": (torch.ones(3, 1), torch.ones(3, 1))}),)
 
-Keys = dict[str, tuple[bytes, bytes, bytes]]
-
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    """(ca, cert, key) PEM per node, from one CA."""
-    pki = tmp_path_factory.mktemp("pki")
-    create_ca(pki)
-    out = {}
-    for path in (ROOT, MED, LEAF):
-        issue_node_cert(pki, path, pki)
-        name = safe_name(path)
-        out[path] = tuple((pki / f).read_bytes() for f in ("ca.pem", f"{name}.pem", f"{name}.key"))
-    return out  # type: ignore[return-value]
+    return node_keys(tmp_path_factory.mktemp("pki"), (ROOT, MED, LEAF))
 
 
 def _signer(keys: Keys, path: str) -> DownlinkSigner:

@@ -31,6 +31,7 @@ from worldlm.strategies.fedbuff import (
 )
 
 from .conftest import TWO_LEVEL, tiny_config
+from .test_engine import StopAtRound
 
 FLAT = {"world/a": "med", "world/b": "law", "world/c": "code", "world/d": "med"}
 
@@ -369,15 +370,6 @@ def _fedbuff_run_config(tmp_path: Path) -> Any:
         "nodes.world/d.slowdown=3.0",
     ]
     return tiny_config(tmp_path, FLAT, overrides, n_docs=30)
-
-
-class StopAtRound(QuietProgress):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def round_started(self, round_index: int, total: int) -> None:
-        if round_index == self.at:
-            raise KeyboardInterrupt
 
 
 def test_a_resumed_fedbuff_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:

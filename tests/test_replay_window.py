@@ -15,16 +15,15 @@ from worldlm.core.messages import EvalTask, TrainTask
 from worldlm.deploy.root_epoch import EPOCH_FILE, next_epoch
 from worldlm.errors import WorldLMError
 from worldlm.federation.downlink_policy import tasks_per_root_round
-from worldlm.security.certs import create_ca, issue_node_cert, safe_name
 from worldlm.security.downlink import DownlinkSigner, DownlinkVerifier, TaskFacts, tensor_digests
 from worldlm.security.downlink_facts import EVAL_DEPLOYED, EVAL_GLOBAL, TRAIN
 from worldlm.security.replay_window import ReplayWindow, StaleTask, Stamp, check_fresh
 from worldlm.tree import build_tree
 
 from .conftest import TWO_LEVEL, tiny_config
+from .test_downlink import Keys, node_keys
 
 ROOT, MED, LEAF = "world", "world/med", "world/med/a"
-Keys = dict[str, tuple[bytes, bytes, bytes]]
 
 
 def _stamp(epoch: int, global_round: int, round_: int = 0, task: str = TRAIN) -> Stamp:
@@ -78,14 +77,7 @@ def test_tasks_per_root_round_multiplies_the_inner_rounds_above(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    pki = tmp_path_factory.mktemp("pki")
-    create_ca(pki)
-    out = {}
-    for path in (ROOT, MED, LEAF):
-        issue_node_cert(pki, path, pki)
-        name = safe_name(path)
-        out[path] = tuple((pki / f).read_bytes() for f in ("ca.pem", f"{name}.pem", f"{name}.key"))
-    return out  # type: ignore[return-value]
+    return node_keys(tmp_path_factory.mktemp("pki"), (ROOT, MED, LEAF))
 
 
 def _model(global_round: int) -> dict[str, torch.Tensor]:

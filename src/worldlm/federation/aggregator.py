@@ -36,6 +36,7 @@ from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.state import cast_like
 from worldlm.core.transport import ChildInfo, Dropout, Transport
 from worldlm.errors import UpdateRejected
+from worldlm.federation.aggregator_checkpoint import aggregator_restore, aggregator_snapshot
 from worldlm.federation.buffered_round import BufferedRounds
 from worldlm.federation.context import NoAudit, RunContext
 from worldlm.federation.eval_check import accepted_results
@@ -59,9 +60,9 @@ from worldlm.federation.round_runner import RoundRunner, SynchronousRounds
 from worldlm.federation.round_state import (
     Collected,
     RoundOutcome,
+    aggregate_row,
     incident_row,
     rejection_row,
-    under_prefix,
     wider_than,
 )
 from worldlm.federation.secure_child import SecureChild
@@ -496,23 +497,7 @@ class Aggregator:
         started: float,
         benched: list[str],
     ) -> Record:
-        answered = set() if got is None else got.answered
-        row: Record = {
-            "round": global_round,
-            "node": self.path,
-            "kind": "aggregate",
-            "local_round": local_round,
-            "status": "ok" if got is None else got.status,
-            "selected": chosen,
-            "participants": sorted(answered),
-            "missing": sorted(set(chosen) - answered),
-            "benched": benched,
-            "tokens": 0.0 if got is None else got.weight,
-            "seconds": time.perf_counter() - started,
-        }
-        if got is not None:
-            row.update(got.traffic, **got.row)
-        return row
+        return aggregate_row(self.path, (global_round, local_round), chosen, got, started, benched)
 
     def _out_of_budget(
         self, state: State, global_round: int, r: int, started: float
@@ -593,47 +578,9 @@ class Aggregator:
             )
         return EvalReport(self.path, task.nonce, results)
 
-    # --- checkpointing -------------------------------------------------------------------
+    # --- checkpointing (federation/aggregator_checkpoint.py) --------------------------------
     def snapshot(self) -> tuple[State, dict[str, Any]]:
-        tensors = {f"model/{k}": v for k, v in self.state.items()}
-        tensors.update({f"strategy/{k}": v for k, v in self.rule.state_dict().items()})
-        tensors.update(self.keys.snapshot())
-        tensors.update({f"link/{k}": v for k, v in self.uplink.state_dict().items()})
-        tensors.update({f"server_opt/{k}": v for k, v in self.optimizer.state_dict().items()})
-        runner_tensors, runner_meta = self.rounds.snapshot()  # FedBuff's work in flight
-        tensors.update({f"runner/{k}": v for k, v in runner_tensors.items()})
-        for source, residual in sorted(self.residuals.items()):
-            for name, (left, right) in residual.items():
-                tensors[f"residual#{source}#{name}#U"] = left
-                tensors[f"residual#{source}#{name}#V"] = right
-        meta = {
-            "rounds_done": self.rounds_done,
-            "routes": self.routes,
-            "misses": self.misses,
-            "benched_until": self.benched_until,
-            **self.rule.meta(),
-        }
-        if runner_meta:
-            meta["runner"] = runner_meta
-        return tensors, meta
+        return aggregator_snapshot(self)
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
-        self.rounds_done = int(meta["rounds_done"])
-        self.misses = {k: int(v) for k, v in meta.get("misses", {}).items()}
-        self.benched_until = {k: int(v) for k, v in meta.get("benched_until", {}).items()}
-        self.rule.load_meta(meta)
-        self.state = {k[6:]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
-        self.keys.restore(tensors)
-        self.uplink.load_state_dict(under_prefix("link/", tensors))
-        self.optimizer.load_state_dict(under_prefix("server_opt/", tensors))
-        self.rounds.restore(under_prefix("runner/", tensors), meta.get("runner", {}))
-        factors: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-        for key, value in tensors.items():
-            if key.startswith("residual#"):
-                _, source, name, part = key.split("#")
-                factors.setdefault(source, {}).setdefault(name, {})[part] = value.clone()
-        self.residuals = {
-            s: {n: (uv["U"], uv["V"]) for n, uv in names.items()} for s, names in factors.items()
-        }
-        self.routes = {k: [(s, float(w)) for s, w in v] for k, v in meta.get("routes", {}).items()}
-        self.rule.load_state_dict(under_prefix("strategy/", tensors))
+        aggregator_restore(self, tensors, meta)

@@ -3,6 +3,7 @@ exchange with its children, and the metrics rows of the children it left out or 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from worldlm.core.messages import Record, Residual, State
@@ -66,3 +67,33 @@ def wider_than(sums: State, model: State) -> bool:
 
 def under_prefix(prefix: str, tensors: State) -> State:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def aggregate_row(
+    path: str,
+    rounds: tuple[int, int],
+    chosen: list[str],
+    got: Collected | None,
+    started: float,
+    benched: list[str],
+) -> Record:
+    """The `aggregate` metrics row of a round at `path` (`rounds`: the root's round and this
+    aggregator's); `got` None for a round not run."""
+    global_round, local_round = rounds
+    answered = set() if got is None else got.answered
+    row: Record = {
+        "round": global_round,
+        "node": path,
+        "kind": "aggregate",
+        "local_round": local_round,
+        "status": "ok" if got is None else got.status,
+        "selected": chosen,
+        "participants": sorted(answered),
+        "missing": sorted(set(chosen) - answered),
+        "benched": benched,
+        "tokens": 0.0 if got is None else got.weight,
+        "seconds": time.perf_counter() - started,
+    }
+    if got is not None:
+        row.update(got.traffic, **got.row)
+    return row
