@@ -66,6 +66,25 @@ def test_ray_run_equals_in_process_run(tmp_path: Path, local_ray: None) -> None:
     assert (tmp_path / "ray" / final).read_bytes() == (tmp_path / "inprocess" / final).read_bytes()
 
 
+def test_leaf_state_on_the_actors_disk_gives_the_same_run_and_is_deleted_at_the_end(
+    tmp_path: Path, local_ray: None
+) -> None:
+    """run.leaf_state = "disk" on Ray: each actor keeps its leaves' state in a directory of its
+    own, which it deletes when the run stops it (ray.kill runs no exit handlers)."""
+    import tempfile
+
+    def state_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("worldlm-leaf-state-*"))
+
+    config = tiny_config(tmp_path, TWO_LEVEL)
+    config = config.model_copy(update={"run": config.run.model_copy(update={"leaf_state": "disk"})})
+    before = state_dirs()
+    reference = run(config, QuietProgress(), out=tmp_path / "inprocess")
+    on_ray = run(_on_ray(config), QuietProgress(), out=tmp_path / "ray")
+    _assert_same_results(on_ray, reference)
+    assert state_dirs() == before
+
+
 def test_server_optimizers_on_ray_equal_in_process(tmp_path: Path, local_ray: None) -> None:
     # The optimizers' state lives in the driver's aggregators; the leaves in the actors.
     optimizers = [

@@ -31,6 +31,7 @@ the other, each spreading its own leaves over the actors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,9 @@ from worldlm.federation.context import Observer, RunContext
 from worldlm.federation.methods import MethodPlan
 from worldlm.transport.ray_codec import pack_state, unpack_reply
 from worldlm.transport.ray_worker import LeafWorker
+
+# How long a stopping worker may take to delete its leaves' state before it is killed.
+CLOSE_TIMEOUT_S = 60.0
 
 
 def import_ray() -> ModuleType:
@@ -311,6 +315,11 @@ def start_leaf_workers(
         actors.append(worker_class.remote(config, run_id, vocab_size, mine, 1))
 
     def stop() -> None:
+        # Each worker deletes its leaves' state first (ray.kill runs no exit handlers); one
+        # that is gone or stuck is killed all the same.
+        closing = [actor.close.remote() for actor in actors]
+        with contextlib.suppress(Exception):
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for actor in actors:
             ray.kill(actor)
         actors.clear()

@@ -49,12 +49,14 @@ class LeafWorker:
         workspace = build_workspace(config, vocab_size, cpu)
         # Progress stays quiet and the audit trail empty here: a leaf reports through the
         # records on its Update, and the driver's aggregators audit what they accept.
-        # run.leaf_state = "disk": on the worker's own disk (it may be another machine).
-        state_dir = (
-            Path(tempfile.mkdtemp(prefix="worldlm-leaf-state-"))
+        # run.leaf_state = "disk": on the worker's own disk (it may be another machine), in a
+        # directory that `close` deletes (the driver calls it before it stops the actor).
+        self._state_dir = (
+            tempfile.TemporaryDirectory(prefix="worldlm-leaf-state-")
             if config.run.leaf_state == "disk"
             else None
         )
+        state_dir = Path(self._state_dir.name) if self._state_dir is not None else None
         ctx = RunContext(run_id, config.run.seed, cpu, state_dir=state_dir)
         self.leaves: dict[str, Leaf] = build_leaves(
             plan,
@@ -64,6 +66,11 @@ class LeafWorker:
             ctx=ctx,
             partial=True,
         )
+
+    def close(self) -> None:
+        """Delete the leaves' state directory; the worker is not asked anything after this."""
+        if self._state_dir is not None:
+            self._state_dir.cleanup()
 
     def paths(self) -> list[str]:
         """The leaves this worker hosts (the driver waits on this to know it started)."""
