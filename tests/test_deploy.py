@@ -390,3 +390,30 @@ def test_a_leaf_on_two_processes_sends_what_one_process_sends(tmp_path: Path) ->
     for got, want in zip(evals(deployed), evals(reference.run_dir), strict=True):
         assert (got["round"], got["node"]) == (want["round"], want["node"])
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_deployed_federation_runs_fedbuff_on_real_clocks(tmp_path: Path) -> None:
+    """`strategy = "fedbuff"` with the real clock at the root of five processes: each step folds
+    the first reply to arrive while the other child keeps training (in flight across steps, its
+    reply folded later with its staleness), and at the end the work still in flight is given
+    up without a hang: every process exits 0."""
+    overrides = [
+        shared_tokenizer(tmp_path),
+        "stop.rounds=4",
+        "nodes.world.strategy=fedbuff",
+        "nodes.world.fedbuff.clock=real",
+        "nodes.world.fedbuff.buffer=1",
+    ]
+    deployed = deploy(tmp_path, tiny_config(tmp_path, THREE_LEVEL, overrides))
+    rows = read_metrics(deployed / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "aggregate" and r["node"] == "world"]
+    assert [(r["status"], r["version"]) for r in steps] == [("ok", v) for v in (1, 2, 3, 4)]
+    folded = [f for r in steps for f in r["folded"]]
+    assert len(folded) == 4  # one reply a step, the buffer's size
+    assert {f["sender"] for f in folded} <= {"world/med", "world/c"}
+    # Weighted by the default staleness rule, 1/sqrt(1 + s), s the steps taken since it left.
+    assert all(f["factor"] == pytest.approx((1 + f["staleness"]) ** -0.5) for f in folded)
+    assert not [r for r in rows if r["kind"] in ("rejected", "refused")]
+    summary = json.loads((deployed / "summary.json").read_text("utf-8"))
+    assert summary["rounds"] == 4

@@ -57,9 +57,9 @@ class TrainConfig(Section):
         "none = each rank holds the whole model, gradients and moments (DDP); fsdp = they are "
         "split over the ranks (PyTorch FSDP2, per transformer block): about 1/N of their memory "
         "per rank, for gathering each block's weights in its forward and backward. The leaf "
-        "still sends its parent the whole model; moments kept between rounds stay in the "
-        "ranks' shards and are not in the leaf's checkpoints. The same training up to float "
-        "rounding. Not with compile or a quantized base; one process: nothing to shard.",
+        "still sends its parent the whole model, and its moments are gathered to rank 0's host "
+        "memory at each round's end (in its checkpoints, as with DDP). The same training up to "
+        "float rounding. Not with compile or a quantized base; one process: nothing to shard.",
     )
     trainer: str = Field(
         "standard",

@@ -9,11 +9,13 @@ unsharded, its weights are scattered into the shards when a round starts, and th
 weights are gathered back into it (on rank 0 only) when the round ends, so what the leaf sends
 up is the full state, as with DDP.
 
-The moments stay in each rank's shard between rounds (`train.keep_optimizer_state`): nothing
-of them crosses between ranks or reaches the leaf's own optimizer, so the leaf's checkpoints
-hold none: a restarted leaf, or one its journal rewinds (`restored`), starts them afresh on
-every rank. Moments the leaf does hold (restored from a
-checkpoint of an unsharded run) are scattered into the shards.
+AdamW's moments are the leaf's, as with DDP and one process (`train.keep_optimizer_state`): a
+round scatters the ones the leaf holds into a sharded optimizer on the ranks, and at its end
+gathers them back into the leaf's optimizer on rank 0, on the CPU, so that the leaf's
+checkpoints and its journal hold them and a restarted or rewound leaf resumes exactly. That costs
+one gather of the moments per round (8 bytes a parameter to rank 0, as DDP's broadcast of them
+costs in the other direction) and their copy in rank 0's host memory between rounds; the
+devices hold none between rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -40,40 +43,31 @@ FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class ShardedTrainer(DataParallelTrainer):
-    """A `DataParallelTrainer` whose ranks train one FSDP2-sharded copy of the model, kept
-    with its sharded optimizer from round to round."""
+    """A `DataParallelTrainer` whose ranks train one FSDP2-sharded copy of the model (kept from
+    round to round; its optimizer is made for each round from the leaf's moments)."""
 
     def __init__(self, inner: StandardTrainer) -> None:
         super().__init__(inner)
         self.sharded: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None  # this rank's shard of the moments
-        self.stale = False  # rank 0: the leaf went back to an older state since the last round
-
-    def restored(self) -> None:
-        """The leaf was put back in an older state (its journal rewound it): the shards'
-        moments belong to the rounds undone, so every rank starts them afresh next round."""
-        self.stale = True
 
     def round_message(self, optimizer: torch.optim.Optimizer, job: LocalJob) -> dict[str, Any]:
-        return {**schedule_message(job), "moments": bool(optimizer.state), "fresh": self.stale}
+        return {**schedule_message(job), "moments": bool(optimizer.state)}
 
     def train_part(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, job: LocalJob
     ) -> LocalResult:
         """Rank 0: `model` is the leaf's workspace and `optimizer` the leaf's (it trains
         neither; they hand in the round's start and take back its result)."""
-        fresh, self.stale = self.stale, False
-        return self._round(model, optimizer, bool(optimizer.state), fresh, job)
+        return self._round(model, optimizer, bool(optimizer.state), job)
 
     def follow_round(self, model: torch.nn.Module, message: dict[str, Any], job: LocalJob) -> None:
-        self._round(model, None, bool(message["moments"]), bool(message["fresh"]), job)
+        self._round(model, None, bool(message["moments"]), job)
 
     def _round(
         self,
         model: torch.nn.Module,
         leaf_optimizer: torch.optim.Optimizer | None,
         moments: bool,
-        fresh: bool,
         job: LocalJob,
     ) -> LocalResult:
         check_batch(job.cfg, self.world)
@@ -81,20 +75,21 @@ class ShardedTrainer(DataParallelTrainer):
         # The round's start is rank 0's workspace (what the leaf received): into every shard.
         start = model.state_dict() if self.rank == 0 else {}
         set_model_state_dict(sharded, start, options=FULL_FROM_RANK0)
-        if self.optimizer is None or fresh or not job.cfg.keep_optimizer_state:
-            self.optimizer = self.inner.make_optimizer(sharded, job.cfg)
-        if moments:  # the leaf's own (from a checkpoint of an unsharded run): into the shards
+        optimizer = self.inner.make_optimizer(sharded, job.cfg)
+        if moments:  # the leaf's: into the shards, and out of the leaf until the round ends
             full = by_name(leaf_optimizer, model) if leaf_optimizer is not None else {}
-            set_optimizer_state_dict(sharded, self.optimizer, full, options=FULL_FROM_RANK0)
+            set_optimizer_state_dict(sharded, optimizer, full, options=FULL_FROM_RANK0)
             if leaf_optimizer is not None:
-                leaf_optimizer.state.clear()  # moved, not copied: not to be handed in again
-        result = StandardTrainer.train(self, sharded, self.optimizer, job)
-        # A collective: every rank sends its shards, rank 0 alone gets the whole (on the CPU).
+                leaf_optimizer.state.clear()
+        result = StandardTrainer.train(self, sharded, optimizer, job)
+        # Collectives: every rank sends its shards, rank 0 alone gets the whole (on the CPU).
         trained = get_model_state_dict(sharded, options=FULL_ON_RANK0)
+        if job.cfg.keep_optimizer_state:
+            kept = get_optimizer_state_dict(sharded, optimizer, options=FULL_ON_RANK0)
+            if leaf_optimizer is not None:
+                put_by_name(leaf_optimizer, model, cast(dict[str, Any], kept))
         if self.rank == 0:
             set_state(model, cast(State, trained))
-        if not job.cfg.keep_optimizer_state:
-            self.optimizer = None
         return result
 
     def _shard(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -135,3 +130,16 @@ def by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[st
             for group in saved["param_groups"]
         ],
     }
+
+
+def put_by_name(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, full: dict[str, Any]
+) -> None:
+    """Make `full` (a state_dict keyed by `model`'s parameter names, as `by_name` gives and
+    torch's distributed state_dict functions return) `optimizer`'s state. Its tensors stay where
+    they are (the CPU), not moved to the parameters' device: this optimizer does not step while
+    the leaf is sharded, it keeps the moments between rounds and for the checkpoints."""
+    params = dict(model.named_parameters())
+    optimizer.state.clear()
+    for name, slots in full["state"].items():
+        optimizer.state[params[name]] = dict(slots)
