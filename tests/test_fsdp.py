@@ -26,7 +26,7 @@ from worldlm.core.state import get_state
 from worldlm.errors import ConfigError
 from worldlm.train.data_parallel import DataParallelTrainer, follow
 from worldlm.train.local import local_train
-from worldlm.train.sharded import ShardedTrainer, transformer_blocks
+from worldlm.train.sharded import ShardedTrainer, keep_on_host, transformer_blocks
 from worldlm.train.trainer import LocalTrainer
 
 from .conftest import tiny_config_dict
@@ -227,6 +227,27 @@ def _fresh_moments_each_round(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     for r in range(ROUNDS):
         _round(model, trainer.make_optimizer(model, cfg), cfg, r, trainer, torch.device("cpu"))
     return get_state(model)
+
+
+def test_the_leafs_optimizer_keeps_the_moments_it_loads_in_host_memory() -> None:
+    """Rank 0's leaf optimizer loads its moments back each round; a plain optimizer would move
+    them to the parameters' device (here "meta", standing in for a GPU), the whole of them on
+    one device at once."""
+    model = torch.nn.Linear(3, 2)
+    trained = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    trained.step()
+    saved = trained.state_dict()
+    on_device = torch.nn.Linear(3, 2, device="meta")
+    plain = torch.optim.AdamW(on_device.parameters())
+    plain.load_state_dict(saved)
+    assert {s["exp_avg"].device.type for s in plain.state.values()} == {"meta"}
+    held = keep_on_host(torch.optim.AdamW(on_device.parameters()))
+    held.load_state_dict(saved)
+    assert held.state_dict()["state"].keys() == saved["state"].keys()
+    for index, slots in held.state_dict()["state"].items():
+        for slot, value in slots.items():
+            assert value.device.type == "cpu" and torch.equal(value, saved["state"][index][slot])
 
 
 def test_the_blocks_are_the_decoder_layers() -> None:

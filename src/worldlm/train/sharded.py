@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from worldlm.config import TrainConfig
 from worldlm.core.state import State, set_state
 from worldlm.train.data_parallel import DataParallelTrainer, check_batch, schedule_message
 from worldlm.train.trainer import LocalJob, LocalResult, StandardTrainer
@@ -49,6 +50,11 @@ class ShardedTrainer(DataParallelTrainer):
     def __init__(self, inner: StandardTrainer) -> None:
         super().__init__(inner)
         self.sharded: torch.nn.Module | None = None
+
+    def make_optimizer(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The leaf's optimizer (rank 0): it never steps, it holds the moments between rounds,
+        in host memory even when the leaf loads them back (`keep_on_host`)."""
+        return keep_on_host(self.inner.make_optimizer(model, cfg))
 
     def round_message(self, optimizer: torch.optim.Optimizer, job: LocalJob) -> dict[str, Any]:
         return {**schedule_message(job), "moments": bool(optimizer.state)}
@@ -130,6 +136,26 @@ def by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[st
             for group in saved["param_groups"]
         ],
     }
+
+
+def keep_on_host(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`optimizer`, whose `load_state_dict` keeps the moments where they are (the host) instead
+    of moving them to its parameters' device: a sharded leaf's rank 0 would otherwise hold all
+    of them on its device while scattering them, what sharding is there to avoid."""
+    held: dict[str, Any] = {}
+
+    def take_state(_: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+        held["state"] = saved["state"]
+        return {**saved, "state": {}}
+
+    def put_state(opt: torch.optim.Optimizer) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for index, slots in held.pop("state").items():
+            opt.state[params[int(index)]] = dict(slots)
+
+    optimizer.register_load_state_dict_pre_hook(take_state)
+    optimizer.register_load_state_dict_post_hook(put_state)
+    return optimizer
 
 
 def put_by_name(
