@@ -57,15 +57,16 @@ def _task(recipient: str) -> TrainTask:
     return TrainTask("run", 1, 1, "root", recipient, f"n-{recipient}", {})
 
 
-def test_a_batch_answers_each_message_with_its_own_model_and_error() -> None:
+def test_a_batch_answers_each_message_with_its_model_and_error() -> None:
     models = [pack_state({"w": torch.full((2,), 1.0)}), pack_state({"w": torch.full((2,), 2.0)})]
+    seen: list[dict[str, torch.Tensor]] = []
 
     def handle(method: str, task: Any) -> Update:
         assert method == "handle_train"
+        seen.append(task.state)
         if task.recipient == "root/bad":
             raise UpdateRejected(task.recipient, "refused for the test")
-        task.state["w"].mul_(10)  # a leaf may write into its own copy
-        return Update(task.recipient, task.round, task.nonce, task.state, 1.0)
+        return Update(task.recipient, task.round, task.nonce, {"w": task.state["w"] * 10}, 1.0)
 
     calls = [
         (_task("root/a"), 0),
@@ -80,8 +81,12 @@ def test_a_batch_answers_each_message_with_its_own_model_and_error() -> None:
     with pytest.raises(UpdateRejected, match="refused for the test"):
         unpack_reply(answers[1])
     assert unpack_reply(answers[2]).state["w"].tolist() == [20.0, 20.0]
-    # the model shared by a and c was not changed by a's leaf: each got its own copy
     assert unpack_reply(answers[3]).state["w"].tolist() == [10.0, 10.0]
+    # The messages naming one model share one copy of it, unpacked once (as in-process
+    # messages share their parent's model), in memory of the worker's own.
+    assert seen[0] is seen[1] is seen[3] and seen[2] is not seen[0]
+    assert seen[0]["w"].tolist() == [1.0, 1.0] and seen[2]["w"].tolist() == [2.0, 2.0]
+    assert seen[0]["w"].numpy().flags.writeable
 
 
 def test_a_refusal_raised_in_a_worker_crosses_to_the_driver_whole() -> None:

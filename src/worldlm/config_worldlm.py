@@ -58,31 +58,6 @@ class WorldLMConfig(Section):
             "too, toward the tree's average)."
         ),
     )
-    key_mix_choice: Literal["fixed", "validated"] = Field(
-        "fixed",
-        description=(
-            "With leaf_key_layers = 'own': fixed = every round starts key_mix of the way; "
-            "validated = each round a leaf tries every share in key_mix_candidates and starts "
-            "from the one with the lowest loss on a held-out part of its own training text "
-            "(dev_fraction of its blocks, never trained on): a member better served alone "
-            "keeps its own weights, one that gains from its federation takes more of them."
-        ),
-    )
-    key_mix_candidates: list[float] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0],
-        min_length=1,
-        description="The shares key_mix_choice = 'validated' chooses from (ties: the first).",
-    )
-    dev_fraction: float = Field(
-        0.1,
-        gt=0.0,
-        lt=1.0,
-        description=(
-            "With key_mix_choice = 'validated': the share of each leaf's training blocks held "
-            "out to choose on (chosen by the run's seed and the leaf's name; at least one "
-            "block, and at least one left to train on)."
-        ),
-    )
     child_key_layers: Literal["shared", "attended"] = Field(
         "shared",
         description=(
@@ -112,10 +87,5 @@ class WorldLMConfig(Section):
             raise ValueError(
                 "worldlm.lambda_route > 0 routes residuals into the attention over K; "
                 "set worldlm.attention = true, or lambda_route = 0"
-            )
-        if any(not 0.0 <= share <= 1.0 for share in self.key_mix_candidates):
-            raise ValueError(
-                f"worldlm.key_mix_candidates: every share must be in [0, 1], got "
-                f"{self.key_mix_candidates}"
             )
         return self

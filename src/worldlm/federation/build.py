@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -18,7 +18,6 @@ from worldlm.federation.aggregator import Aggregator, RouterPolicy
 from worldlm.federation.context import RunContext
 from worldlm.federation.eval_check import eval_owners
 from worldlm.federation.key_layers import KeyLayerPolicy
-from worldlm.federation.key_mix import ValidatedMix, mix_choice, split_dev
 from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import CENTRAL_LEAF, MethodPlan, finetune_rounds
 from worldlm.federation.record_check import record_limits
@@ -198,16 +197,6 @@ def build_leaves(
         if partial and node.name not in leaf_data:
             continue
         data = pooled_data(leaf_data) if plan.pooled else leaf_data[node.name]
-        adapted = _adapted_keys(plan, config.worldlm, partition.key_names, all_keys)
-        mix = mix_choice(
-            config.worldlm.key_mix_choice, config.worldlm.key_mix, config.worldlm.key_mix_candidates
-        )
-        dev = None
-        if adapted and isinstance(mix, ValidatedMix):  # held out of its training blocks
-            train, dev = split_dev(
-                data.train_blocks, config.worldlm.dev_fraction, config.run.seed, data.name
-            )
-            data = replace(data, train_blocks=train)
         leaves[node.path] = Leaf(
             node.path,
             data,
@@ -216,13 +205,12 @@ def build_leaves(
             eval_cfg=config.eval,
             total_steps=planned_steps(tree, node, config.stop, config.train),
             personal_keys=personal,
-            adapted_keys=adapted,
+            adapted_keys=_adapted_keys(plan, config.worldlm, partition.key_names, all_keys),
             ctx=ctx,
             link=node.leaf.link,
             dp=node.leaf.dp,
             finetune_after=finetune_after(config),
-            mix=mix,
-            dev_blocks=dev,
+            key_mix=config.worldlm.key_mix,
         )
     return leaves
 

@@ -11,12 +11,11 @@ import torch
 from worldlm.compression.link import Uplink, decode_task
 from worldlm.config import DPConfig, EvalConfig, LinkConfig, TrainConfig
 from worldlm.core.leaf_data import LeafData
-from worldlm.core.messages import EvalReport, EvalTask, Record, State, TrainTask, Update
+from worldlm.core.messages import EvalReport, EvalTask, State, TrainTask, Update
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.core.state import get_state, set_state
 from worldlm.core.transport import ChildInfo
 from worldlm.federation.context import RunContext
-from worldlm.federation.key_mix import FixedMix, MixChoice, ValidatedMix, mixed_start
 from worldlm.federation.leaf_store import HeldState, flatten_optimizer, unflatten_optimizer
 from worldlm.federation.local_privacy import LocalDP
 from worldlm.federation.secure_child import SecureChild
@@ -48,8 +47,6 @@ class Leaf:
         dp: DPConfig | None = None,
         finetune_after: int | None = None,
         key_mix: float = 1.0,
-        mix: MixChoice | None = None,
-        dev_blocks: torch.Tensor | None = None,
     ) -> None:
         self.path = path
         self.data = data
@@ -63,12 +60,7 @@ class Leaf:
         self.adapted_keys = frozenset(adapted_keys) - self.personal_keys
         # Where a round starts its adapted weights: key_mix of the way from its own toward the
         # received ones (1: the received ones; 0: its own, FedPer-style, though still sent up).
-        # Chosen each round on `dev_blocks` (held out of `data`'s training blocks) where the
-        # run validates it (worldlm.key_mix_choice), else fixed.
-        self.mix: MixChoice = mix if mix is not None else FixedMix(key_mix)
-        self.dev_blocks = dev_blocks
-        if isinstance(self.mix, ValidatedMix) and dev_blocks is None:
-            raise ValueError(f"leaf {path}: a validated key mix needs held-out blocks")
+        self.key_mix = key_mix
         self.ctx = ctx
         self.finetune_after = finetune_after
         self.sessions = 0  # training sessions so far; seeds this leaf's data order
@@ -133,32 +125,14 @@ class Leaf:
         self.lost_releases += count
         self.state_version += 1
 
-    def training_start(self, incoming: State) -> tuple[State, Record]:
+    def training_start(self, incoming: State) -> State:
         """What a round trains from: the incoming model with the personal weights on top, and
-        the adapted weights moved a share of the way from the leaf's own toward the incoming
-        (fixed, or the candidate that scores best on the held-out blocks); and what to record
-        of the choice (the share, each candidate's loss)."""
-        base = {**incoming, **self.own_state}
-        adapted = self.adapted_state
-        if not adapted:
-            return base, {}
-
-        def start_at(share: float) -> State:
-            return {**base, **mixed_start(adapted, incoming, share)}
-
-        def loss_at(share: float) -> float:
-            assert self.dev_blocks is not None
-            set_state(self.workspace, start_at(share))
-            return evaluate(
-                self.workspace,
-                self.dev_blocks,
-                batch_size=self.eval_cfg.batch_size,
-                device=self.ctx.device,
-                precision=self.train_cfg.precision,
-            ).loss
-
-        share, losses = self.mix.choose(loss_at)
-        return start_at(share), ({"key_mix": share, "dev_losses": losses} if losses else {})
+        the adapted weights moved key_mix of the way from the leaf's own toward the incoming."""
+        start = {**incoming, **self.own_state}
+        if self.key_mix < 1.0:
+            for key, own in self.adapted_state.items():
+                start[key] = torch.lerp(own, incoming[key].to(own.dtype), self.key_mix)
+        return start
 
     def deployed_state(self, incoming: State) -> State:
         """What this leaf would deploy: the training start with its adapted weights on top."""
@@ -171,11 +145,7 @@ class Leaf:
         finetuning = self.finetune_after is not None and task.global_round > self.finetune_after
         # A fine-tuning round continues the model the leaf deploys (in its first one: what it
         # would have deployed after the federated rounds).
-        chosen: Record = {}
-        if finetuning:
-            start = self.deployed_state(task.state)
-        else:
-            start, chosen = self.training_start(task.state)
+        start = self.deployed_state(task.state) if finetuning else self.training_start(task.state)
         set_state(model, start)
         optimizer = self.trainer.make_optimizer(model, self.train_cfg)
         if self.train_cfg.keep_optimizer_state and self.optimizer_state is not None:
@@ -219,7 +189,6 @@ class Leaf:
             "tokens": result.tokens,
             "steps": result.steps,
             "seconds": time.perf_counter() - started,
-            **chosen,
         }
         # Personal weights stay here (FedPer's K, or everything for the local baseline); while
         # fine-tuning, every trained weight does, and the received ones go back unchanged.

@@ -91,12 +91,18 @@ def answer_batch(
     models: Sequence[Packed],
 ) -> list[Any]:
     """Each call's answer, in order: `handle(method, message)` with the message's model (the
-    `models` entry it names, None for a message that carries its own) in memory of its own."""
+    `models` entry it names, None for a message that carries its own) in memory of its own,
+    unpacked once for all the calls that name it: the messages of a batch share it, as the
+    messages of an in-process round share the one model their parent sends (a leaf reads what
+    it is sent, never writes into it)."""
     answers: list[Any] = []
+    unpacked: dict[int, State] = {}
     for message, index in calls:
         try:
             if index is not None and isinstance(message, TrainTask | EvalTask):
-                message = replace(message, state=unpack_state(models[index]))
+                if index not in unpacked:
+                    unpacked[index] = unpack_state(models[index])
+                message = replace(message, state=unpacked[index])
             reply = handle(method, message)
         except WorldLMError as exc:
             answers.append(Raised(exc))
