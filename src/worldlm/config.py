@@ -66,6 +66,16 @@ class RunSection(Section):
         "next), so that memory holds one leaf's state at a time whatever the number of leaves. "
         "The same results bit for bit.",
     )
+    leaf_ranks: int = Field(
+        1,
+        ge=1,
+        description="backend ray: processes (Ray actors, one CPU each) that train each leaf "
+        "together, as torchrun's processes train a deployed leaf: each trains its share of "
+        "every step's batch (DDP, or FSDP2 with train.shard = 'fsdp'); rank 0 is the leaf. "
+        "Needs leaves x leaf_ranks CPUs in the Ray cluster and train.batch_size a multiple of "
+        "leaf_ranks x train.grad_accum_steps. The same training up to float rounding. 1: one "
+        "process per leaf, several leaves to an actor.",
+    )
     plugins: list[str] = Field(
         default_factory=list,
         description="Python modules imported before the config is checked, so that the "

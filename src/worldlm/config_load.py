@@ -23,6 +23,7 @@ from worldlm.hub import is_hub_id
 from worldlm.partition_tree import expand_partition
 from worldlm.plugins import load_plugins, plugins_of
 from worldlm.strategies.fedbuff import check_fedbuff_method
+from worldlm.train.data_parallel import check_batch
 from worldlm.train.trainer import build_trainer
 from worldlm.tree import build_tree
 
@@ -83,6 +84,14 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
             f'train.shard = "fsdp" cannot split a base quantized to {config.model.load_in} '
             'by bitsandbytes over the ranks; use train.shard = "none" (DDP) with model.load_in'
         )
+    if config.run.leaf_ranks > 1:
+        if config.run.backend != "ray":
+            raise ConfigError(
+                f"run.leaf_ranks = {config.run.leaf_ranks} needs run.backend = 'ray' (in "
+                "process, every leaf trains in this one process); or deploy the leaf with "
+                "torchrun (README, Several GPUs)"
+            )
+        check_batch(config.train, config.run.leaf_ranks)
     if (config.train.finetune_rounds or 0) >= config.stop.rounds:
         raise ConfigError(
             f"train.finetune_rounds = {config.train.finetune_rounds} leaves no federated round "

@@ -131,18 +131,30 @@ def follow(
 ) -> int:
     """A rank other than 0: train whenever rank 0 does, until it says stop; the rounds trained."""
     rounds = 0
-    while True:
-        kind, meta = _broadcast(None)
-        if kind == STOP:
-            return rounds
-        gen = torch.Generator()
-        gen.set_state(meta["gen"])
-        job = LocalJob(blocks, cfg, meta["start_step"], meta["total_steps"], gen, device)
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(meta["dropout_seed"] + trainer.rank)
-            trainer.follow_round(model, meta, job)
+    while follow_once(trainer, model, blocks, cfg, device):
         rounds += 1
+    return rounds
+
+
+def follow_once(
+    trainer: DataParallelTrainer,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> bool:
+    """A rank other than 0: its part of rank 0's next round; False if rank 0 said stop."""
+    kind, meta = _broadcast(None)
+    if kind == STOP:
+        return False
+    gen = torch.Generator()
+    gen.set_state(meta["gen"])
+    job = LocalJob(blocks, cfg, meta["start_step"], meta["total_steps"], gen, device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(meta["dropout_seed"] + trainer.rank)
+        trainer.follow_round(model, meta, job)
+    return True
 
 
 def schedule_message(job: LocalJob) -> dict[str, Any]:

@@ -6,6 +6,8 @@ sorted path order, to min(#leaves, CPUs) actors (`ray_worker.LeafWorker`), each 
 and one intra-op thread, on a local Ray instance with every core of this machine or on an
 existing cluster (`run.ray_address`). An actor runs one call at a time, in the order the driver
 submitted them, so its leaves share one model workspace as in-process leaves do.
+With `run.leaf_ranks` = N > 1 each leaf has N actors of its own instead, which train it
+together as one process group (`ray_ranks`).
 
 Calls. The messages for one actor go in batches (up to `max_batch`, 16, consecutive messages
 per call; for train tasks at most `batch_bytes`, 256 MiB, of models per batch), so a round
@@ -301,28 +303,50 @@ def start_leaf_workers(
     leaf_data: Mapping[str, LeafData],
     paths: Mapping[str, str],
 ) -> tuple[dict[str, RemoteLeaf], Callable[[], None]]:
-    """Actors hosting the leaves at `paths` (leaf path -> data name), one per CPU at most,
+    """Actors hosting the leaves at `paths` (leaf path -> data name), one per CPU at most
+    (with run.leaf_ranks = N > 1: N actors per leaf, one process group each, `ray_ranks`),
     and a function that stops them (and Ray, if this call started it)."""
     started = start_ray(config.run.ray_address)
     ray = import_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     order = sorted(paths)
-    count = min(len(order), cpus)
+    ranks = config.run.leaf_ranks
     worker_class = ray.remote(num_cpus=1)(LeafWorker)
-    actors = []
-    for k in range(count):
-        mine = {paths[p]: leaf_data[paths[p]] for p in order[k::count]}
-        actors.append(worker_class.remote(config, run_id, vocab_size, mine, 1))
+    actors: list[Any] = []
+    if ranks > 1 and len(order) * ranks > cpus:
+        if started:
+            ray.shutdown()
+        raise ConfigError(
+            f"run.leaf_ranks = {ranks}: {len(order)} leaves on {ranks} processes each need "
+            f"{len(order) * ranks} CPUs; the Ray cluster has {cpus}"
+        )
+    if ranks > 1:  # each leaf its own actors, one per rank (a process joins one group)
+        count = len(order)
+        groups = [
+            [
+                worker_class.remote(config, run_id, vocab_size, {name: leaf_data[name]}, 1)
+                for _ in range(ranks)
+            ]
+            for name in (paths[p] for p in order)
+        ]
+        actors = [group[0] for group in groups]
+        everyone = [actor for group in groups for actor in group]
+    else:
+        count = min(len(order), cpus)
+        for k in range(count):
+            mine = {paths[p]: leaf_data[paths[p]] for p in order[k::count]}
+            actors.append(worker_class.remote(config, run_id, vocab_size, mine, 1))
+        everyone = actors
 
     def stop() -> None:
         # Each worker deletes its leaves' state first (ray.kill runs no exit handlers); one
         # that is gone or stuck is killed all the same.
-        closing = [actor.close.remote() for actor in actors]
+        closing = [actor.close.remote() for actor in everyone]
         with contextlib.suppress(Exception):
             ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
-        for actor in actors:
+        for actor in everyone:
             ray.kill(actor)
-        actors.clear()
+        everyone.clear()
         if started and ray.is_initialized():
             ray.shutdown()
 
@@ -330,11 +354,25 @@ def start_leaf_workers(
         # Wait until every worker has built its leaves, so that an error there shows now.
         for k, actor in enumerate(actors):
             fetch(order[k], actor.paths.remote())
+        if ranks > 1:
+            for path, group in zip(order, groups, strict=True):
+                join_group(path, group)
     except BaseException:
         stop()
         raise
     leaves = {p: RemoteLeaf(p, leaf_data[paths[p]], actors[i % count]) for i, p in enumerate(order)}
     return leaves, stop
+
+
+def join_group(path: str, group: Sequence[Any]) -> None:
+    """Make the actors of `group` (rank 0 first) one process group training `path`'s leaf."""
+    address = fetch(path, group[0].group_address.remote())
+    joining = [
+        actor.join_ranks.remote(address, rank, len(group), list(group[1:]) if rank == 0 else [])
+        for rank, actor in enumerate(group)
+    ]
+    for ref in joining:  # all at once: each waits in the rendezvous for the others
+        fetch(path, ref)
 
 
 def ray_federation(

@@ -25,7 +25,9 @@ from worldlm.federation.leaf import Leaf
 from worldlm.federation.methods import plan_method
 from worldlm.model.workspace import build_workspace
 from worldlm.plugins import load_plugins
+from worldlm.train.data_parallel import DataParallelTrainer
 from worldlm.transport.ray_codec import Packed, answer_batch
+from worldlm.transport.ray_ranks import follow_round, group_address, join_ranks, leave_ranks
 from worldlm.tree import build_tree
 
 
@@ -58,6 +60,8 @@ class LeafWorker:
         )
         state_dir = Path(self._state_dir.name) if self._state_dir is not None else None
         ctx = RunContext(run_id, config.run.seed, cpu, state_dir=state_dir)
+        self.workspace = workspace
+        self._ranks: DataParallelTrainer | None = None  # run.leaf_ranks: this rank's trainer
         self.leaves: dict[str, Leaf] = build_leaves(
             plan,
             leaf_data,
@@ -68,9 +72,24 @@ class LeafWorker:
         )
 
     def close(self) -> None:
-        """Delete the leaves' state directory; the worker is not asked anything after this."""
+        """Leave the leaf's process group, if any, and delete the leaves' state directory; the
+        worker is not asked anything after this."""
+        leave_ranks()
         if self._state_dir is not None:
             self._state_dir.cleanup()
+
+    # --- run.leaf_ranks: this worker is one rank of its one leaf ------------------------------
+    def group_address(self) -> str:
+        return group_address()
+
+    def join_ranks(self, address: str, rank: int, world: int, followers: list[Any]) -> None:
+        (leaf,) = self.leaves.values()
+        self._ranks = join_ranks(leaf, address, rank, world, followers)
+
+    def follow_round(self) -> bool:
+        (leaf,) = self.leaves.values()
+        assert self._ranks is not None, "join_ranks comes first"
+        return follow_round(self._ranks, leaf, self.workspace)
 
     def paths(self) -> list[str]:
         """The leaves this worker hosts (the driver waits on this to know it started)."""

@@ -1,0 +1,74 @@
+"""A simulated leaf trained by several Ray actors together (run.leaf_ranks = 2, gloo on the
+CPU): the federation ends with the model one process per leaf trains, up to float rounding;
+what cannot run is refused before anything starts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from worldlm.errors import ConfigError
+from worldlm.metrics.jsonl import read_metrics
+from worldlm.model.io import weights_file
+from worldlm.progress import QuietProgress
+from worldlm.runner import run
+
+from .conftest import tiny_config
+
+FLAT = {"world/a": "med", "world/b": "law"}
+RANKED = ["run.method='fedavg'", "run.backend='ray'", "run.leaf_ranks=2", "stop.rounds=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_with_four_cpus() -> Iterator[None]:
+    """Two leaves of two ranks each: four actors of one CPU (Ray's count, not the cores')."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _evals(run_dir: Path) -> list[tuple[int, str, float]]:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return [(r["round"], r["node"], r["loss"]) for r in rows if r["kind"] == "eval"]
+
+
+@pytest.mark.slow  # about a minute: four Ray workers and two runs on 2 cores
+def test_a_leaf_on_two_ray_processes_trains_what_one_process_trains(
+    tmp_path: Path, ray_with_four_cpus: None
+) -> None:
+    ranked = run(tiny_config(tmp_path, FLAT, RANKED), QuietProgress(), out=tmp_path / "ranked")
+    single = ["run.method='fedavg'", "stop.rounds=2"]
+    reference = run(tiny_config(tmp_path, FLAT, single), QuietProgress(), out=tmp_path / "one")
+    got = load_file(weights_file(ranked.final_dirs["world"]))
+    want = load_file(weights_file(reference.final_dirs["world"]))
+    assert got.keys() == want.keys()
+    assert all(got[k].shape == want[k].shape for k in want)
+    gap = max(float((got[k] - want[k]).abs().max()) for k in want)
+    # Not bit for bit (each rank sums its half of a step's batch, then the two are added), but
+    # the same training: the gap is rounding, far below what two rounds move the weights.
+    assert 0 < gap < 1e-3
+    for (r1, n1, l1), (r2, n2, l2) in zip(
+        _evals(ranked.run_dir), _evals(reference.run_dir), strict=True
+    ):
+        assert (r1, n1) == (r2, n2) and l1 == pytest.approx(l2, rel=1e-3)
+
+
+def test_ranks_that_cannot_run_are_refused(tmp_path: Path, ray_with_four_cpus: None) -> None:
+    with pytest.raises(
+        ConfigError, match=re.escape("run.leaf_ranks = 2 needs run.backend = 'ray'")
+    ):
+        tiny_config(tmp_path, FLAT, ["run.leaf_ranks=2"])
+    with pytest.raises(
+        ConfigError, match=re.escape("train.batch_size = 4 must be a multiple of the processes (3)")
+    ):
+        tiny_config(tmp_path, FLAT, [*RANKED, "run.leaf_ranks=3"])
+    config = tiny_config(tmp_path, FLAT, [*RANKED, "run.leaf_ranks=4"])
+    with pytest.raises(
+        ConfigError, match="2 leaves on 4 processes each need 8 CPUs; the Ray cluster has 4"
+    ):
+        run(config, QuietProgress(), out=tmp_path / "too-many")
