@@ -54,7 +54,7 @@ from worldlm.errors import ConfigError, TransportError, WorldLMError
 from worldlm.federation.build import Federation, build_federation, children_of
 from worldlm.federation.context import Observer, RunContext
 from worldlm.federation.methods import MethodPlan
-from worldlm.transport.ray_codec import pack_state, unpack_reply
+from worldlm.transport.ray_codec import pack_state, unpack_reply, unpack_state
 from worldlm.transport.ray_worker import LeafWorker
 
 # How long a stopping worker may take to delete its leaves' state before it is killed.
@@ -152,8 +152,8 @@ class RemoteLeaf:
         return reply
 
     def _kept(self) -> tuple[State, State]:
-        kept: tuple[State, State] = fetch(self.path, self.actor.kept_state.remote(self.path))
-        return kept
+        own, adapted = fetch(self.path, self.actor.kept_state.remote(self.path))
+        return unpack_state(own), unpack_state(adapted)
 
     @property
     def own_state(self) -> State:
@@ -174,11 +174,11 @@ class RemoteLeaf:
         return version
 
     def snapshot(self) -> tuple[State, dict[str, Any]]:
-        snap: tuple[State, dict[str, Any]] = fetch(self.path, self.actor.snapshot.remote(self.path))
-        return snap
+        tensors, meta = fetch(self.path, self.actor.snapshot.remote(self.path))
+        return unpack_state(tensors), meta
 
     def restore(self, tensors: State, meta: dict[str, Any]) -> None:
-        fetch(self.path, self.actor.restore.remote(self.path, tensors, meta))
+        fetch(self.path, self.actor.restore.remote(self.path, pack_state(tensors), meta))
 
 
 class RayTransport(InProcessTransport):

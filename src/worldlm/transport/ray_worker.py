@@ -17,7 +17,6 @@ import torch
 
 from worldlm.config import RunConfig
 from worldlm.core.leaf_data import LeafData
-from worldlm.core.messages import State
 from worldlm.core.secure_messages import SecureMessage, SecureReply
 from worldlm.federation.build import build_leaves
 from worldlm.federation.context import RunContext
@@ -26,7 +25,7 @@ from worldlm.federation.methods import plan_method
 from worldlm.model.workspace import build_workspace
 from worldlm.plugins import load_plugins
 from worldlm.train.data_parallel import DataParallelTrainer
-from worldlm.transport.ray_codec import Packed, answer_batch
+from worldlm.transport.ray_codec import Packed, answer_batch, pack_state, unpack_state
 from worldlm.transport.ray_ranks import follow_round, group_address, join_ranks, leave_ranks
 from worldlm.tree import build_tree
 
@@ -108,10 +107,11 @@ class LeafWorker:
     def handle_secure(self, message: SecureMessage) -> SecureReply:
         return self.leaves[message.recipient].handle_secure(message)
 
-    def kept_state(self, path: str) -> tuple[State, State]:
+    # Weights cross to the driver packed (`ray_codec`): NumPy bytes Ray maps without pickling.
+    def kept_state(self, path: str) -> tuple[Packed, Packed]:
         """The leaf's personal and adapted weights (for the final models)."""
         leaf = self.leaves[path]
-        return leaf.own_state, leaf.adapted_state
+        return pack_state(leaf.own_state), pack_state(leaf.adapted_state)
 
     def state_version(self, path: str) -> int:
         return self.leaves[path].state_version
@@ -120,8 +120,9 @@ class LeafWorker:
         """Every hosted leaf's state_version, in one call (a checkpoint asks each actor once)."""
         return {path: leaf.state_version for path, leaf in self.leaves.items()}
 
-    def snapshot(self, path: str) -> tuple[State, dict[str, Any]]:
-        return self.leaves[path].snapshot()
+    def snapshot(self, path: str) -> tuple[Packed, dict[str, Any]]:
+        tensors, meta = self.leaves[path].snapshot()
+        return pack_state(tensors), meta
 
-    def restore(self, path: str, tensors: State, meta: dict[str, Any]) -> None:
-        self.leaves[path].restore(tensors, meta)
+    def restore(self, path: str, tensors: Packed, meta: dict[str, Any]) -> None:
+        self.leaves[path].restore(unpack_state(tensors), meta)
