@@ -412,6 +412,9 @@ def test_a_deployed_federation_runs_fedbuff_on_real_clocks(tmp_path: Path) -> No
     folded = [f for r in steps for f in r["folded"]]
     assert len(folded) == 4  # one reply a step, the buffer's size
     assert {f["sender"] for f in folded} <= {"world/med", "world/c"}
+    # After each step the other child's work goes on into the next: still training, or its
+    # reply already buffered, never waited for.
+    assert all(r["in_flight"] + r["buffered"] == 1 for r in steps)
     # Weighted by the default staleness rule, 1/sqrt(1 + s), s the steps taken since it left.
     assert all(f["factor"] == pytest.approx((1 + f["staleness"]) ** -0.5) for f in folded)
     assert not [r for r in rows if r["kind"] in ("rejected", "refused")]

@@ -5,17 +5,19 @@ what cannot run is refused before anything starts."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from worldlm.errors import ConfigError
+from worldlm.errors import ConfigError, TransportError
 from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.io import weights_file
 from worldlm.progress import QuietProgress
 from worldlm.runner import run
+from worldlm.transport import ray_transport
 
 from .conftest import tiny_config
 
@@ -37,11 +39,13 @@ def _evals(run_dir: Path) -> list[tuple[int, str, float]]:
     return [(r["round"], r["node"], r["loss"]) for r in rows if r["kind"] == "eval"]
 
 
-@pytest.mark.slow  # about a minute: four Ray workers and two runs on 2 cores
+@pytest.mark.slow  # about a minute each: four Ray workers and two runs on 2 cores
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_a_leaf_on_two_ray_processes_trains_what_one_process_trains(
-    tmp_path: Path, ray_with_four_cpus: None
+    tmp_path: Path, ray_with_four_cpus: None, shard: str
 ) -> None:
-    ranked = run(tiny_config(tmp_path, FLAT, RANKED), QuietProgress(), out=tmp_path / "ranked")
+    config = tiny_config(tmp_path, FLAT, [*RANKED, f"train.shard='{shard}'"])
+    ranked = run(config, QuietProgress(), out=tmp_path / "ranked")
     single = ["run.method='fedavg'", "stop.rounds=2"]
     reference = run(tiny_config(tmp_path, FLAT, single), QuietProgress(), out=tmp_path / "one")
     got = load_file(weights_file(ranked.final_dirs["world"]))
@@ -72,3 +76,27 @@ def test_ranks_that_cannot_run_are_refused(tmp_path: Path, ray_with_four_cpus: N
         ConfigError, match="2 leaves on 4 processes each need 8 CPUs; the Ray cluster has 4"
     ):
         run(config, QuietProgress(), out=tmp_path / "too-many")
+
+
+@pytest.mark.slow
+def test_a_rank_that_is_gone_fails_the_round_naming_it_instead_of_waiting(
+    tmp_path: Path, ray_with_four_cpus: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of a leaf dies once its group is formed: the leaf's first round fails at once
+    (gloo sees the rank's connections close), with the rank named and how to go on, instead
+    of rank 0 waiting in a collective until the group's two-hour timeout."""
+    import ray
+
+    joined = ray_transport.join_group
+
+    def join_then_kill_rank_1(path: str, group: list) -> None:
+        joined(path, group)
+        if path == "world/a":
+            ray.kill(group[1])
+
+    monkeypatch.setattr(ray_transport, "join_group", join_then_kill_rank_1)
+    config = tiny_config(tmp_path, FLAT, RANKED)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="rank 1 failed its part of the round"):
+        run(config, QuietProgress(), out=tmp_path / "gone")
+    assert time.monotonic() - started < 300

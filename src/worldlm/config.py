@@ -51,7 +51,8 @@ class RunSection(Section):
     backend: Literal["inprocess", "ray"] = Field(
         "inprocess",
         description="Where leaves train: inprocess = one after another in this process; ray = "
-        "in parallel on Ray actors, one per CPU core (pip install 'worldlm[ray]'). Same results.",
+        "in parallel on Ray actors, one per CPU core (pip install 'worldlm[ray]'). Same results "
+        "(with run.leaf_ranks > 1, up to float rounding).",
     )
     ray_address: str | None = Field(
         None,
@@ -62,9 +63,10 @@ class RunSection(Section):
         "memory",
         description="Where simulated leaves keep their state between their rounds (optimizer "
         "moments, personal and adapted weights): memory, or disk (safetensors files under the "
-        "run directory's leaf-state/, written after each leaf's round and read before its "
-        "next), so that memory holds one leaf's state at a time whatever the number of leaves. "
-        "The same results bit for bit.",
+        "run directory's leaf-state/, or on Ray in each worker's temporary directory, deleted "
+        "when the run ends; written after each leaf's round and read before its next), so that "
+        "memory holds one leaf's state at a time whatever the number of leaves. The same "
+        "results bit for bit.",
     )
     leaf_ranks: int = Field(
         1,

@@ -53,7 +53,8 @@ class TrainConfig(Section):
     )
     shard: Literal["none", "fsdp"] = Field(
         "none",
-        description='A leaf trained on several processes (torchrun, README "Several GPUs"): '
+        description="A leaf trained on several processes (torchrun, or run.leaf_ranks on Ray; "
+        'README "Several GPUs"): '
         "none = each rank holds the whole model, gradients and moments (DDP); fsdp = they are "
         "split over the ranks (PyTorch FSDP2, per transformer block): about 1/N of their memory "
         "per rank, for gathering each block's weights in its forward and backward. The leaf "

@@ -7,8 +7,9 @@ on CPUs) at an address rank 0 chose. Rank 0 is the leaf the driver talks to; its
 leaf's own wrapped in `DataParallelTrainer` (or `ShardedTrainer`, train.shard = "fsdp"), so
 each rank trains its share of every step's batch. Where a deployed leaf's other ranks wait in a
 loop for rank 0's rounds, these are asked for each round by rank 0 (`RanksTrainer`): a rank is
-in a collective only while a round trains, and one that fails makes that round fail at rank 0
-(gloo closes the group's connections) and with it the run, which resumes from its checkpoint.
+in a collective only while a round trains, and one that fails leaves its process at once, so
+that gloo closes its connections and the round fails at rank 0, naming the rank, and with it
+the run, which resumes from its checkpoint.
 Nothing here imports Ray at module level: a worker is a Ray actor, the driver wraps it.
 """
 
@@ -93,14 +94,32 @@ class RanksTrainer:
         import ray
 
         parts = [follower.follow_round.remote() for follower in self.followers]
-        result = self.inner.train(model, optimizer, job)
+        try:
+            result = self.inner.train(model, optimizer, job)
+        except RuntimeError as exc:  # a collective failed: another rank left the group
+            raise TransportError(
+                f"{self._failed(parts, ray, wait=10.0)}: this leaf's ranks stopped training "
+                f"together ({exc}); continue from the last checkpoint with: worldlm run "
+                "--resume RUN_DIR"
+            ) from None
+        failed = self._failed(parts, ray, wait=None)
+        if failed != "no rank failed":
+            raise TransportError(
+                f"{failed}; continue from the last checkpoint with: worldlm run --resume RUN_DIR"
+            )
+        return result
+
+    @staticmethod
+    def _failed(parts: list[Any], ray: Any, wait: float | None) -> str:
+        """Which of the other ranks failed their part of the round (waiting at most `wait`
+        seconds for them to end; None: until they do)."""
+        ray.wait(parts, num_returns=len(parts), timeout=wait)
+        failed = []
         for rank, part in enumerate(parts, start=1):
             try:
-                ray.get(part)
+                ray.get(part, timeout=0)
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                raise TransportError(
-                    f"rank {rank} of this leaf failed its part of the round "
-                    f"({type(exc).__name__}); continue from the last checkpoint with: "
-                    "worldlm run --resume RUN_DIR"
-                ) from None
-        return result
+                failed.append(f"rank {rank} failed its part of the round ({type(exc).__name__})")
+            except ray.exceptions.GetTimeoutError:
+                failed.append(f"rank {rank} did not finish its part of the round")
+        return "; ".join(failed) or "no rank failed"

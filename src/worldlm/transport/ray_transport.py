@@ -340,15 +340,19 @@ def start_leaf_workers(
 
     def stop() -> None:
         # Each worker deletes its leaves' state first (ray.kill runs no exit handlers); one
-        # that is gone or stuck is killed all the same.
-        closing = [actor.close.remote() for actor in everyone]
-        with contextlib.suppress(Exception):
-            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
-        for actor in everyone:
-            ray.kill(actor)
-        everyone.clear()
-        if started and ray.is_initialized():
-            ray.shutdown()
+        # that is gone or stuck is killed all the same, and so is every one if this is
+        # interrupted.
+        try:
+            closing = [actor.close.remote() for actor in everyone]
+            with contextlib.suppress(Exception):
+                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        finally:
+            for actor in everyone:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            everyone.clear()
+            if started and ray.is_initialized():
+                ray.shutdown()
 
     try:
         # Wait until every worker has built its leaves, so that an error there shows now.
@@ -356,6 +360,8 @@ def start_leaf_workers(
             fetch(order[k], actor.paths.remote())
         if ranks > 1:
             for path, group in zip(order, groups, strict=True):
+                for actor in group[1:]:  # the other ranks built it too
+                    fetch(path, actor.paths.remote())
                 join_group(path, group)
     except BaseException:
         stop()
@@ -371,8 +377,10 @@ def join_group(path: str, group: Sequence[Any]) -> None:
         actor.join_ranks.remote(address, rank, len(group), list(group[1:]) if rank == 0 else [])
         for rank, actor in enumerate(group)
     ]
-    for ref in joining:  # all at once: each waits in the rendezvous for the others
-        fetch(path, ref)
+    ray = import_ray()
+    while joining:  # all at once: each waits in the rendezvous; the first error ends it
+        done, joining = ray.wait(joining, num_returns=1)
+        fetch(path, done[0])
 
 
 def ray_federation(

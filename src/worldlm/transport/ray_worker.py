@@ -9,7 +9,9 @@ driver wraps the class with `ray.remote`.
 
 from __future__ import annotations
 
+import os
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +90,13 @@ class LeafWorker:
     def follow_round(self) -> bool:
         (leaf,) = self.leaves.values()
         assert self._ranks is not None, "join_ranks comes first"
-        return follow_round(self._ranks, leaf, self.workspace)
+        try:
+            return follow_round(self._ranks, leaf, self.workspace)
+        except BaseException:
+            # Leave at once: this rank's connections close and rank 0's round fails now, where
+            # a live process would leave it waiting in a collective until the group's timeout.
+            traceback.print_exc()
+            os._exit(1)
 
     def paths(self) -> list[str]:
         """The leaves this worker hosts (the driver waits on this to know it started)."""
