@@ -39,8 +39,9 @@ def _evals(run_dir: Path) -> list[tuple[int, str, float]]:
     return [(r["round"], r["node"], r["loss"]) for r in rows if r["kind"] == "eval"]
 
 
-@pytest.mark.slow  # about a minute each: four Ray workers and two runs on 2 cores
-@pytest.mark.parametrize("shard", ["none", "fsdp"])
+@pytest.mark.parametrize(
+    "shard", ["none", pytest.param("fsdp", marks=pytest.mark.slow)]
+)  # about 15 s each: four Ray workers and two runs
 def test_a_leaf_on_two_ray_processes_trains_what_one_process_trains(
     tmp_path: Path, ray_with_four_cpus: None, shard: str
 ) -> None:
