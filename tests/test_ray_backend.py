@@ -32,13 +32,19 @@ from .conftest import TWO_LEVEL, tiny_config
 from .test_engine import StopAtRound
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """One local Ray instance for the module: the runs find it started and leave it running."""
+def started_ray(num_cpus: int) -> Iterator[None]:
+    """A local Ray instance of `num_cpus` logical CPUs while the fixture lives: the runs find
+    it started and leave it running."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance for the module, two CPUs."""
+    yield from started_ray(2)
 
 
 def _on_ray(config: RunConfig) -> RunConfig:

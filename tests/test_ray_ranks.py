@@ -13,13 +13,14 @@ import pytest
 from safetensors.torch import load_file
 
 from worldlm.errors import ConfigError, TransportError
-from worldlm.metrics.jsonl import read_metrics
 from worldlm.model.io import weights_file
 from worldlm.progress import QuietProgress
 from worldlm.runner import run
 from worldlm.transport import ray_transport
 
 from .conftest import tiny_config
+from .test_leaf_state import _evals
+from .test_ray_backend import started_ray
 
 FLAT = {"world/a": "med", "world/b": "law"}
 RANKED = ["run.method='fedavg'", "run.backend='ray'", "run.leaf_ranks=2", "stop.rounds=2"]
@@ -28,15 +29,7 @@ RANKED = ["run.method='fedavg'", "run.backend='ray'", "run.leaf_ranks=2", "stop.
 @pytest.fixture(scope="module")
 def ray_with_four_cpus() -> Iterator[None]:
     """Two leaves of two ranks each: four actors of one CPU (Ray's count, not the cores')."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _evals(run_dir: Path) -> list[tuple[int, str, float]]:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    return [(r["round"], r["node"], r["loss"]) for r in rows if r["kind"] == "eval"]
+    yield from started_ray(4)
 
 
 @pytest.mark.parametrize(
